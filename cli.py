@@ -1,0 +1,305 @@
+"""The `pol` command: thin commands over the pol, pinpoint and games packages.
+
+Data goes to stdout (`--json` for scripts), progress and hints to stderr. Exit codes: 0 ok/accepted,
+1 rejected or failed, 2 usage error or cannot verify. A traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pol.errors import (
+    ComponentError,
+    DataDiffers,
+    DataError,
+    DeviceUnavailable,
+    NumericsUnavailable,
+    PolError,
+    SpecError,
+)
+
+app = typer.Typer(
+    name="pol",
+    help="Verifiable ML training: train and prove, verify a proof bundle, settle disputes, play the incentive game.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+F = TypeVar("F", bound=Callable[..., Any])
+_DEBUG = {"on": False}  # set once per process by the --debug flag of the app callback
+
+USAGE_ERRORS = (SpecError, ComponentError, DeviceUnavailable, NumericsUnavailable, DataError)
+
+
+def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[dim]hint: {hint}[/]", highlight=False)
+    raise typer.Exit(code)
+
+
+def handle_errors(usage: tuple[type[Exception], ...] = USAGE_ERRORS) -> Callable[[F], F]:
+    """The one place that maps errors to messages and exit codes."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except DataDiffers as exc:
+                if _DEBUG["on"]:
+                    raise
+                fail(str(exc), EXIT_USAGE, "this is not evidence of fraud: obtain the committed data, or pass --data-dir")
+            except usage as exc:
+                if _DEBUG["on"]:
+                    raise
+                fail(str(exc), EXIT_USAGE)
+            except PolError as exc:
+                if _DEBUG["on"]:
+                    raise
+                fail(str(exc), EXIT_FAILED)
+            except KeyboardInterrupt:
+                fail("interrupted", 130, "a training run can be continued with --resume")
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
+) -> None:
+    _DEBUG["on"] = debug
+    if os.getcwd() not in sys.path:  # let `module:callable` models and datasets live in the working directory
+        sys.path.append(os.getcwd())
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where to compute: cpu, cuda, cuda:N.")]
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def step_progress(total: int, label: str, quiet: bool) -> tuple[Progress | None, Callable[[int, int, float], None] | None]:
+    """A rich progress bar on stderr showing loss, steps per second and time left."""
+    if quiet:
+        return None, None
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    task = progress.add_task(label, total=total, loss="-", rate="-")
+    started = time.perf_counter()
+    first: list[int] = []
+
+    def update(step: int, total_steps: int, loss: float) -> None:
+        if not first:
+            first.append(step - 1)
+        rate = (step - first[0]) / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, completed=step, total=total_steps, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+
+    return progress, update
+
+
+def parse_kwargs(text: str | None, flag: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint=flag) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("expected a JSON object such as '{\"hidden\": 512}'", param_hint=flag)
+    return value
+
+
+@app.command()
+@handle_errors()
+def train(
+    spec_file: Annotated[Path | None, typer.Option("--spec", help="A TOML or JSON spec file; flags override its fields.")] = None,
+    model: Annotated[str | None, typer.Option(help="Built-in model (mlp, cnn, transformer) or module:callable.")] = None,
+    model_kwargs: Annotated[str | None, typer.Option("--model-kwargs", help="JSON keyword arguments for the model.")] = None,
+    data: Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars), module:callable or dir:PATH.")] = None,
+    data_kwargs: Annotated[str | None, typer.Option("--data-kwargs", help="JSON keyword arguments for the data.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps.")] = None,
+    every: Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (steps per segment).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of every random draw (init, data order, dropout).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per step.")] = None,
+    microbatch: Annotated[int | None, typer.Option(min=0, help="Run each batch in micro-batches of this size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw.")] = None,
+    numerics: Annotated[str | None, typer.Option(help="native (deterministic torch kernels) or exact (bitwise on any hardware).")] = None,
+    device: DeviceOpt = "cpu",
+    out_path: Annotated[Path, typer.Option("--out", help="Bundle directory, or an archive if it ends in .tar.")] = Path("bundle"),
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model and write a proof bundle (checkpoints, trace records, Merkle commitment).
+
+    Examples:
+
+      pol train --model transformer --out run1
+
+      pol train --spec job.toml --steps 1000 --every 50 --out run2.tar
+
+      pol train --model mypkg.models:make_net --data mypkg.data:load --out run3
+    """
+    from pol.prove import train_and_prove
+    from pol.spec import BUILTIN_DEFAULTS, Component, load_spec_file, spec_from_dict
+
+    fields: dict[str, Any] = load_spec_file(spec_file) if spec_file else {}
+    flags = {"steps": steps, "every": every, "seed": seed, "batch_size": batch_size, "microbatch": microbatch, "numerics": numerics}
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    fields.setdefault("model", "mlp")
+    for key, name, kwargs in (("model", model, model_kwargs), ("data", data, data_kwargs)):
+        parsed = parse_kwargs(kwargs, f"--{key}-kwargs")
+        if name is not None or parsed is not None:
+            current = fields.get(key) or BUILTIN_DEFAULTS.get(Component.from_value(fields["model"], "model").name, {}).get(key)
+            base = current if isinstance(current, dict) else {"name": current}
+            fields[key] = {"name": name or base.get("name"), "kwargs": parsed if parsed is not None else base.get("kwargs", {})}
+    if lr is not None or optimizer is not None:
+        name = Component.from_value(fields["model"], "model").name
+        opt = dict(fields.get("optimizer") or BUILTIN_DEFAULTS.get(name, {}).get("optimizer", {}))
+        if lr is not None:
+            opt["lr"] = lr
+        if optimizer is not None:
+            opt["name"] = optimizer
+        fields["optimizer"] = opt
+    if "every" not in fields and "steps" in fields:
+        fields["every"] = min(10, fields["steps"])
+    spec = spec_from_dict(fields)
+    progress, update = step_progress(spec.steps, "training", quiet or as_json)
+    started = time.perf_counter()
+    if progress:
+        with progress:
+            result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, on_progress=update, data_dir=data_dir)
+    else:
+        result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, data_dir=data_dir)
+    elapsed = time.perf_counter() - started
+    m = result.manifest
+    summary = {
+        "bundle": str(result.path),
+        "job_id": m.job_id,
+        "root": m.root,
+        "steps": m.spec.steps,
+        "every": m.spec.every,
+        "checkpoints": len(m.records),
+        "final_loss": m.records[-1].loss,
+        "resumed_from": result.resumed_from,
+        "seconds": round(elapsed, 3),
+    }
+    if as_json:
+        print_json(summary)
+        return
+    out.print(f"bundle      {summary['bundle']}")
+    out.print(f"job id      {m.job_id}")
+    out.print(f"commitment  {m.root}")
+    out.print(f"trained     {m.spec.model.name} on {m.spec.data.name}, {m.spec.steps} steps, checkpoint every {m.spec.every} ({len(m.records)} checkpoints), {m.spec.numerics} numerics")
+    out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{', resumed at step %d' % result.resumed_from if result.resumed_from is not None else ''})")
+
+
+def _bundle_summary(bundle: Any) -> dict[str, Any]:
+    m = bundle.manifest
+    sizes = {name: e.size for name, e in m.files.items()}
+    return {
+        "path": str(bundle.path),
+        "root": m.root,
+        "merkle_root": m.merkle_root,
+        "job_id": m.job_id,
+        "spec": m.spec.to_dict(),
+        "steps": m.spec.steps,
+        "records": [r.to_dict() for r in m.records],
+        "files": len(sizes),
+        "bytes_total": sum(sizes.values()),
+        "bytes_per_checkpoint": max(sizes.values()),
+        "env": dict(m.env),
+        "integrity": "ok",
+    }
+
+
+@app.command()
+@handle_errors(usage=())
+def inspect(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a bundle's integrity and summarise it (spec, steps, commitment, records, sizes).
+
+    Exit code 0 when every file, digest and the commitment check out, 1 on any problem.
+    """
+    from pol.bundle import open_bundle
+
+    with open_bundle(bundle_path) as bundle:
+        summary = _bundle_summary(bundle)
+    if as_json:
+        print_json(summary)
+        return
+    spec = summary["spec"]
+    out.print(f"bundle      {summary['path']}  (integrity ok)")
+    out.print(f"job id      {summary['job_id']}")
+    out.print(f"commitment  {summary['root']}")
+    out.print(f"model       {spec['model']['name']} {spec['model']['kwargs'] or ''}")
+    out.print(f"data        {spec['data']['name']} {spec['data']['kwargs'] or ''} (digest {spec['data_digest'][:16]}...)")
+    out.print(f"optimizer   {spec['optimizer']['name']} lr={spec['optimizer']['lr']} schedule={spec['optimizer']['schedule']}")
+    out.print(f"training    {spec['steps']} steps, batch {spec['batch_size']}, k={spec['every']}, seed {spec['seed']}, {spec['numerics']} numerics")
+    out.print(f"size        {summary['files']} checkpoints, {summary['bytes_per_checkpoint'] / 1e6:.2f} MB each, {summary['bytes_total'] / 1e6:.2f} MB total")
+    env = summary["env"]
+    out.print(f"trained on  torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu_capability')}, {env.get('device')}")
+    table = Table("step", "state digest", "data digest", "loss", box=None, pad_edge=False)
+    for r in summary["records"]:
+        table.add_row(str(r["step"]), r["state"][:16], r["data"][:16], "-" if r["loss"] is None else f"{r['loss']:.4f}")
+    out.print(table)
+
+
+@app.command()
+@handle_errors(usage=())
+def pack(
+    directory: Annotated[Path, typer.Argument(help="A bundle directory.")],
+    archive: Annotated[Path, typer.Argument(help="The single-file archive to write (.tar).")],
+) -> None:
+    """Pack a bundle directory into one deterministic archive file (validated first)."""
+    from pol.bundle import pack_bundle
+
+    path = pack_bundle(directory, archive)
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

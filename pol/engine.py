@@ -1,0 +1,254 @@
+"""The training engine shared by the solver and the verifier: one code path from a state to the next.
+
+`build_runtime` turns a spec into a model, data and optimizer state on a device; `initial_state` derives step 0 from
+the seed; `restore_state`/`capture_state` move a full state in and out; `run_steps` trains from the current step to
+a later one and returns the digest of the data it consumed. Solver and verifier both call exactly these.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import __version__, rng
+from .canonical import Digest
+from .data import Dataset, batch_indices, build_dataset, data_digest, steps_per_epoch
+from .digest import State, combine_digests, tensor_digests
+from .errors import DataDiffers, DeviceUnavailable, StateMismatch, TrainingError
+from .models import SeededDropout, build_model, init_parameters
+from .numerics import numerics_context
+from .optim import apply_update, compute_lr, init_optimizer_state
+from .spec import JobSpec
+
+__all__ = [
+    "Runtime",
+    "SegmentResult",
+    "build_runtime",
+    "resolve_spec",
+    "initial_state",
+    "capture_state",
+    "restore_state",
+    "run_steps",
+    "describe_environment",
+    "get_device",
+]
+
+StepCallback = Callable[[int, float], None]  # (step reached, loss of the step)
+
+
+@dataclass
+class Runtime:
+    """A model, its data and optimizer state on one device, at one step. Mutable by design: it *is* the training."""
+
+    spec: JobSpec
+    device: torch.device
+    model: nn.Module
+    dataset: Dataset
+    params: dict[str, nn.Parameter]
+    buffers: dict[str, torch.Tensor]
+    opt_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+    dropouts: list[SeededDropout] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentResult:
+    """What running steps `start -> end` consumed and produced."""
+
+    start: int
+    end: int
+    data_digest: Digest
+    loss: float | None  # mean training loss over the segment (None for an empty segment)
+
+
+def get_device(name: str) -> torch.device:
+    """Parse and check a device name. Raises DeviceUnavailable."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceUnavailable(f"unknown device {name!r}: use 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceUnavailable(f"device type {device.type!r} is not supported: use 'cpu' or 'cuda'")
+    return device
+
+
+def describe_environment(device: torch.device) -> dict[str, str | int]:
+    """Information about where a computation ran. Recorded in bundles, never hashed into digests."""
+    env: dict[str, str | int] = {
+        "pol": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
+    """Bind the data digest and the versions that matter into the spec (it then has a job id)."""
+    versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
+    return spec.replace(data_digest=data_digest(dataset), versions=versions)
+
+
+def build_runtime(
+    spec: JobSpec, *, device: str | torch.device = "cpu", dataset: Dataset | None = None, data_dir: str | None = None
+) -> Runtime:
+    """Build model and data for a spec on a device. If the spec is resolved, the data must match its digest.
+
+    Raises ComponentError, DataError, DataDiffers (the data here is not the committed data), DeviceUnavailable.
+    """
+    dev = device if isinstance(device, torch.device) else get_device(device)
+    numerics_context(spec.numerics)  # raises NumericsUnavailable now rather than at the first step
+    if dataset is None:
+        dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir)
+    steps_per_epoch(len(dataset), spec.batch_size)
+    if spec.data_digest is not None:
+        got = data_digest(dataset)
+        if got != spec.data_digest:
+            raise DataDiffers(spec.data_digest, got)
+    model = build_model(spec.model).to(dev)
+    model.train()
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    persistent = set(model.state_dict())
+    buffers = {n: b for n, b in buffers.items() if n in persistent}
+    dropouts = [m for m in model.modules() if isinstance(m, SeededDropout)]
+    return Runtime(spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts)
+
+
+def initial_state(rt: Runtime) -> State:
+    """Derive the step-0 state from the seed alone, install it in the runtime and return a copy."""
+    init_parameters(rt.model, rt.spec.seed)
+    # float64 scalars (running beta powers) stay on the CPU; tensors shaped like parameters live on the device
+    opt_state = init_optimizer_state(rt.spec.optimizer, rt.params)
+    rt.opt_state = {n: t if t.dtype == torch.float64 else t.to(rt.device) for n, t in opt_state.items()}
+    rt.step = 0
+    return capture_state(rt)
+
+
+def capture_state(rt: Runtime) -> dict[str, torch.Tensor]:
+    """A CPU copy of the full training state: parameters, buffers, optimizer state and the step counter."""
+    state = {f"param/{n}": p.detach().to("cpu", copy=True) for n, p in rt.params.items()}
+    state.update({f"buffer/{n}": b.detach().to("cpu", copy=True) for n, b in rt.buffers.items()})
+    state.update({n: t.detach().to("cpu", copy=True) for n, t in rt.opt_state.items()})
+    state["meta/step"] = torch.tensor(rt.step, dtype=torch.int64)
+    return state
+
+
+def _expected_layout(rt: Runtime) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    layout = {f"param/{n}": (p.dtype, tuple(p.shape)) for n, p in rt.params.items()}
+    layout.update({f"buffer/{n}": (b.dtype, tuple(b.shape)) for n, b in rt.buffers.items()})
+    opt = init_optimizer_state(rt.spec.optimizer, {n: p.detach().cpu() for n, p in rt.params.items()})
+    layout.update({n: (t.dtype, tuple(t.shape)) for n, t in opt.items()})
+    layout["meta/step"] = (torch.int64, ())
+    return layout
+
+
+def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
+    """Install a full state into the runtime. Raises StateMismatch if it does not fit the spec's model."""
+    layout = _expected_layout(rt)
+    if set(state) != set(layout):
+        missing, extra = sorted(set(layout) - set(state)), sorted(set(state) - set(layout))
+        raise StateMismatch(f"state does not fit the spec's model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, (dtype, shape) in layout.items():
+        t = state[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise StateMismatch(f"state tensor {name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+    with torch.no_grad():
+        for n, p in rt.params.items():
+            p.copy_(state[f"param/{n}"])
+        for n, b in rt.buffers.items():
+            b.copy_(state[f"buffer/{n}"])
+    rt.opt_state = {
+        n: state[n].clone() if state[n].dtype == torch.float64 else state[n].to(rt.device, copy=True)
+        for n in layout
+        if n.startswith("optim/")
+    }
+    rt.step = int(state["meta/step"])
+
+
+def _bind_randomness(rt: Runtime, step: int, row_offset: int, total_rows: int) -> None:
+    """Give each dropout layer masks keyed by (seed, step, layer, call), sliced from whole-batch draws."""
+    for index, module in enumerate(rt.dropouts):
+        calls = [0]
+
+        def source(shape: tuple[int, ...], index: int = index, calls: list[int] = calls, p: float = module.p) -> torch.Tensor:
+            call = calls[0]
+            calls[0] += 1
+            full = rng.keep_mask(rt.spec.seed, "dropout", [step, index, call], (total_rows, *shape[1:]), p)
+            return full[row_offset : row_offset + shape[0]]
+
+        module.mask_source = source
+
+
+def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "cross_entropy":
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.mse_loss(out, y.to(out.dtype))
+
+
+def _batch_digest(step: int, idx: np.ndarray, batch: Mapping[str, torch.Tensor]) -> bytes:
+    return step.to_bytes(8, "little") + idx.astype("<i8").tobytes() + bytes.fromhex(combine_digests(tensor_digests(batch)))
+
+
+def _one_step(rt: Runtime, microbatch: int) -> tuple[float, bytes]:
+    spec = rt.spec
+    s = rt.step
+    idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, s)
+    batch = rt.dataset.batch(idx)
+    lr = compute_lr(spec.optimizer, s, spec.steps)
+    size = spec.batch_size
+    micro = microbatch or size
+    for p in rt.params.values():
+        p.grad = None
+    loss_sum = 0.0
+    with numerics_context(spec.numerics):
+        for offset in range(0, size, micro):
+            _bind_randomness(rt, s, offset, size)
+            x = batch["x"][offset : offset + micro].to(rt.device)
+            y = batch["y"][offset : offset + micro].to(rt.device)
+            loss = _loss(spec.loss, rt.model(x), y)
+            (loss * (micro / size) if micro != size else loss).backward()
+            loss_sum += float(loss.detach()) * micro
+        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
+        apply_update(spec.optimizer, rt.params, grads, rt.opt_state, lr)
+    rt.step = s + 1
+    loss_value = loss_sum / size
+    if loss_value != loss_value or loss_value in (float("inf"), float("-inf")):
+        raise TrainingError(f"the loss became non-finite at step {s}: lower the learning rate")
+    return loss_value, _batch_digest(s, idx, batch)
+
+
+def run_steps(rt: Runtime, end: int, *, microbatch: int | None = None, on_step: StepCallback | None = None) -> SegmentResult:
+    """Train from `rt.step` to `end`. `microbatch` overrides the spec's split (a verifier's calibration uses it).
+
+    Returns the digest of the data consumed (each step's sample indices and batch bytes) and the mean loss.
+    """
+    assert end >= rt.step, f"cannot run backwards from {rt.step} to {end}"
+    micro = rt.spec.microbatch if microbatch is None else microbatch
+    start = rt.step
+    hasher = blake3.blake3(b"pol/segment-data/v1\x00" + start.to_bytes(8, "little") + end.to_bytes(8, "little"))
+    losses = []
+    while rt.step < end:
+        loss, digest_part = _one_step(rt, micro)
+        hasher.update(digest_part)
+        losses.append(loss)
+        if on_step is not None:
+            on_step(rt.step, loss)
+    return SegmentResult(start, end, hasher.hexdigest(), sum(losses) / len(losses) if losses else None)

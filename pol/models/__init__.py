@@ -1,0 +1,62 @@
+"""Built-in models (`mlp`, `cnn`, `transformer`), user models by import path, and seeded initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import rng
+from ..components import is_import_path, load_callable
+from ..errors import ComponentError
+from ..spec import Component
+from .cnn import CNN
+from .common import SeededDropout
+from .mlp import MLP
+from .transformer import GPT
+
+__all__ = ["BUILTIN_MODELS", "build_model", "init_parameters", "SeededDropout", "MLP", "CNN", "GPT"]
+
+BUILTIN_MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "transformer": GPT}
+
+
+def build_model(component: Component) -> nn.Module:
+    """Construct the model a spec names (parameters not yet initialised). Raises ComponentError."""
+    if component.name in BUILTIN_MODELS:
+        factory = BUILTIN_MODELS[component.name]
+    elif is_import_path(component.name):
+        factory = load_callable(component.name)
+    else:
+        raise ComponentError(
+            f"unknown model {component.name!r}: use one of {', '.join(BUILTIN_MODELS)} or 'module:callable'"
+        )
+    try:
+        model = factory(**component.kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ComponentError(f"cannot build model {component.name!r} with {dict(component.kwargs)}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ComponentError(f"model {component.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Overwrite every parameter from the hardware-independent generator, keyed by (seed, "init/<name>").
+
+    The rule follows torch's defaults so user models train as they would otherwise: matrices and convolution
+    kernels uniform in +-1/sqrt(fan_in); embeddings normal with std 1; one-dimensional weights (norms) 1; biases 0.
+    """
+    embedding_weights = {f"{prefix}.weight" if prefix else "weight" for prefix, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            shape = tuple(param.shape)
+            if name in embedding_weights:
+                value = rng.normal(seed, f"init/{name}", [], shape, 1.0)
+            elif name.endswith("bias"):
+                value = torch.zeros(shape)
+            elif param.dim() <= 1:
+                value = torch.ones(shape)
+            else:
+                bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+                value = rng.uniform(seed, f"init/{name}", [], shape, -bound, bound)
+            param.copy_(value.to(dtype=param.dtype))

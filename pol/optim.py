@@ -1,0 +1,81 @@
+"""Optimizers as plain functions over named tensors, with the learning-rate schedule a pure function of the step.
+
+torch.optim keeps hyper-parameters and step counters inside its state, where a prover could choose them. Here the
+spec alone fixes them, the state holds only tensors, and every update is written as single-rounding tensor
+operations (no fused or foreach kernels), so exact numerics can make each one bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping
+
+import torch
+
+from .spec import OptimSpec
+
+__all__ = ["init_optimizer_state", "compute_lr", "apply_update"]
+
+
+def init_optimizer_state(opt: OptimSpec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optimizer's state at step 0, keyed `optim/<slot>/<param name>`."""
+    state: dict[str, torch.Tensor] = {}
+    if opt.name == "sgd":
+        if opt.momentum > 0.0:
+            state.update({f"optim/momentum/{n}": torch.zeros_like(p) for n, p in params.items()})
+    else:
+        state.update({f"optim/exp_avg/{n}": torch.zeros_like(p) for n, p in params.items()})
+        state.update({f"optim/exp_avg_sq/{n}": torch.zeros_like(p) for n, p in params.items()})
+        # running powers of the betas: multiplied once per step, never computed with pow() (libm-dependent)
+        state["optim/beta1_power"] = torch.ones((), dtype=torch.float64)
+        state["optim/beta2_power"] = torch.ones((), dtype=torch.float64)
+    return state
+
+
+def compute_lr(opt: OptimSpec, step: int, total_steps: int) -> float:
+    """Learning rate for the update from state `step` to `step + 1`. Only + - * / on Python floats: portable."""
+    if opt.schedule == "constant":
+        return opt.lr
+    if step < opt.warmup:
+        return opt.lr * (step + 1) / opt.warmup
+    span = max(total_steps - opt.warmup, 1)
+    return opt.lr * (1.0 - 0.9 * (step - opt.warmup) / span)
+
+
+@torch.no_grad()
+def apply_update(
+    opt: OptimSpec,
+    params: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    state: MutableMapping[str, torch.Tensor],
+    lr: float,
+) -> None:
+    """One optimizer step, in place on `params` and `state`."""
+    if opt.name == "sgd":
+        for name, p in params.items():
+            g = grads[name]
+            if opt.weight_decay:
+                g = g + p * opt.weight_decay
+            if opt.momentum > 0.0:
+                buf = state[f"optim/momentum/{name}"]
+                buf.copy_(buf * opt.momentum + g)
+                g = buf
+            p.copy_(p - g * lr)
+        return
+    b1p = state["optim/beta1_power"]
+    b2p = state["optim/beta2_power"]
+    b1p.copy_(b1p * opt.beta1)
+    b2p.copy_(b2p * opt.beta2)
+    bias1 = 1.0 - float(b1p)
+    bias2_sqrt = math.sqrt(1.0 - float(b2p))  # IEEE sqrt: correctly rounded everywhere
+    step_size = lr / bias1
+    for name, p in params.items():
+        g = grads[name]
+        m = state[f"optim/exp_avg/{name}"]
+        v = state[f"optim/exp_avg_sq/{name}"]
+        if opt.weight_decay:
+            p.copy_(p * (1.0 - lr * opt.weight_decay))
+        m.copy_(m * opt.beta1 + g * (1.0 - opt.beta1))
+        v.copy_(v * opt.beta2 + (g * g) * (1.0 - opt.beta2))
+        denom = torch.sqrt(v) / bias2_sqrt + opt.eps
+        p.copy_(p - (m / denom) * step_size)

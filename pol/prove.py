@@ -1,0 +1,143 @@
+"""Train-and-prove: the solver trains a spec and writes a proof bundle, resumable after a crash.
+
+While training, the output directory holds the checkpoints written so far and `progress.json` (the resolved spec
+and the records so far), both replaced atomically. `--resume` reloads the last checkpoint, checks it against its
+record, and goes on; since every step is a pure function of (spec, state, step), the finished bundle has the same
+commitment as an uninterrupted run on the same machine. The manifest is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .bundle import FileEntry, Manifest, checkpoint_name, pack_bundle, write_checkpoint, write_manifest
+from .canonical import canonical_json, parse_json_strict
+from .digest import state_digest
+from .engine import Runtime, build_runtime, capture_state, describe_environment, initial_state, resolve_spec, restore_state, run_steps
+from .errors import PolError, ResumeError
+from .spec import JobSpec, spec_from_dict
+from .trace import EMPTY_DATA, Record, compute_trace_commitment, record_from_dict
+
+__all__ = ["train_and_prove", "ProveResult", "PROGRESS_NAME"]
+
+PROGRESS_NAME = "progress.json"
+ProgressCallback = Callable[[int, int, float], None]  # (step reached, total steps, loss)
+
+
+@dataclass(frozen=True, slots=True)
+class ProveResult:
+    path: Path  # the bundle (directory, or archive when --out ends in .tar)
+    manifest: Manifest
+    resumed_from: int | None  # the step training resumed at, if it did
+
+
+def _write_progress(directory: Path, spec: JobSpec, records: list[Record], files: dict[str, FileEntry]) -> None:
+    tmp = directory / (PROGRESS_NAME + ".tmp")
+    body = {"spec": spec.to_dict(), "records": [r.to_dict() for r in records], "files": {n: e.to_dict() for n, e in files.items()}}
+    tmp.write_text(canonical_json(body), encoding="ascii")
+    os.replace(tmp, directory / PROGRESS_NAME)
+
+
+def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[str, FileEntry], dict[str, torch.Tensor]]:
+    """The records, file entries and last state of an interrupted run. Raises ResumeError."""
+    path = directory / PROGRESS_NAME
+    if not path.is_file():
+        raise ResumeError(f"nothing to resume in {directory}: no {PROGRESS_NAME} (the run finished or never started)")
+    try:
+        body = parse_json_strict(path.read_text(encoding="ascii"))
+        saved = spec_from_dict(body["spec"], require_resolved=True)
+        records = [record_from_dict(r, f"records[{i}]") for i, r in enumerate(body["records"])]
+        files = {n: FileEntry(int(e["size"]), str(e["blake3"])) for n, e in body["files"].items()}
+    except (ValueError, KeyError, TypeError, PolError) as exc:
+        raise ResumeError(f"{path} is damaged: {exc}") from None
+    if saved.job_id != spec.job_id:
+        raise ResumeError(f"{directory} holds a different job ({saved.job_id[:12]}), not {spec.job_id[:12]}: same flags needed")
+    if not records:
+        raise ResumeError(f"{path} holds no records")
+    last = records[-1]
+    try:
+        state = load_file(str(directory / checkpoint_name(last.step)))
+    except (SafetensorError, OSError) as exc:
+        raise ResumeError(f"cannot read the last checkpoint (step {last.step}): {exc}") from None
+    if state_digest(state) != last.state:
+        raise ResumeError(f"the checkpoint at step {last.step} does not match its record: start afresh with --force")
+    return records, files, state
+
+
+def _prepare_output(directory: Path, *, resume: bool, force: bool) -> None:
+    if resume:
+        return
+    if directory.exists() and any(directory.iterdir()):
+        if not force:
+            raise PolError(f"output {directory} exists and is not empty: pass --resume to continue it or --force to replace it")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def train_and_prove(
+    spec: JobSpec,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    force: bool = False,
+    on_progress: ProgressCallback | None = None,
+    data_dir: str | None = None,
+) -> ProveResult:
+    """Train `spec` and write its proof bundle to `out` (a directory, or an archive if it ends in `.tar`).
+
+    Raises SpecError, ComponentError, DataError, DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
+    """
+    out = Path(out)
+    archive = out if out.suffix == ".tar" else None
+    directory = out.with_name(out.name + ".partial") if archive else out
+    if archive and archive.exists() and not force:
+        raise PolError(f"output {archive} exists: pass --force to replace it")
+    rt = build_runtime(spec, device=device, data_dir=data_dir)  # checks the data digest if the spec has one
+    if not spec.is_resolved:
+        spec = rt.spec = resolve_spec(spec, rt.dataset)
+    job_id = spec.job_id
+    _prepare_output(directory, resume=resume, force=force)
+    resumed_from = None
+    if resume:
+        records, files, state = _load_progress(directory, spec)
+        restore_state(rt, state)
+        resumed_from = rt.step
+    else:
+        state = initial_state(rt)
+        files = {checkpoint_name(0): write_checkpoint(directory, 0, state, job_id)}
+        records = [Record(0, state_digest(state), EMPTY_DATA, None)]
+        _write_progress(directory, spec, records, files)
+    _train_remaining(rt, directory, records, files, on_progress)
+    merkle, commitment = compute_trace_commitment(job_id, records)
+    manifest = Manifest(spec, tuple(records), merkle, commitment, files, describe_environment(rt.device))
+    write_manifest(directory, manifest)
+    (directory / PROGRESS_NAME).unlink()
+    if archive:
+        pack_bundle(directory, archive)
+        shutil.rmtree(directory)
+    return ProveResult(archive or directory, manifest, resumed_from)
+
+
+def _train_remaining(
+    rt: Runtime, directory: Path, records: list[Record], files: dict[str, FileEntry], on_progress: ProgressCallback | None
+) -> None:
+    spec = rt.spec
+    callback = (lambda step, loss: on_progress(step, spec.steps, loss)) if on_progress else None
+    for target in spec.checkpoint_steps:
+        if target <= rt.step:
+            continue
+        segment = run_steps(rt, target, on_step=callback)
+        state = capture_state(rt)
+        files[checkpoint_name(target)] = write_checkpoint(directory, target, state, spec.job_id)
+        records.append(Record(target, state_digest(state), segment.data_digest, segment.loss))
+        _write_progress(directory, spec, records, files)
+

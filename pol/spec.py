@@ -1,0 +1,273 @@
+"""The job spec: a frozen, canonical description of everything needed to re-run a training bit for bit.
+
+`job_id = blake3(canonical JSON of the spec)`. A spec is *resolved* once the digest of its data is bound into it;
+only resolved specs have a job id, and only they go into bundles. Every field is checked on construction: a spec
+read from a stranger's bundle gets the same scrutiny as one typed on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .canonical import Digest, canonical_bytes, compute_hash, parse_json_strict
+from .errors import SpecError
+
+__all__ = ["Component", "OptimSpec", "JobSpec", "NUMERICS", "LOSSES", "load_spec_file", "spec_from_dict", "FORMAT_VERSION", "BUILTIN_DEFAULTS"]
+
+FORMAT_VERSION = 1
+NUMERICS = ("native", "exact")
+LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "linear")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_MAX_SEED = 2**63 - 1
+_MAX_STEPS = 10**9
+_MAX_KWARGS_BYTES = 1 << 16
+
+# Defaults for the built-in models, so `pol train --model transformer` works alone. User models name their data.
+BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"data": "synthetic", "optimizer": {"name": "adamw", "lr": 1e-3}, "batch_size": 64},
+    "cnn": {"data": "images", "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "batch_size": 32},
+    "transformer": {"data": "chars", "optimizer": {"name": "adamw", "lr": 3e-3}, "batch_size": 16},
+}
+
+
+def _fail(field_name: str, problem: str) -> SpecError:
+    return SpecError(f"spec field {field_name!r}: {problem}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, f"expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise _fail(name, f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(name, f"expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise _fail(name, f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _fail(name, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """A model or dataset: a built-in name, `module:callable`, or (data only) `dir:PATH` of safetensors files."""
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= 512:
+            raise _fail("name", "expected a non-empty string of at most 512 characters")
+        if not isinstance(self.kwargs, Mapping):
+            raise _fail("kwargs", "expected a table of keyword arguments")
+        try:
+            encoded = canonical_bytes(dict(self.kwargs))
+        except (TypeError, ValueError) as exc:
+            raise _fail("kwargs", f"not canonical JSON: {exc}") from None
+        if len(encoded) > _MAX_KWARGS_BYTES:
+            raise _fail("kwargs", "too large")
+        object.__setattr__(self, "kwargs", json.loads(encoded))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @staticmethod
+    def from_value(value: Any, field_name: str) -> Component:
+        """Accept `"name"` or `{"name": ..., "kwargs": {...}}`."""
+        if isinstance(value, Component):
+            return value
+        if isinstance(value, str):
+            return Component(value)
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"name", "kwargs"}
+            if unknown or "name" not in value:
+                raise _fail(field_name, "expected keys 'name' and optional 'kwargs'")
+            return Component(value["name"], value.get("kwargs", {}))
+        raise _fail(field_name, f"expected a name or a table, got {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class OptimSpec:
+    """Optimizer and its full hyper-parameter schedule. The verifier takes these from the spec, never a checkpoint."""
+
+    name: str = "adamw"  # "sgd" (with momentum) or "adamw"
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd only
+    beta1: float = 0.9  # adamw only
+    beta2: float = 0.999  # adamw only
+    eps: float = 1e-8  # adamw only
+    weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd
+    schedule: str = "constant"  # "constant" or "linear" (warm-up, then linear decay to 10% of lr)
+    warmup: int = 0  # warm-up steps of the linear schedule
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer.name", self.name, OPTIMIZERS)
+        _check_float("optimizer.lr", self.lr, 0.0, 1e3)
+        _check_float("optimizer.momentum", self.momentum, 0.0, 1.0)
+        _check_float("optimizer.beta1", self.beta1, 0.0, 1.0)
+        _check_float("optimizer.beta2", self.beta2, 0.0, 1.0)
+        _check_float("optimizer.eps", self.eps, 0.0, 1.0)
+        _check_float("optimizer.weight_decay", self.weight_decay, 0.0, 1e3)
+        _check_choice("optimizer.schedule", self.schedule, SCHEDULES)
+        _check_int("optimizer.warmup", self.warmup, 0, _MAX_STEPS)
+        for name in ("lr", "momentum", "beta1", "beta2", "eps", "weight_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Everything needed to re-run a training job bit for bit."""
+
+    model: Component
+    data: Component
+    loss: str = "cross_entropy"  # "cross_entropy" or "mse"
+    optimizer: OptimSpec = field(default_factory=OptimSpec)
+    batch_size: int = 32
+    microbatch: int = 0  # 0: whole batch at once; else the batch is run in micro-batches of this many rows
+    steps: int = 200
+    every: int = 10  # checkpoint interval k
+    seed: int = 0
+    numerics: str = "native"  # "native" or "exact"
+    dtype: str = "float32"
+    data_digest: Digest | None = None  # bound by `resolve`; required in a bundle
+    versions: Mapping[str, str] = field(default_factory=dict)  # {"pol": ..., "torch": ...}, bound by `resolve`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", Component.from_value(self.model, "model"))
+        object.__setattr__(self, "data", Component.from_value(self.data, "data"))
+        if isinstance(self.optimizer, Mapping):
+            object.__setattr__(self, "optimizer", optim_from_dict(self.optimizer))
+        if not isinstance(self.optimizer, OptimSpec):
+            raise _fail("optimizer", "expected a table")
+        _check_choice("loss", self.loss, LOSSES)
+        _check_int("batch_size", self.batch_size, 1, 1 << 20)
+        _check_int("microbatch", self.microbatch, 0, self.batch_size)
+        if self.microbatch and self.batch_size % self.microbatch:
+            raise _fail("microbatch", f"{self.microbatch} does not divide batch_size {self.batch_size}")
+        _check_int("steps", self.steps, 1, _MAX_STEPS)
+        _check_int("every", self.every, 1, self.steps)
+        _check_int("seed", self.seed, 0, _MAX_SEED)
+        _check_choice("numerics", self.numerics, NUMERICS)
+        _check_choice("dtype", self.dtype, ("float32",))
+        if self.data_digest is not None and (not isinstance(self.data_digest, str) or not _HEX64.match(self.data_digest)):
+            raise _fail("data_digest", "expected 64 lowercase hex characters")
+        if not isinstance(self.versions, Mapping) or len(self.versions) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 128 for k, v in self.versions.items()
+        ):
+            raise _fail("versions", "expected at most 16 short string pairs")
+        object.__setattr__(self, "versions", dict(sorted(self.versions.items())))
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.data_digest is not None
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Steps at which the state is committed: 0, k, 2k, ..., and always the last step."""
+        steps = list(range(0, self.steps, self.every))
+        return steps + [self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "data": self.data.to_dict(),
+            "loss": self.loss,
+            "optimizer": dataclasses.asdict(self.optimizer),
+            "batch_size": self.batch_size,
+            "microbatch": self.microbatch,
+            "steps": self.steps,
+            "every": self.every,
+            "seed": self.seed,
+            "numerics": self.numerics,
+            "dtype": self.dtype,
+            "data_digest": self.data_digest,
+            "versions": dict(self.versions),
+        }
+
+    def canonical(self) -> bytes:
+        return canonical_bytes(self.to_dict())
+
+    @property
+    def job_id(self) -> Digest:
+        """blake3 of the canonical JSON of the resolved spec. Raises SpecError if the data digest is not bound."""
+        if not self.is_resolved:
+            raise SpecError("the spec has no data digest yet: resolve it against its data first")
+        return compute_hash("pol/job/v1", self.canonical()).hex()
+
+    def replace(self, **changes: Any) -> JobSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def optim_from_dict(value: Mapping[str, Any]) -> OptimSpec:
+    names = {f.name for f in dataclasses.fields(OptimSpec)}
+    unknown = set(value) - names
+    if unknown:
+        raise _fail("optimizer", f"unknown keys {sorted(unknown)}")
+    return OptimSpec(**value)
+
+
+def spec_from_dict(value: Any, *, require_resolved: bool = False) -> JobSpec:
+    """Build a spec from parsed JSON/TOML. Raises SpecError naming the field on any problem."""
+    if not isinstance(value, Mapping):
+        raise SpecError("a spec must be a table of fields")
+    names = {f.name for f in dataclasses.fields(JobSpec)}
+    unknown = set(value) - names
+    if unknown:
+        raise SpecError(f"unknown spec fields {sorted(unknown)}")
+    if require_resolved:
+        missing = names - set(value)
+        if missing:
+            raise SpecError(f"missing spec fields {sorted(missing)}")
+        fields = dict(value)
+    else:
+        if "model" not in value:
+            raise _fail("model", "missing")
+        model_name = Component.from_value(value["model"], "model").name
+        if model_name not in BUILTIN_DEFAULTS and not _IMPORT_PATH.match(model_name):
+            raise _fail("model", f"unknown model {model_name!r}: use one of {', '.join(BUILTIN_DEFAULTS)} or 'module:callable'")
+        fields = {**BUILTIN_DEFAULTS.get(model_name, {}), **value}
+        if "data" not in fields:
+            raise _fail("data", f"missing (model {model_name!r} is not built in, so it has no default dataset)")
+    try:
+        spec = JobSpec(**fields)
+    except TypeError as exc:  # a wrongly-typed nested value
+        raise SpecError(f"invalid spec: {exc}") from None
+    if require_resolved and not spec.is_resolved:
+        raise _fail("data_digest", "missing")
+    return spec
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a spec file (TOML or JSON, by extension) into a plain dict. Raises SpecError if unreadable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else parse_json_strict(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise SpecError(f"spec file {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path} must hold a table of fields")
+    return data

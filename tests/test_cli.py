@@ -1,0 +1,88 @@
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": 16}', "--data-kwargs", '{"n": 256}', "--steps", "6", "--every", "3", "--batch-size", "8", "--quiet"]
+
+
+def test_train_then_inspect_json(tmp_path):
+    out = tmp_path / "b"
+    result = runner.invoke(app, ["train", *TINY, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    result = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["root"] == trained["root"] and len(summary["root"]) == 64
+    assert [r["step"] for r in summary["records"]] == [0, 3, 6]
+    assert summary["spec"]["model"]["kwargs"] == {"hidden": 16}
+    human = runner.invoke(app, ["inspect", str(out)])
+    assert human.exit_code == 0 and "integrity ok" in human.stdout and trained["root"] in human.stdout
+
+
+def test_inspect_fails_on_a_damaged_bundle(tmp_path):
+    out = tmp_path / "b"
+    assert runner.invoke(app, ["train", *TINY, "--out", str(out)]).exit_code == 0
+    ckpt = out / "checkpoints" / "step-000000003.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-3] ^= 0x10
+    ckpt.write_bytes(bytes(data))
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 1 and "digest mismatch" in result.stderr and "step-000000003" in result.stderr
+    assert runner.invoke(app, ["inspect", str(tmp_path / "nothing")]).exit_code == 1
+
+
+def test_pack_and_inspect_archive(tmp_path):
+    out = tmp_path / "b"
+    assert runner.invoke(app, ["train", *TINY, "--out", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["pack", str(out), str(tmp_path / "b.tar")]).exit_code == 0
+    assert runner.invoke(app, ["inspect", str(tmp_path / "b.tar")]).exit_code == 0
+
+
+def test_spec_file_with_flag_overrides(tmp_path):
+    spec = tmp_path / "job.toml"
+    spec.write_text('model = "cnn"\nsteps = 50\nevery = 5\nbatch_size = 8\n[model_kwargs_are_not_fields]\n')
+    result = runner.invoke(app, ["train", "--spec", str(spec), "--out", str(tmp_path / "x"), "--quiet"])
+    assert result.exit_code == 2 and "unknown spec fields" in result.stderr
+    spec.write_text('model = "cnn"\nsteps = 50\nevery = 5\nbatch_size = 8\n[data]\nname = "images"\nkwargs = {n = 64}\n')
+    result = runner.invoke(app, ["train", "--spec", str(spec), "--steps", "4", "--every", "2", "--lr", "0.01",
+                                 "--out", str(tmp_path / "x"), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "x"), "--json"]).stdout)["spec"]
+    assert summary["steps"] == 4 and summary["model"]["name"] == "cnn" and summary["optimizer"] == {**summary["optimizer"], "name": "sgd", "lr": 0.01}
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["train", "--model", "nope"], 2, "unknown model"),
+        (["train", "--model", "mlp", "--steps", "0"], 2, "steps"),
+        (["train", "--model", "mlp", "--numerics", "fast"], 2, "numerics"),
+        (["train", "--model", "mlp", "--model-kwargs", "{bad"], 2, "not JSON"),
+        (["train", "--model", "mlp", "--device", "cuda:7"], 2, "cuda"),
+        (["train", "--model", "mlp", "--resume", "--out", "/nonexistent/pol/x"], 1, "nothing to resume"),
+        (["train", "--spec", "/nonexistent/job.toml"], 2, "cannot read"),
+        (["frobnicate"], 2, "No such command"),
+    ],
+)
+def test_bad_flags_give_helpful_messages(args, code, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+
+
+def test_help_teaches():
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "--every" in result.stdout and "Examples" in result.stdout
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+
+
+def test_debug_shows_the_traceback():
+    result = runner.invoke(app, ["--debug", "train", "--model", "nope"])
+    assert result.exit_code != 0 and result.exception is not None
+    assert os.environ.get("POL_NEVER_SET") is None
