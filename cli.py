@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pol.errors import (
+    BundleError,
     ComponentError,
     DataDiffers,
     DataError,
@@ -228,7 +229,7 @@ def train(
     out.print(f"job id      {m.job_id}")
     out.print(f"commitment  {m.root}")
     out.print(f"trained     {m.spec.model.name} on {m.spec.data.name}, {m.spec.steps} steps, checkpoint every {m.spec.every} ({len(m.records)} checkpoints), {m.spec.numerics} numerics")
-    out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{', resumed at step %d' % result.resumed_from if result.resumed_from is not None else ''})")
+    out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{f', resumed at step {result.resumed_from}' if result.resumed_from is not None else ''})")
 
 
 def _bundle_summary(bundle: Any) -> dict[str, Any]:
@@ -282,6 +283,99 @@ def inspect(
     for r in summary["records"]:
         table.add_row(str(r["step"]), r["state"][:16], r["data"][:16], "-" if r["loss"] is None else f"{r['loss']:.4f}")
     out.print(table)
+
+
+def _print_report(report: Any) -> None:
+    colour = "green" if report.accepted else "red"
+    out.print(f"[bold {colour}]{report.verdict.upper()}[/]  {report.reason}")
+    if report.job_id:
+        out.print(f"job id      {report.job_id}")
+        out.print(f"commitment  {report.root}")
+    if report.checks:
+        table = Table("segment", "steps", "sampled", "result", "max rel L2", "update cos", "problem", box=None, pad_edge=False)
+        for c in report.checks:
+            rel = "-" if c.max_rel_l2 is None else f"{c.max_rel_l2:.2e}"
+            cos = "-" if c.update_cosine is None else f"{c.update_cosine:.6f}"
+            table.add_row(str(c.index), f"{c.start}->{c.end}", c.why, "ok" if c.ok else "[red]FAIL[/]", rel, cos, c.problem or "")
+        out.print(table)
+    if report.thresholds:
+        t = report.thresholds
+        out.print(f"thresholds  rel L2 <= {t.rel_l2:.2e}, update cos >= {t.min_cosine:.6f}, |log norm ratio| <= {t.max_log_ratio:.1e}"
+                  f"  (calibrated on segment {t.calibrated_on}: honest spread {t.observed.get('rel_l2', 0):.1e})")
+    if report.steps_total:
+        out.print(f"compute     {report.steps_replayed} of {report.steps_total} training steps replayed ({report.compute_fraction:.1%} of training)")
+    if report.escape_probability:
+        parts = ", ".join(f"f={f}: {p:.3g}" for f, p in report.escape_probability.items())
+        out.print(f"escape      probability that a cheater faking a fraction f of segments passed this sample: {parts}")
+    out.print(f"randomness  {report.randomness_source}; repeat this exact sample with --beacon {report.randomness}")
+
+
+@app.command()
+@handle_errors()
+def verify(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    samples: Annotated[int | None, typer.Option(min=1, help="Segments to replay (default 4).")] = None,
+    confidence: Annotated[float | None, typer.Option(help="Detection probability wanted, e.g. 0.999 (with --cheat-fraction).")] = None,
+    cheat_fraction: Annotated[float | None, typer.Option("--cheat-fraction", help="Fraction of faked segments to catch, e.g. 0.1.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="The verifier's secret sampling seed.")] = None,
+    beacon: Annotated[str | None, typer.Option(help="Public randomness (hex) drawn after the commitment.")] = None,
+    segments: Annotated[str | None, typer.Option(help="Replay exactly these segments, e.g. '3,7' (1-based).")] = None,
+    root: Annotated[str | None, typer.Option(help="The commitment you expect (e.g. from the ledger); reject any other.")] = None,
+    device: DeviceOpt = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for the replay.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Verify a proof bundle by replaying randomly sampled segments.
+
+    Exit code 0: accepted. 1: rejected (with evidence). 2: cannot verify (bad usage, data you do not have,
+    not a readable bundle).
+
+    Examples:
+
+      pol verify run1 --seed 7
+
+      pol verify run1 --confidence 0.999 --cheat-fraction 0.1 --json
+    """
+    from pol.verify import verify as run_verify
+
+    forced = None
+    if segments is not None:
+        try:
+            forced = [int(x) for x in segments.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter("expected comma-separated segment numbers such as 3,7", param_hint="--segments") from None
+    if samples is not None and confidence is not None:
+        raise typer.BadParameter("give --samples or --confidence/--cheat-fraction, not both", param_hint="--samples")
+    progress = None if quiet or as_json else Progress(
+        TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
+        TextColumn("left"), TimeRemainingColumn(), console=err)
+    task = progress.add_task("replay", total=None) if progress else None
+
+    def update(done: int, total: int) -> None:
+        if progress is not None and task is not None:
+            progress.update(task, completed=done, total=total)
+
+    kwargs = dict(samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed, beacon=beacon,
+                  segments=forced, expected_root=root, device=device, threads=threads, data_dir=data_dir, on_progress=update)
+    try:
+        if progress:
+            with progress:
+                report = run_verify(bundle_path, **kwargs)
+        else:
+            report = run_verify(bundle_path, **kwargs)
+    except BundleError as exc:
+        fail(f"cannot verify: {exc}", EXIT_USAGE)
+    except PolError as exc:
+        if isinstance(exc, (DataDiffers,) + USAGE_ERRORS):
+            raise
+        fail(f"cannot verify: {exc}", EXIT_USAGE)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print_report(report)
+    raise typer.Exit(EXIT_OK if report.accepted else EXIT_FAILED)
 
 
 @app.command()

@@ -30,7 +30,7 @@ import blake3
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from .canonical import Digest, canonical_json, parse_json_strict
 from .digest import State, combine_digests, tensor_digests
@@ -376,9 +376,11 @@ def write_checkpoint(directory: Path, step: int, state: State, job_id: Digest) -
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tensors = {n: t.contiguous() for n, t in state.items()}
-    save_file(tensors, str(tmp), metadata={"pol": "checkpoint", "job_id": job_id, "step": str(step)})
+    data = save_safetensors(tensors, metadata={"pol": "checkpoint", "job_id": job_id, "step": str(step)})
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, target)
-    return FileEntry(target.stat().st_size, file_digest(target))
+    return FileEntry(len(data), blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

@@ -15,7 +15,7 @@ __all__ = ["numerics_context", "is_exact_available"]
 
 def is_exact_available() -> bool:
     try:
-        from . import exact  # noqa: F401
+        from . import exact
     except ImportError:
         return False
     return hasattr(exact, "exact_mode")

@@ -50,7 +50,10 @@ def apply_update(
     state: MutableMapping[str, torch.Tensor],
     lr: float,
 ) -> None:
-    """One optimizer step, in place on `params` and `state`."""
+    """One optimizer step, in place on `params` and `state`.
+
+    Each in-place operation is one IEEE rounding (`add_` is never given an `alpha`, which could fuse into an FMA).
+    """
     if opt.name == "sgd":
         for name, p in params.items():
             g = grads[name]
@@ -58,9 +61,9 @@ def apply_update(
                 g = g + p * opt.weight_decay
             if opt.momentum > 0.0:
                 buf = state[f"optim/momentum/{name}"]
-                buf.copy_(buf * opt.momentum + g)
+                buf.mul_(opt.momentum).add_(g)
                 g = buf
-            p.copy_(p - g * lr)
+            p.sub_(g * lr)
         return
     b1p = state["optim/beta1_power"]
     b2p = state["optim/beta2_power"]
@@ -74,8 +77,8 @@ def apply_update(
         m = state[f"optim/exp_avg/{name}"]
         v = state[f"optim/exp_avg_sq/{name}"]
         if opt.weight_decay:
-            p.copy_(p * (1.0 - lr * opt.weight_decay))
-        m.copy_(m * opt.beta1 + g * (1.0 - opt.beta1))
-        v.copy_(v * opt.beta2 + (g * g) * (1.0 - opt.beta2))
-        denom = torch.sqrt(v) / bias2_sqrt + opt.eps
-        p.copy_(p - (m / denom) * step_size)
+            p.mul_(1.0 - lr * opt.weight_decay)
+        m.mul_(opt.beta1).add_(g * (1.0 - opt.beta1))
+        v.mul_(opt.beta2).add_((g * g).mul_(1.0 - opt.beta2))
+        denom = torch.sqrt(v).div_(bias2_sqrt).add_(opt.eps)
+        p.sub_(m.div(denom).mul_(step_size))

@@ -21,8 +21,17 @@ from safetensors.torch import load_file
 from .bundle import FileEntry, Manifest, checkpoint_name, pack_bundle, write_checkpoint, write_manifest
 from .canonical import canonical_json, parse_json_strict
 from .digest import state_digest
-from .engine import Runtime, build_runtime, capture_state, describe_environment, initial_state, resolve_spec, restore_state, run_steps
-from .errors import PolError, ResumeError
+from .engine import (
+    Runtime,
+    build_runtime,
+    capture_state,
+    describe_environment,
+    initial_state,
+    resolve_spec,
+    restore_state,
+    run_steps,
+)
+from .errors import PolError, ResumeError, SpecError
 from .spec import JobSpec, spec_from_dict
 from .trace import EMPTY_DATA, Record, compute_trace_commitment, record_from_dict
 
@@ -91,12 +100,20 @@ def train_and_prove(
     force: bool = False,
     on_progress: ProgressCallback | None = None,
     data_dir: str | None = None,
+    split: int | None = None,
 ) -> ProveResult:
     """Train `spec` and write its proof bundle to `out` (a directory, or an archive if it ends in `.tar`).
+
+    `split` runs each batch in micro-batches of that size without changing the spec: an execution choice (less
+    memory) that native numerics tolerates; exact numerics refuses it unless it equals the spec's `microbatch`.
 
     Raises SpecError, ComponentError, DataError, DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
     """
     out = Path(out)
+    if split is not None and spec.numerics == "exact" and split != spec.microbatch:
+        raise SpecError("exact numerics fixes the micro-batch size in the spec: set microbatch there instead of split")
+    if split is not None and (split < 1 or spec.batch_size % split):
+        raise SpecError(f"split {split} does not divide batch_size {spec.batch_size}")
     archive = out if out.suffix == ".tar" else None
     directory = out.with_name(out.name + ".partial") if archive else out
     if archive and archive.exists() and not force:
@@ -116,7 +133,7 @@ def train_and_prove(
         files = {checkpoint_name(0): write_checkpoint(directory, 0, state, job_id)}
         records = [Record(0, state_digest(state), EMPTY_DATA, None)]
         _write_progress(directory, spec, records, files)
-    _train_remaining(rt, directory, records, files, on_progress)
+    _train_remaining(rt, directory, records, files, on_progress, split)
     merkle, commitment = compute_trace_commitment(job_id, records)
     manifest = Manifest(spec, tuple(records), merkle, commitment, files, describe_environment(rt.device))
     write_manifest(directory, manifest)
@@ -128,14 +145,19 @@ def train_and_prove(
 
 
 def _train_remaining(
-    rt: Runtime, directory: Path, records: list[Record], files: dict[str, FileEntry], on_progress: ProgressCallback | None
+    rt: Runtime,
+    directory: Path,
+    records: list[Record],
+    files: dict[str, FileEntry],
+    on_progress: ProgressCallback | None,
+    split: int | None,
 ) -> None:
     spec = rt.spec
     callback = (lambda step, loss: on_progress(step, spec.steps, loss)) if on_progress else None
     for target in spec.checkpoint_steps:
         if target <= rt.step:
             continue
-        segment = run_steps(rt, target, on_step=callback)
+        segment = run_steps(rt, target, microbatch=split, on_step=callback)
         state = capture_state(rt)
         files[checkpoint_name(target)] = write_checkpoint(directory, target, state, spec.job_id)
         records.append(Record(target, state_digest(state), segment.data_digest, segment.loss))

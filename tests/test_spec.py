@@ -23,7 +23,7 @@ def test_dict_order_does_not_change_the_spec():
 
 def test_job_id_needs_a_data_digest():
     with pytest.raises(SpecError, match="no data digest"):
-        tiny_spec().job_id
+        _ = tiny_spec().job_id
 
 
 def test_builtin_defaults_fill_data_and_optimizer():

@@ -24,7 +24,7 @@ class MLP(nn.Module):
         cfg = MLPConfig(**kwargs)
         self.cfg = cfg
         widths = [cfg.d_in] + [cfg.hidden] * cfg.depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.head = nn.Linear(widths[-1], cfg.classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""What does proving cost? The same training as a plain torch loop and as `pol train`, at several k.
+
+    python benchmarks/proof_overhead.py            # ~10M-parameter MLP and the character transformer
+    python benchmarks/proof_overhead.py --quick    # smaller, for a smoke run
+
+For each model it reports: the plain loop's time; `pol train`'s time and the ratio at each k; bytes per checkpoint
+and in total; and the hashing throughput of the state digest. The plain loop is what a user would write: the same
+model, data and batch order, torch.optim.AdamW (foreach kernels), no checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import markdown_table, write_results
+from pol.data import batch_indices
+from pol.digest import state_digest
+from pol.engine import build_runtime, initial_state, resolve_spec
+from pol.prove import train_and_prove
+from pol.spec import spec_from_dict
+
+
+def plain_loop(spec) -> float:
+    """A user's ordinary loop: same model, data and order; torch.optim.AdamW; torch's own dropout RNG."""
+    rt = build_runtime(spec)
+    initial_state(rt)
+    for m in rt.dropouts:
+        m.mask_source = lambda shape, p=m.p: torch.bernoulli(torch.full(shape, 1 - p)) / (1 - p)
+    opt = torch.optim.AdamW(rt.model.parameters(), lr=spec.optimizer.lr, weight_decay=spec.optimizer.weight_decay)
+    n = len(rt.dataset)
+    start = time.perf_counter()
+    for s in range(spec.steps):
+        batch = rt.dataset.batch(batch_indices(spec.seed, n, spec.batch_size, s))
+        out = rt.model(batch["x"])
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), batch["y"].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+    return time.perf_counter() - start
+
+
+def hashing_throughput(spec) -> float:
+    rt = build_runtime(spec)
+    rt.spec = resolve_spec(spec, rt.dataset)
+    state = initial_state(rt)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    state_digest(state)
+    start = time.perf_counter()
+    for _ in range(3):
+        state_digest(state)
+    return 3 * nbytes / (time.perf_counter() - start) / 1e9
+
+
+def measure(label: str, fields: dict, ks: list[int], repeats: int) -> list[dict]:
+    rows = []
+    spec = spec_from_dict(fields)
+    plain = min(plain_loop(spec) for _ in range(repeats))
+    params = sum(p.numel() for p in build_runtime(spec).model.parameters())
+    gbps = hashing_throughput(spec)
+    for k in ks:
+        spec_k = spec.replace(every=k)
+        times = []
+        for _ in range(repeats):
+            tmp = Path(tempfile.mkdtemp(prefix="pol-bench-"))
+            start = time.perf_counter()
+            result = train_and_prove(spec_k, tmp / "b")
+            times.append(time.perf_counter() - start)
+            sizes = [e.size for e in result.manifest.files.values()]
+            shutil.rmtree(tmp)
+        proved = min(times)
+        rows.append({
+            "model": label, "params": params, "steps": spec.steps, "k": k, "plain_s": plain, "pol_train_s": proved,
+            "ratio": proved / plain, "overhead_pct": 100 * (proved / plain - 1),
+            "mb_per_checkpoint": max(sizes) / 1e6, "mb_total": sum(sizes) / 1e6, "hash_gb_per_s": gbps,
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small models and few steps (smoke run)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.quick:
+        mlp = {"model": {"name": "mlp", "kwargs": {"hidden": 256}}, "steps": 40}
+        gpt = {"model": "transformer", "steps": 40}
+        ks = [10, 40]
+    else:
+        mlp = {"model": {"name": "mlp", "kwargs": {"hidden": 2240, "depth": 3}}, "steps": 300}
+        gpt = {"model": "transformer", "steps": 300}
+        ks = [10, 50, 100]
+    rows = measure("mlp", mlp, ks, args.repeats) + measure("transformer", gpt, ks, args.repeats)
+    columns = ["model", "params", "steps", "k", "plain_s", "pol_train_s", "overhead_pct", "mb_per_checkpoint", "mb_total", "hash_gb_per_s"]
+    write_results("proof_overhead", {"rows": rows, "quick": args.quick}, markdown_table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""Verification: replay a few randomly chosen segments of a proof bundle and accept or reject.
+
+Checks, in order (DESIGN section 5):
+  1. the bundle: every file, digest, the Merkle root and the commitment (`open_bundle`), and the commitment the
+     caller expects, if it names one;
+  2. the step-0 state, recomputed from the seed, must equal the committed one exactly;
+  3. the verifier's data must hash to the spec's data digest (else `DataDiffers`: the verifier cannot judge);
+  4. segments drawn from randomness the solver could not know when it committed (the verifier's secret seed or a
+     public beacon drawn after the commitment), uniform plus a share of largest-update segments; each is replayed
+     from its committed start state with the batches re-derived from the spec, and its data digest and end state
+     compared: exact numerics by digest, native numerics by distances against thresholds the verifier calibrates
+     itself from honest replays under deliberately different conditions (threads, micro-batch split).
+
+The solver never supplies randomness, hyper-parameters or thresholds: all come from the spec or the verifier.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import rng
+from .bundle import Bundle, open_bundle
+from .canonical import Digest, compute_hash
+from .digest import state_digest, tensor_digests
+from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps
+from .errors import BundleError, BundleVersionError, PolError
+
+__all__ = [
+    "Thresholds",
+    "SegmentCheck",
+    "Report",
+    "verify",
+    "compute_escape_probability",
+    "compute_required_samples",
+    "derive_randomness",
+    "choose_segments",
+    "compare_states",
+    "calibrate_thresholds",
+]
+
+ProgressCallback = Callable[[int, int], None]  # (steps replayed so far, steps to replay in all)
+
+CALIBRATION_MARGIN = 10.0  # thresholds sit this far above the largest honest spread the verifier observed
+FLOOR_REL_L2 = 1e-5  # never tighter than this relative L2 distance per tensor (float32 drift over k steps)
+FLOOR_LOG_RATIO = 1e-4  # never tighter than this |log| of the update norm ratio
+FLOOR_COSINE_GAP = 1e-6  # the update cosine threshold is at most 1 minus this
+REPORT_FRACTIONS = (0.01, 0.05, 0.1, 0.25)
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """How far a replay may stray from the claimed state before the segment is rejected (native numerics)."""
+
+    rel_l2: float  # max per-tensor ||replayed - claimed|| / ||claimed||
+    min_cosine: float  # min cosine between replayed and claimed update (end - start) of the parameters
+    max_log_ratio: float  # max |log(||claimed update|| / ||replayed update||)|
+    calibrated_on: int | None = None  # the segment the spread was measured on
+    observed: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCheck:
+    index: int  # segment i goes from record i-1 to record i
+    start: int
+    end: int
+    why: str  # "uniform" or "largest-update" (why it was sampled) or "forced"
+    ok: bool
+    problem: str | None  # for a failed check: what differed
+    data_ok: bool
+    max_rel_l2: float | None = None
+    worst_tensor: str | None = None
+    update_cosine: float | None = None
+    log_norm_ratio: float | None = None
+    differing_tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    verdict: str  # "accept" or "reject"
+    reason: str
+    job_id: Digest | None
+    root: Digest | None
+    numerics: str | None
+    randomness: str  # hex: replay this exact sample with --beacon
+    randomness_source: str  # "seed", "beacon" or "fresh"
+    segments_total: int
+    checks: tuple[SegmentCheck, ...]
+    steps_replayed: int
+    steps_total: int
+    compute_fraction: float  # steps replayed (including calibration) / training steps
+    escape_probability: dict[str, float]  # cheat fraction -> probability a cheater of that fraction escaped
+    thresholds: Thresholds | None
+    seconds: float = 0.0
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict == "accept"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def derive_randomness(seed: int | None = None, beacon: str | None = None) -> tuple[bytes, str]:
+    """32 bytes of sampling randomness, and where they came from. Raises PolError on a malformed beacon."""
+    if seed is not None and beacon is not None:
+        raise PolError("give either a seed or a beacon, not both")
+    if beacon is not None:
+        try:
+            value = bytes.fromhex(beacon)
+        except ValueError:
+            raise PolError(f"beacon {beacon[:20]!r} is not hex") from None
+        if not 16 <= len(value) <= 64:
+            raise PolError("a beacon must be 16 to 64 bytes of hex")
+        return value, "beacon"
+    if seed is not None:
+        return compute_hash("pol/verifier-seed/v1", str(seed).encode()), "seed"
+    return secrets.token_bytes(32), "fresh"
+
+
+def compute_escape_probability(n: int, samples: int, fraction: float) -> float:
+    """Probability that `samples` distinct uniform segments out of `n` miss every one of ceil(fraction * n) faked."""
+    bad = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+    p = 1.0
+    for i in range(min(samples, n)):
+        p *= max(0, n - bad - i) / (n - i)
+    return p
+
+
+def compute_required_samples(n: int, confidence: float, fraction: float) -> int:
+    """Fewest uniform samples that catch a cheater of `fraction` with probability >= `confidence`."""
+    for s in range(1, n + 1):
+        if compute_escape_probability(n, s, fraction) <= 1.0 - confidence:
+            return s
+    return n
+
+
+def _update_norms(bundle: Bundle) -> list[float]:
+    """||params_i - params_{i-1}|| for each segment i = 1..n, from the committed checkpoints."""
+    norms, previous = [], None
+    for record in bundle.records:
+        params = {k: v for k, v in bundle.load_state(record.step).items() if k.startswith("param/")}
+        if previous is not None:
+            sq = sum(float(((params[k].double() - previous[k].double()) ** 2).sum()) for k in params)
+            norms.append(math.sqrt(sq))
+        previous = params
+    return norms
+
+
+def choose_segments(
+    n: int, randomness: bytes, root: Digest, uniform: int, largest: int, update_norms: Sequence[float] | None
+) -> list[tuple[int, str]]:
+    """Segments (1-based) to replay: `uniform` drawn uniformly, then `largest` drawn among the 2x`largest`
+    segments with the biggest committed updates (PoL-style). All draws are keyed by the randomness and the root."""
+    key = int.from_bytes(compute_hash("pol/verify-sample/v1", randomness, bytes.fromhex(root))[:8], "little")
+    order = rng.permutation(key, "verify/uniform", [], n)
+    chosen = [(int(i) + 1, "uniform") for i in order[: min(uniform, n)]]
+    taken = {i for i, _ in chosen}
+    if largest and update_norms:
+        ranked = sorted(range(1, n + 1), key=lambda i: (-update_norms[i - 1], i))
+        pool = [i for i in ranked if i not in taken][: 2 * largest]
+        picks = rng.permutation(key, "verify/largest", [], len(pool))[:largest]
+        chosen += [(pool[int(j)], "largest-update") for j in picks]
+    return sorted(chosen)
+
+
+def _float_names(state: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n in sorted(state) if state[n].is_floating_point()]
+
+
+def _update_stats(start: dict, a: dict, b: dict) -> tuple[float | None, float | None]:
+    """Cosine between the updates a-start and b-start (parameters), and |log| of their norm ratio."""
+    names = [n for n in sorted(a) if n.startswith("param/")]
+    ua = torch.cat([(a[n].double() - start[n].double()).reshape(-1) for n in names])
+    ub = torch.cat([(b[n].double() - start[n].double()).reshape(-1) for n in names])
+    na, nb = float(ua.norm()), float(ub.norm())
+    if na == 0.0 and nb == 0.0:
+        return 1.0, 0.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0, math.inf
+    return float(ua @ ub) / (na * nb), abs(math.log(na / nb))
+
+
+def compare_states(start: dict, claimed: dict, replayed: dict) -> dict[str, Any]:
+    """Distances between a replayed and a claimed end state (both from the same start)."""
+    differing = [n for n in sorted(claimed) if not torch.equal(claimed[n], replayed[n])]
+    worst, worst_name = 0.0, None
+    for n in _float_names(claimed):
+        c, r = claimed[n].double(), replayed[n].double()
+        rel = float((r - c).norm()) / max(float(c.norm()), 1e-12)
+        if not math.isfinite(rel):
+            rel = math.inf
+        if rel > worst or worst_name is None:
+            worst, worst_name = rel, n
+    exact_ints = all(torch.equal(claimed[n], replayed[n]) for n in claimed if not claimed[n].is_floating_point())
+    cosine, log_ratio = _update_stats(start, claimed, replayed)
+    return {"differing": differing, "max_rel_l2": worst, "worst_tensor": worst_name, "ints_equal": exact_ints,
+            "cosine": cosine, "log_ratio": log_ratio}
+
+
+def _replay(rt: Runtime, start_state: dict, end: int, *, microbatch: int | None = None, threads: int | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> tuple[dict, str]:
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        restore_state(rt, start_state)
+        segment = run_steps(rt, end, microbatch=microbatch, on_step=on_step)
+        return capture_state(rt), segment.data_digest
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _perturbations(batch_size: int, spec_micro: int) -> list[dict[str, int]]:
+    """Honest but different ways to run a step: another thread count, another batch split."""
+    out: list[dict[str, int]] = [{"threads": 1 if torch.get_num_threads() > 1 else 2}]
+    current = spec_micro or batch_size
+    for parts in (2, 4, 3):
+        if batch_size % parts == 0 and batch_size // parts != current:
+            out.append({"microbatch": batch_size // parts})
+            break
+    else:
+        if current != batch_size:
+            out.append({"microbatch": batch_size})
+    return out
+
+
+def calibrate_thresholds(
+    rt: Runtime, bundle: Bundle, segment: int, threads: int | None = None
+) -> tuple[Thresholds, int, tuple[dict, str]]:
+    """Measure the honest spread of one segment's replay under perturbed conditions; set thresholds above it.
+
+    Returns the thresholds, the number of steps replayed, and the unperturbed replay (state, data digest), which is
+    that segment's own check.
+    """
+    start_rec, end_rec = bundle.records[segment - 1], bundle.records[segment]
+    start = bundle.load_state(start_rec.step)
+    reference, reference_data = _replay(rt, start, end_rec.step, threads=threads)
+    rel, cos, ratio, steps = 0.0, 1.0, 0.0, end_rec.step - start_rec.step
+    for change in _perturbations(rt.spec.batch_size, rt.spec.microbatch):
+        other, _ = _replay(rt, start, end_rec.step, **change)
+        d = compare_states(start, reference, other)
+        rel = max(rel, d["max_rel_l2"])
+        cos = min(cos, d["cosine"] if d["cosine"] is not None else 1.0)
+        ratio = max(ratio, d["log_ratio"] if d["log_ratio"] is not None else 0.0)
+        steps += end_rec.step - start_rec.step
+    thresholds = Thresholds(
+        rel_l2=max(CALIBRATION_MARGIN * rel, FLOOR_REL_L2),
+        min_cosine=min(1.0 - CALIBRATION_MARGIN * (1.0 - cos), 1.0 - FLOOR_COSINE_GAP),
+        max_log_ratio=max(CALIBRATION_MARGIN * ratio, FLOOR_LOG_RATIO),
+        calibrated_on=segment,
+        observed={"rel_l2": rel, "cosine": cos, "log_ratio": ratio},
+    )
+    return thresholds, steps, (reference, reference_data)
+
+
+def _judge(index: int, why: str, start: dict, claimed: dict, replayed: dict, exact: bool, thresholds: Thresholds | None,
+           start_step: int, end_step: int) -> SegmentCheck:
+    d = compare_states(start, claimed, replayed)
+    base = {"index": index, "start": start_step, "end": end_step, "why": why, "data_ok": True,
+            "max_rel_l2": d["max_rel_l2"], "worst_tensor": d["worst_tensor"], "update_cosine": d["cosine"],
+            "log_norm_ratio": d["log_ratio"], "differing_tensors": tuple(d["differing"][:20])}
+    if exact:
+        ok = not d["differing"]
+        problem = None if ok else f"state digest differs in {len(d['differing'])} tensors (first: {d['differing'][0]})"
+        return SegmentCheck(ok=ok, problem=problem, **base)
+    assert thresholds is not None
+    problems = []
+    if not d["ints_equal"]:
+        problems.append("integer state (step counter) differs")
+    if d["max_rel_l2"] > thresholds.rel_l2:
+        problems.append(f"{d['worst_tensor']} is {d['max_rel_l2']:.3g} away (relative L2) > threshold {thresholds.rel_l2:.3g}")
+    if d["cosine"] is not None and d["cosine"] < thresholds.min_cosine:
+        problems.append(f"update cosine {d['cosine']:.6f} < threshold {thresholds.min_cosine:.6f}")
+    if d["log_ratio"] is not None and d["log_ratio"] > thresholds.max_log_ratio:
+        problems.append(f"update norm ratio off by |log| {d['log_ratio']:.3g} > threshold {thresholds.max_log_ratio:.3g}")
+    return SegmentCheck(ok=not problems, problem="; ".join(problems) or None, **base)
+
+
+def verify(
+    bundle: str | Path | Bundle,
+    *,
+    samples: int | None = None,
+    confidence: float | None = None,
+    cheat_fraction: float | None = None,
+    seed: int | None = None,
+    beacon: str | None = None,
+    segments: Sequence[int] | None = None,
+    expected_root: Digest | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    data_dir: str | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Report:
+    """Verify a proof bundle by sampled replay. Returns a Report whose verdict is "accept" or "reject".
+
+    `samples` segments in all, or enough uniform ones for `confidence` against `cheat_fraction` (plus a share of
+    largest-update ones); `segments` forces a list (1-based). Randomness comes from `seed`, `beacon` or fresh.
+
+    Raises (the verifier cannot judge): PolError on bad arguments, BundleVersionError/BundleFileError when the path
+    is not a readable bundle, DataDiffers when the local data is not the committed data, ComponentError,
+    DeviceUnavailable, NumericsUnavailable. A bundle that fails its integrity checks is *rejected*, not raised.
+    """
+    import time
+
+    started = time.perf_counter()
+    randomness, source = derive_randomness(seed, beacon)
+    if samples is not None and samples < 1:
+        raise PolError("--samples must be at least 1")
+    if (confidence is None) != (cheat_fraction is None):
+        raise PolError("--confidence and --cheat-fraction go together")
+    if confidence is not None and not (0 < confidence < 1 and 0 < cheat_fraction < 1):  # type: ignore[operator]
+        raise PolError("--confidence and --cheat-fraction must be strictly between 0 and 1")
+    if threads is not None and threads < 1:
+        raise PolError("--threads must be at least 1")
+
+    def reject(reason: str, b: Bundle | None = None, **extra: Any) -> Report:
+        m = b.manifest if b else None
+        return Report("reject", reason, m.job_id if m else None, m.root if m else None, m.spec.numerics if m else None,
+                      randomness.hex(), source, len(m.records) - 1 if m else 0, extra.get("checks", ()),
+                      extra.get("steps", 0), m.spec.steps if m else 0, extra.get("steps", 0) / m.spec.steps if m else 0.0,
+                      {}, extra.get("thresholds"), time.perf_counter() - started)
+
+    if isinstance(bundle, Bundle):
+        opened = bundle
+    else:
+        path = Path(bundle)
+        try:
+            opened = open_bundle(path)
+        except BundleVersionError:
+            raise
+        except BundleError as exc:
+            if not path.exists() or (path.is_dir() and not (path / "manifest.json").exists()):
+                raise
+            return reject(f"bundle integrity: {exc}")
+    try:
+        return _verify_open(opened, randomness, source, samples, confidence, cheat_fraction, segments, expected_root,
+                            device, threads, data_dir, on_progress, started, reject)
+    finally:
+        if not isinstance(bundle, Bundle):
+            opened.close()
+
+
+def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None, confidence: float | None,
+                 cheat_fraction: float | None, forced: Sequence[int] | None, expected_root: Digest | None, device: str,
+                 threads: int | None, data_dir: str | None, on_progress: ProgressCallback | None, started: float,
+                 reject: Callable[..., Report]) -> Report:
+    import time
+
+    m = b.manifest
+    spec = m.spec
+    n = len(m.records) - 1
+    if expected_root is not None and expected_root.lower() != m.root:
+        return reject(f"commitment {m.root} is not the expected {expected_root}", b)
+    rt = build_runtime(spec, device=device, data_dir=data_dir)  # raises DataDiffers before any judgement
+    try:
+        committed0 = b.load_state(0)
+    except BundleError as exc:
+        return reject(f"bundle integrity: {exc}", b)
+    if state_digest(initial_state(rt)) != m.records[0].state:
+        seeded = tensor_digests(capture_state(rt))
+        wrong = [k for k, v in tensor_digests(committed0).items() if seeded.get(k) != v]
+        return reject(f"the step-0 state is not the initialisation the seed gives (differs in {wrong[:3]})", b)
+
+    if forced is not None:
+        bad = [i for i in forced if not 1 <= i <= n]
+        if bad:
+            raise PolError(f"segments {bad} do not exist: this bundle has segments 1..{n}")
+        plan = [(i, "forced") for i in sorted(set(forced))]
+        uniform = len(plan)
+    else:
+        if confidence is not None:
+            uniform = compute_required_samples(n, confidence, cheat_fraction)  # type: ignore[arg-type]
+            largest = max(1, uniform // 4) if uniform < n else 0
+        else:
+            total = min(samples or 4, n)
+            largest = total // 4 if total < n else 0
+            uniform = total - largest
+        try:
+            norms = _update_norms(b) if largest else None
+        except BundleError as exc:
+            return reject(f"bundle integrity: {exc}", b)
+        plan = choose_segments(n, randomness, m.root, uniform, largest, norms)
+
+    exact = spec.numerics == "exact"
+    steps_done = 0
+    thresholds = None
+    calibrated: dict[int, tuple[dict, str]] = {}
+    plan_steps = sum(m.records[i].step - m.records[i - 1].step for i, _ in plan)
+    if not exact:
+        calib_on = plan[0][0]
+        span = m.records[calib_on].step - m.records[calib_on - 1].step
+        plan_steps += span * len(_perturbations(spec.batch_size, spec.microbatch))
+        try:
+            thresholds, steps_done, calibrated[calib_on] = calibrate_thresholds(rt, b, calib_on, threads)
+        except BundleError as exc:
+            return reject(f"bundle integrity: {exc}", b)
+        if on_progress:
+            on_progress(steps_done, plan_steps)
+
+    checks: list[SegmentCheck] = []
+    for index, why in plan:
+        start_rec, end_rec = m.records[index - 1], m.records[index]
+        try:
+            start, claimed = b.load_state(start_rec.step), b.load_state(end_rec.step)
+        except BundleError as exc:
+            return reject(f"bundle integrity: {exc}", b, checks=tuple(checks), steps=steps_done, thresholds=thresholds)
+        base = steps_done
+
+        def tick(step: int, loss: float, base: int = base, first: int = start_rec.step) -> None:
+            if on_progress:
+                on_progress(base + step - first, plan_steps)
+
+        if index in calibrated:  # already replayed, under the check's own conditions, by the calibration
+            replayed, data_digest = calibrated.pop(index)
+        else:
+            replayed, data_digest = _replay(rt, start, end_rec.step, threads=threads, on_step=tick)
+            steps_done += end_rec.step - start_rec.step
+        if data_digest != end_rec.data:
+            check = SegmentCheck(index, start_rec.step, end_rec.step, why, False,
+                                 "the data consumed differs from the committed data (order, skipped or substituted batches)",
+                                 data_ok=False)
+        else:
+            check = _judge(index, why, start, claimed, replayed, exact, thresholds, start_rec.step, end_rec.step)
+        checks.append(check)
+
+    escape = {str(f): compute_escape_probability(n, uniform, f) for f in REPORT_FRACTIONS}
+    if cheat_fraction is not None:
+        escape[str(cheat_fraction)] = compute_escape_probability(n, uniform, cheat_fraction)
+    failed = [c for c in checks if not c.ok]
+    reason = (f"segment {failed[0].index} (steps {failed[0].start}->{failed[0].end}): {failed[0].problem}" if failed
+              else f"{len(checks)} of {n} segments replayed and matched")
+    return Report("reject" if failed else "accept", reason, m.job_id, m.root, spec.numerics, randomness.hex(), source, n,
+                  tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
+                  time.perf_counter() - started)

@@ -1,0 +1,113 @@
+"""A forger's toolkit: build cheating bundles from honest ones, each internally consistent.
+
+Every forged bundle has correct file digests, state digests, records, Merkle root and commitment (the "valid hash
+chain recomputed over forged checkpoints"), so only replay can catch it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pol.engine as engine_module
+from pol.bundle import Manifest, checkpoint_name, open_bundle, write_checkpoint, write_manifest
+from pol.digest import state_digest
+from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, run_steps
+from pol.spec import JobSpec
+from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
+
+States = dict[int, dict[str, torch.Tensor]]
+
+
+def honest_states(path: Path) -> tuple[JobSpec, States, list[Record]]:
+    with open_bundle(path) as b:
+        return b.spec, {r.step: b.load_state(r.step) for r in b.records}, list(b.records)
+
+
+def write_forged(dst: Path, spec: JobSpec, states: States, *, data: dict[int, str], losses: dict[int, float | None]) -> Path:
+    """Write a fully consistent bundle for `spec` from arbitrary states."""
+    dst.mkdir(parents=True)
+    steps = spec.checkpoint_steps
+    records, files = [], {}
+    for step in steps:
+        state = {**states[step], "meta/step": torch.tensor(step, dtype=torch.int64)}
+        files[checkpoint_name(step)] = write_checkpoint(dst, step, state, spec.job_id)
+        records.append(Record(step, state_digest(state), data.get(step, EMPTY_DATA), losses.get(step)))
+    merkle, root = compute_trace_commitment(spec.job_id, records)
+    write_manifest(dst, Manifest(spec, tuple(records), merkle, root, files, {"forged": "yes"}))
+    return dst
+
+
+def forge(src: Path, dst: Path, change: Callable[[JobSpec, States], tuple[JobSpec, States]]) -> Path:
+    """Apply `change` to an honest bundle's spec and states and write the result consistently."""
+    spec, states, records = honest_states(src)
+    new_spec, new_states = change(spec, {k: dict(v) for k, v in states.items()})
+    data = {r.step: r.data for r in records}
+    losses = {r.step: r.loss for r in records}
+    return write_forged(dst, new_spec, new_states, data=data, losses=losses)
+
+
+def interpolate(states: States, steps: list[int], first: dict, last: dict) -> States:
+    """Checkpoints on the straight line between `first` and `last`."""
+    out = {}
+    for step in steps:
+        t = step / steps[-1]
+        out[step] = {n: (first[n] + (last[n] - first[n]) * t).to(first[n].dtype) if first[n].is_floating_point() else first[n]
+                     for n in first}
+    return out
+
+
+def train_states(spec: JobSpec, *, start: dict | None = None, start_step: int = 0) -> tuple[States, dict[int, str]]:
+    """Really train `spec` (optionally from a given state), returning states and data digests per checkpoint."""
+    rt = build_runtime(spec)
+    if not spec.is_resolved:
+        rt.spec = resolve_spec(spec, rt.dataset)
+    states, data = {}, {}
+    if start is None:
+        states[0] = initial_state(rt)
+    else:
+        engine_module.restore_state(rt, start)
+        states[start_step] = capture_state(rt)
+    for step in rt.spec.checkpoint_steps:
+        if step <= rt.step:
+            continue
+        data[step] = run_steps(rt, step).data_digest
+        states[step] = capture_state(rt)
+    return states, data
+
+
+@contextlib.contextmanager
+def other_data_order(seed_offset: int = 1) -> Iterator[None]:
+    """Train on a different permutation of the data than the spec commits to."""
+    original = engine_module.batch_indices
+
+    def shuffled(seed: int, n: int, batch_size: int, step: int) -> np.ndarray:
+        return original(seed + seed_offset, n, batch_size, step)
+
+    engine_module.batch_indices = shuffled
+    try:
+        yield
+    finally:
+        engine_module.batch_indices = original
+
+
+@contextlib.contextmanager
+def skip_every_other_batch() -> Iterator[None]:
+    """Do only half the work: odd steps advance the counter without an update."""
+    original = engine_module._one_step
+
+    def lazy(rt, microbatch):  # type: ignore[no-untyped-def]
+        if rt.step % 2:
+            rt.step += 1
+            return 0.0, b""
+        return original(rt, microbatch)
+
+    engine_module._one_step = lazy
+    try:
+        yield
+    finally:
+        engine_module._one_step = original
