@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,14 +153,28 @@ def _train_remaining(
     on_progress: ProgressCallback | None,
     split: int | None,
 ) -> None:
+    """Train segment by segment. Each checkpoint is hashed and written by a background thread while the next
+    segment trains (at most one write in flight, so at most two states in memory); `progress.json` only ever
+    names checkpoints that are completely on disk, so a crash at any instant leaves a resumable directory."""
     spec = rt.spec
     callback = (lambda step, loss: on_progress(step, spec.steps, loss)) if on_progress else None
-    for target in spec.checkpoint_steps:
-        if target <= rt.step:
-            continue
-        segment = run_steps(rt, target, microbatch=split, on_step=callback)
-        state = capture_state(rt)
+
+    def persist(target: int, state: dict, data_digest: str, loss: float | None) -> None:
         files[checkpoint_name(target)] = write_checkpoint(directory, target, state, spec.job_id)
-        records.append(Record(target, state_digest(state), segment.data_digest, segment.loss))
+        records.append(Record(target, state_digest(state), data_digest, loss))
         _write_progress(directory, spec, records, files)
 
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as writer:
+        pending: Future[None] | None = None
+        try:
+            for target in spec.checkpoint_steps:
+                if target <= rt.step:
+                    continue
+                segment = run_steps(rt, target, microbatch=split, on_step=callback)
+                state = capture_state(rt)  # a copy: training goes on mutating the live tensors
+                if pending is not None:
+                    pending.result()  # re-raises a failed write here
+                pending = writer.submit(persist, target, state, segment.data_digest, segment.loss)
+        finally:
+            if pending is not None:
+                pending.result()

@@ -292,6 +292,7 @@ def verify(
     seed: int | None = None,
     beacon: str | None = None,
     segments: Sequence[int] | None = None,
+    largest: int | None = None,
     expected_root: Digest | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -301,7 +302,8 @@ def verify(
     """Verify a proof bundle by sampled replay. Returns a Report whose verdict is "accept" or "reject".
 
     `samples` segments in all, or enough uniform ones for `confidence` against `cheat_fraction` (plus a share of
-    largest-update ones); `segments` forces a list (1-based). Randomness comes from `seed`, `beacon` or fresh.
+    largest-update ones: a quarter by default, or `largest`); `segments` forces a list (1-based). Randomness comes
+    from `seed`, `beacon` or fresh.
 
     Raises (the verifier cannot judge): PolError on bad arguments, BundleVersionError/BundleFileError when the path
     is not a readable bundle, DataDiffers when the local data is not the committed data, ComponentError,
@@ -319,6 +321,8 @@ def verify(
         raise PolError("--confidence and --cheat-fraction must be strictly between 0 and 1")
     if threads is not None and threads < 1:
         raise PolError("--threads must be at least 1")
+    if largest is not None and largest < 0:
+        raise PolError("the number of largest-update samples cannot be negative")
 
     def reject(reason: str, b: Bundle | None = None, **extra: Any) -> Report:
         m = b.manifest if b else None
@@ -340,15 +344,16 @@ def verify(
                 raise
             return reject(f"bundle integrity: {exc}")
     try:
-        return _verify_open(opened, randomness, source, samples, confidence, cheat_fraction, segments, expected_root,
-                            device, threads, data_dir, on_progress, started, reject)
+        return _verify_open(opened, randomness, source, samples, confidence, cheat_fraction, segments, largest,
+                            expected_root, device, threads, data_dir, on_progress, started, reject)
     finally:
         if not isinstance(bundle, Bundle):
             opened.close()
 
 
 def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None, confidence: float | None,
-                 cheat_fraction: float | None, forced: Sequence[int] | None, expected_root: Digest | None, device: str,
+                 cheat_fraction: float | None, forced: Sequence[int] | None, largest_wanted: int | None,
+                 expected_root: Digest | None, device: str,
                  threads: int | None, data_dir: str | None, on_progress: ProgressCallback | None, started: float,
                  reject: Callable[..., Report]) -> Report:
     import time
@@ -382,6 +387,8 @@ def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None,
             total = min(samples or 4, n)
             largest = total // 4 if total < n else 0
             uniform = total - largest
+        if largest_wanted is not None:
+            largest = min(largest_wanted, n - uniform)
         try:
             norms = _update_norms(b) if largest else None
         except BundleError as exc:
