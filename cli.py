@@ -391,6 +391,62 @@ def pack(
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+game_app = typer.Typer(help="The incentive game: run a market with real work, or simulate strategies.", no_args_is_help=True)
+ledger_app = typer.Typer(help="Inspect a ledger.", no_args_is_help=True)
+app.add_typer(game_app, name="game")
+app.add_typer(ledger_app, name="ledger")
+@game_app.command("simulate")
+@handle_errors()
+def game_simulate(
+    tasks: Annotated[int, typer.Option(min=1, help="Tasks to play.")] = 4000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the simulation.")] = 0,
+    lazy: Annotated[float, typer.Option(help="Share of verifier seats that approve without checking.")] = 0.3,
+    whistle: Annotated[float, typer.Option(help="Probability a whistleblower re-checks a task.")] = 0.2,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Play many tasks with honest, cheating and lazy strategies on the in-memory ledger and report each
+    strategy's expected profit per task, and the stake at which cheating stops paying."""
+    from games.errors import GameError
+    from games.simulate import SimConfig, render_markdown, report_to_dict, save_plot, simulate
+
+    try:
+        report = simulate(SimConfig(n_tasks=tasks, seed=seed, lazy_fraction=lazy, whistle_rate=whistle))
+    except GameError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if plot is not None:
+        save_plot(report, plot)
+        err.print(f"wrote {plot}")
+    if as_json:
+        print_json(report_to_dict(report))
+    else:
+        out.print(render_markdown(report), markup=False)
+
+
+@ledger_app.command("show")
+@handle_errors()
+def ledger_show(
+    path: Annotated[Path, typer.Argument(help="The SQLite ledger file.")] = Path("pol-ledger.sqlite"),
+    events: Annotated[int, typer.Option(min=0, help="How many of the latest events to show.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print balances, open escrows and the latest events of a ledger, after checking its invariants."""
+    from games.errors import GameError
+    from games.ledger_sqlite import SqliteLedger
+    from games.views import ledger_to_dict, render_ledger
+
+    if not path.is_file():
+        fail(f"no ledger at {path}", EXIT_USAGE, "pol game run creates one")
+    try:
+        with SqliteLedger(path) as ledger:
+            if as_json:
+                print_json(ledger_to_dict(ledger, last_events=events))
+            else:
+                out.print(render_ledger(ledger, last_events=events), markup=False)
+    except GameError as exc:
+        fail(str(exc), EXIT_FAILED)
+
+
 def main() -> None:
     app()
 

@@ -60,11 +60,11 @@ def test_interrupted_run_resumes_to_the_same_root(tmp_path):
 
 def test_solver_killed_with_sigkill_resumes_to_the_same_root(tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "cli", "train", "--model", "mlp", "--model-kwargs", '{"hidden": 512}',
-            "--steps", "300", "--every", "10", "--out", str(out), "--quiet"]
+    args = [sys.executable, "-m", "cli", "train", "--model", "mlp", "--model-kwargs", '{"hidden": 256}',
+            "--steps", "200", "--every", "10", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "checkpoints").glob("*.safetensors"))) < 4:
+    while time.time() < deadline and len(list((out / "checkpoints").glob("*.safetensors"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -74,7 +74,7 @@ def test_solver_killed_with_sigkill_resumes_to_the_same_root(tmp_path):
     import json
 
     a, b = json.loads(resumed.stdout), json.loads(reference.stdout)
-    assert a["resumed_from"] >= 30 and a["root"] == b["root"]
+    assert a["resumed_from"] >= 20 and a["root"] == b["root"]
 
 
 def test_resume_refuses_what_it_cannot_trust(tmp_path):
