@@ -74,7 +74,7 @@ def test_solver_killed_with_sigkill_resumes_to_the_same_root(tmp_path):
     import json
 
     a, b = json.loads(resumed.stdout), json.loads(reference.stdout)
-    assert a["resumed_from"] >= 20 and a["root"] == b["root"]
+    assert a["resumed_from"] >= 10 and a["root"] == b["root"]  # the last checkpoint may be on disk before its record
 
 
 def test_resume_refuses_what_it_cannot_trust(tmp_path):

@@ -179,3 +179,19 @@ def test_cli_exit_codes_and_json(honest_bundles, tmp_path):
                  ["verify", str(honest_bundles["cnn"]), "--segments", "x"], ["verify", str(honest_bundles["cnn"]), "--beacon", "zz"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
+
+
+def test_bundle_trained_on_one_instruction_set_verified_on_another(tmp_path):
+    """Native numerics across CPU capabilities: bits differ, the calibrated thresholds absorb it (no false alarm)."""
+    import os
+
+    train = ("from pol.prove import train_and_prove; from tests.conftest import tiny_spec; "
+             f"train_and_prove(tiny_spec('transformer', steps=16, every=4), {str(tmp_path / 'b')!r})")
+    subprocess.run([sys.executable, "-c", train], cwd=REPO, check=True, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+    check = ("import json; from pol.verify import verify; "
+             f"r = verify({str(tmp_path / 'b')!r}, segments=[1, 2, 3, 4], seed=0); "
+             "print(json.dumps([r.verdict, max(c.max_rel_l2 for c in r.checks)]))")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, check=True, capture_output=True, text=True,
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    verdict, worst = json.loads(done.stdout)
+    assert verdict == "accept", worst
