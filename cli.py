@@ -400,8 +400,8 @@ app.add_typer(ledger_app, name="ledger")
 def game_simulate(
     tasks: Annotated[int, typer.Option(min=1, help="Tasks to play.")] = 4000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the simulation.")] = 0,
-    lazy: Annotated[float, typer.Option(help="Share of verifier seats that approve without checking.")] = 0.3,
-    whistle: Annotated[float, typer.Option(help="Probability a whistleblower re-checks a task.")] = 0.2,
+    lazy: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of verifier seats that approve without checking.")] = 0.3,
+    whistle: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability a whistleblower re-checks a task.")] = 0.2,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -86,3 +86,28 @@ def test_debug_shows_the_traceback():
     result = runner.invoke(app, ["--debug", "train", "--model", "nope"])
     assert result.exit_code != 0 and result.exception is not None
     assert os.environ.get("POL_NEVER_SET") is None
+
+
+def test_game_simulate_and_ledger_show(tmp_path):
+    result = runner.invoke(app, ["game", "simulate", "--tasks", "200", "--json", "--plot", str(tmp_path / "sim.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_tasks"] == 200 and (tmp_path / "sim.png").stat().st_size > 0
+    assert {s["strategy"] for s in report["strategies"]} >= {"solver honest", "verifier lazy"}
+    assert runner.invoke(app, ["game", "simulate", "--tasks", "10", "--lazy", "1.5"]).exit_code == 2
+
+    from games.ledger import mint, open_account, transfer
+    from games.ledger_sqlite import SqliteLedger
+
+    path = tmp_path / "ledger.sqlite"
+    with SqliteLedger(path) as ledger:
+        open_account(ledger, "op-1", "alice")
+        open_account(ledger, "op-2", "bob")
+        mint(ledger, "op-3", "alice", 100)
+        transfer(ledger, "op-4", "alice", "bob", 30)
+    shown = runner.invoke(app, ["ledger", "show", str(path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert data["accounts"]["alice"] == 70 and data["accounts"]["bob"] == 30 and data["total_supply"] == 100
+    assert "alice" in runner.invoke(app, ["ledger", "show", str(path)]).stdout
+    assert runner.invoke(app, ["ledger", "show", str(tmp_path / "none.sqlite")]).exit_code == 2
