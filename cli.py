@@ -165,6 +165,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")] = None,
+    fault: Annotated[str | None, typer.Option(help="Testing disputes: corrupt one operator, STEP:NODE[:ELEMENT] (see pol graph).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -202,6 +203,9 @@ def train(
     if "every" not in fields and "steps" in fields:
         fields["every"] = min(10, fields["steps"])
     spec = spec_from_dict(fields)
+    if fault is not None:
+        _train_faulty(spec, out_path, fault, device, force, as_json)
+        return
     progress, update = step_progress(spec.steps, "training", quiet or as_json)
     started = time.perf_counter()
     if progress:
@@ -230,6 +234,27 @@ def train(
     out.print(f"commitment  {m.root}")
     out.print(f"trained     {m.spec.model.name} on {m.spec.data.name}, {m.spec.steps} steps, checkpoint every {m.spec.every} ({len(m.records)} checkpoints), {m.spec.numerics} numerics")
     out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{f', resumed at step {result.resumed_from}' if result.resumed_from is not None else ''})")
+
+
+def _train_faulty(spec: Any, out_path: Path, fault: str, device: str, force: bool, as_json: bool) -> None:
+    """A deliberately faulty solver: one operator's output at one step gets one element changed."""
+    from pinpoint import Fault, train_with_fault
+    from pol.bundle import open_bundle
+
+    try:
+        parts = [int(x) for x in fault.split(":")]
+        if len(parts) not in (2, 3) or min(parts) < 0:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter("expected STEP:NODE or STEP:NODE:ELEMENT, e.g. 12:40", param_hint="--fault") from None
+    path = train_with_fault(spec, out_path, Fault(*parts), device=device, force=force)
+    with open_bundle(path) as b:
+        root = b.manifest.root
+    if as_json:
+        print_json({"bundle": str(path), "root": root, "fault": parts})
+    else:
+        out.print(f"bundle      {path}  (FAULTY: step {parts[0]}, node {parts[1]} corrupted)")
+        out.print(f"commitment  {root}")
 
 
 def _bundle_summary(bundle: Any) -> dict[str, Any]:
@@ -391,10 +416,152 @@ def pack(
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+@app.command()
+@handle_errors(usage=())
+def graph(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    step: Annotated[int, typer.Option(min=0, help="Capture the step from state STEP to STEP+1.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output path; .json, .graphml and .dot are written beside it.")],
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Capture one training step's operator graph (every aten operator in execution order, with digests, shapes
+    and FLOPs) and write it for viewers, with a summary."""
+    from pinpoint import export_graph
+
+    summary = export_graph(bundle_path, step, out_path, device=device)
+    if as_json:
+        print_json(summary)
+        return
+    out.print(f"step {step}: {summary['nodes']} nodes, {summary['edges']} edges, {summary['flops']:,} FLOPs; "
+              f"largest operator {summary['largest_op']}")
+    table = Table("operator", "count", "FLOPs", box=None, pad_edge=False)
+    for op, flops in sorted(summary["flops_by_op"].items(), key=lambda kv: -kv[1])[:15]:
+        table.add_row(op, str(summary["count_by_op"].get(op, "")), f"{flops:,}")
+    out.print(table)
+    out.print("wrote " + ", ".join(summary["files"].values()))
+
+
+@app.command()
+@handle_errors(usage=())
+def dispute(
+    bundle_path: Annotated[Path | None, typer.Argument(metavar="BUNDLE", help="The disputed bundle.")] = None,
+    segment: Annotated[int, typer.Option(min=1, help="The disputed segment (1-based, as pol verify numbers them).")] = 1,
+    check: Annotated[Path | None, typer.Option(help="Re-check a transcript as a third party instead.")] = None,
+    fault_step: Annotated[int | None, typer.Option(help="Solver: its computation corrupts an operator at this step.")] = None,
+    fault_node: Annotated[int, typer.Option(help="Solver: ... the operator at this graph position.")] = 0,
+    fault_element: Annotated[int, typer.Option(help="Solver: ... this element of its output.")] = 0,
+    lie_step: Annotated[int | None, typer.Option(help="Solver: claims a wrong state digest for this step.")] = None,
+    challenger: Annotated[str, typer.Option(help="Challenger: honest, disagree, agree, random or dispute-structure.")] = "honest",
+    silent_solver: Annotated[str | None, typer.Option(help="Solver stops answering in this phase (e.g. steps, nodes).")] = None,
+    silent_challenger: Annotated[str | None, typer.Option(help="Challenger stops answering in this phase.")] = None,
+    budget_ms: Annotated[int, typer.Option(min=1, help="Each party's chess clock, in milliseconds.")] = 600_000,
+    processes: Annotated[bool, typer.Option(help="Run solver and challenger as separate processes (JSON lines).")] = False,
+    transcript: Annotated[Path | None, typer.Option(help="Write the transcript here (JSON).")] = None,
+    device: DeviceOpt = "cpu",
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Settle a disagreement over one segment: bisection over its steps, then over one step's operator graph,
+    then a referee executes the single disputed operator. Exit code 1 when the solver loses, 0 when its
+    commitment stands. With --check TRANSCRIPT: exit 0 when the transcript checks out, 1 otherwise.
+
+    Examples:
+
+      pol dispute run1 --segment 3 --transcript t.json
+
+      pol dispute run1 --segment 3 --challenger disagree --processes
+
+      pol dispute --check t.json
+    """
+    import pinpoint
+    from pinpoint import Behaviour, Fault, Params
+
+    if check is not None:
+        result = pinpoint.check_transcript(check, data_dir=data_dir)
+        if as_json:
+            print_json(result.to_dict())
+        else:
+            o = result.outcome
+            out.print(f"transcript ok: {result.messages} messages, {result.rounds} rounds; {o.loser} loses by {o.by}: {o.reason}")
+        return
+    if bundle_path is None:
+        raise typer.BadParameter("give a BUNDLE to dispute, or --check TRANSCRIPT", param_hint="BUNDLE")
+    if challenger not in ("honest", "disagree", "agree", "random", "dispute-structure"):
+        raise typer.BadParameter(f"unknown challenger behaviour {challenger!r}", param_hint="--challenger")
+    from pol.bundle import open_bundle
+
+    with open_bundle(bundle_path) as b:
+        root = b.manifest.root
+    solver_b = Behaviour(fault=Fault(fault_step, fault_node, fault_element) if fault_step is not None else None,
+                         lie_step=lie_step, silent_from=silent_solver)
+    challenger_b = Behaviour(answers=challenger, silent_from=silent_challenger)
+    kwargs: dict[str, Any] = {}
+    if processes:
+        kwargs["solver_cmd"] = pinpoint.party_command("solver", bundle_path, solver_b)
+        kwargs["challenger_cmd"] = pinpoint.party_command("challenger", bundle_path, challenger_b, segment=segment - 1)
+
+    def show(event: Any) -> None:
+        if not as_json:
+            err.print(event.describe(), highlight=False, markup=False)
+
+    result = pinpoint.run_dispute(bundle_path, segment - 1, solver=solver_b, challenger=challenger_b,
+                                  params=Params(budget_ms=budget_ms, commitment=root), on_event=show,
+                                  transcript=transcript, device=device, data_dir=data_dir, **kwargs)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        o = result.outcome
+        where = f" at step {result.step}, node {result.node} ({result.op})" if result.node is not None else ""
+        out.print(f"ruling: {o.loser} loses by {o.by}{where}: {o.reason}")
+        out.print(f"{result.rounds} rounds, {result.messages} messages, {result.bytes:,} bytes; referee ran "
+                  f"{result.referee_executed} operator(s), {result.referee_flops:,} FLOPs")
+        if result.transcript:
+            out.print(f"transcript {result.transcript}  (re-check: pol dispute --check {result.transcript})")
+    raise typer.Exit(EXIT_FAILED if result.outcome.loser == "solver" else EXIT_OK)
+
+
 game_app = typer.Typer(help="The incentive game: run a market with real work, or simulate strategies.", no_args_is_help=True)
 ledger_app = typer.Typer(help="Inspect a ledger.", no_args_is_help=True)
 app.add_typer(game_app, name="game")
 app.add_typer(ledger_app, name="ledger")
+@game_app.command("run")
+@handle_errors()
+def game_run(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where bundles, the journal and the ledger go.")] = Path("pol-market"),
+    ledger_path: Annotated[Path | None, typer.Option("--ledger", help="SQLite ledger file (default WORKDIR/ledger.db).")] = None,
+    tasks: Annotated[int, typer.Option(min=1, help="Jobs to post.")] = 2,
+    solvers: Annotated[int, typer.Option(min=1, help="Competing solvers.")] = 3,
+    verifiers: Annotated[int, typer.Option(min=1, help="Staked verifiers.")] = 3,
+    cheater: Annotated[list[str] | None, typer.Option(help="A solver that forges its bundle (repeatable), e.g. solver-2.")] = None,
+    lazy: Annotated[list[str] | None, typer.Option(help="A verifier that approves without checking (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the market.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a whole market with real work on the SQLite ledger: post, auction, train, commit, verify, dispute
+    (pinpoint), settle. Re-running on the same --workdir after a crash continues where it stopped, paying nothing
+    twice. Then `pol ledger show WORKDIR/ledger.db`."""
+    from games.errors import GameError
+    from games.market import report_to_dict, run_market
+
+    def show(event: Any) -> None:
+        if not as_json:
+            out.print(str(event), markup=False, highlight=False)
+
+    try:
+        report = run_market(workdir, ledger_path=ledger_path, n_tasks=tasks, n_solvers=solvers, n_verifiers=verifiers,
+                            cheaters=tuple(cheater) if cheater is not None else ("solver-2",),
+                            lazy_verifiers=tuple(lazy or ()), seed=seed, on_event=show)
+    except GameError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if as_json:
+        print_json(report_to_dict(report))
+        return
+    out.print(f"\nledger {report.ledger_path}: supply {report.total_supply:,}, {report.ledger_events} events, {report.seconds:.1f} s")
+    for name, balance in sorted(report.balances.items()):
+        out.print(f"  {name:<14} {balance:>14,}")
+
+
 @game_app.command("simulate")
 @handle_errors()
 def game_simulate(

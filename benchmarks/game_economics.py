@@ -27,12 +27,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import RESULTS, markdown_table, write_results  # noqa: E402
-from games.ledger import Ledger, lock, mint, open_account, release, slash, transfer  # noqa: E402
-from games.ledger_memory import MemoryLedger  # noqa: E402
-from games.ledger_sqlite import SqliteLedger  # noqa: E402
-from games.simulate import SimConfig, SimulationReport, render_markdown, save_plot, simulate  # noqa: E402
-from games.task import GameParams  # noqa: E402
+from benchmarks._common import RESULTS, markdown_table, write_results
+from games.ledger import Ledger, lock, mint, open_account, release, slash, transfer
+from games.ledger_memory import MemoryLedger
+from games.ledger_sqlite import SqliteLedger
+from games.simulate import SimConfig, SimulationReport, render_markdown, save_plot, simulate
+from games.task import GameParams
 
 BONDS = (1, 250, 500, 1_000, 3_000, 6_000)
 FORCED_BPS = (0, 100, 250, 500, 1_000)

@@ -23,19 +23,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import RESULTS, markdown_table, write_results  # noqa: E402
-from pol import rng  # noqa: E402
-from pol.bundle import Manifest, checkpoint_name, write_checkpoint, write_manifest  # noqa: E402
-from pol.digest import state_digest  # noqa: E402
-from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, restore_state, run_steps  # noqa: E402
-from pol.spec import spec_from_dict  # noqa: E402
-from pol.trace import EMPTY_DATA, Record, compute_trace_commitment  # noqa: E402
-from pol.verify import (  # noqa: E402
+from benchmarks._common import RESULTS, markdown_table, write_results
+from pol import rng
+from pol.bundle import Manifest, checkpoint_name, write_checkpoint, write_manifest
+from pol.digest import state_digest
+from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, restore_state, run_steps
+from pol.spec import spec_from_dict
+from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
+from pol.verify import (
     choose_segments,
     compute_escape_probability,
     compute_required_samples,

@@ -10,14 +10,15 @@
     │   ├── InsufficientFunds       the account or escrow holds less than the amount
     │   ├── OperationConflict       an op id reused with a different operation or different arguments
     │   └── LedgerCorrupt           a stored ledger fails its own invariants (supply, signs, event chain)
-    └── RuleViolation(rule)         a game move breaks a rule of the task lifecycle; names the rule
-        ├── WrongPhase              the move is not allowed in the task's current phase (out of order)
-        ├── DeadlineMissed          the move came at or after its deadline (or a timeout before it)
-        ├── NotAuthorized           the party may not make this move (not the submitter, solver, ...)
-        ├── DuplicateMove           the party already made this move (second bid, second verdict, ...)
-        ├── BidRejected             a bid above the maximum price or not meeting the requirements
-        ├── BadMove                 a malformed move (weight out of range, unknown ruling, bad commitment)
-        └── SaltMismatch            the revealed salt does not hash to the digest given with the bid
+    ├── RuleViolation(rule)         a game move breaks a rule of the task lifecycle; names the rule
+    │   ├── WrongPhase              the move is not allowed in the task's current phase (out of order)
+    │   ├── DeadlineMissed          the move came at or after its deadline (or a timeout before it)
+    │   ├── NotAuthorized           the party may not make this move (not the submitter, solver, ...)
+    │   ├── DuplicateMove           the party already made this move (second bid, second verdict, ...)
+    │   ├── BidRejected             a bid above the maximum price or not meeting the requirements
+    │   ├── BadMove                 a malformed move (weight out of range, unknown ruling, bad commitment)
+    │   └── SaltMismatch            the revealed salt does not hash to the digest given with the bid
+    └── MarketError(rule)           `games.market` cannot go on: its journal belongs to another market or diverged
 
 Every raise is reached by a test. `assert` is kept for our own bugs only.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidIdentifier",
     "LedgerCorrupt",
     "LedgerError",
+    "MarketError",
     "NotAuthorized",
     "OperationConflict",
     "RuleViolation",
@@ -142,3 +144,13 @@ class BadMove(RuleViolation):
 
 class SaltMismatch(RuleViolation):
     pass
+
+
+class MarketError(GameError):
+    """`games.market.run_market` cannot go on (a journal of another market, or a replay that diverged from it).
+    `rule` names what was broken (e.g. 'market.journal')."""
+
+    def __init__(self, rule: str, detail: str = "") -> None:
+        super().__init__(f"market rule {rule!r} violated" + (f": {detail}" if detail else ""))
+        self.rule = rule
+        self.detail = detail

@@ -111,3 +111,47 @@ def test_game_simulate_and_ledger_show(tmp_path):
     assert data["accounts"]["alice"] == 70 and data["accounts"]["bob"] == 30 and data["total_supply"] == 100
     assert "alice" in runner.invoke(app, ["ledger", "show", str(path)]).stdout
     assert runner.invoke(app, ["ledger", "show", str(tmp_path / "none.sqlite")]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_game_run_then_ledger_show(tmp_path):
+    result = runner.invoke(app, ["game", "run", "--workdir", str(tmp_path / "m"), "--tasks", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (task,) = report["tasks"]
+    assert task["winner"] == "solver-2" and task["cheated"] and task["outcome"] == "solver_wrong"
+    shown = json.loads(runner.invoke(app, ["ledger", "show", str(tmp_path / "m" / "ledger.db"), "--json"]).stdout)
+    assert shown["accounts"] == report["balances"] and shown["total_supply"] == report["total_supply"]
+    assert runner.invoke(app, ["game", "run", "--workdir", str(tmp_path / "m2"), "--cheater", "nobody"]).exit_code == 2
+
+
+def test_graph_and_dispute_commands(tmp_path):
+    tiny = ["--model", "transformer", "--model-kwargs", '{"n_layer": 1, "n_embd": 16, "block_size": 8}',
+            "--data-kwargs", '{"length": 2048, "block_size": 8}', "--steps", "8", "--every", "4", "--batch-size", "4", "--quiet"]
+    assert runner.invoke(app, ["train", *tiny, "--out", str(tmp_path / "b")]).exit_code == 0
+    g = runner.invoke(app, ["graph", str(tmp_path / "b"), "--step", "2", "--out", str(tmp_path / "g.json"), "--json"])
+    assert g.exit_code == 0, g.output
+    summary = json.loads(g.stdout)
+    assert summary["nodes"] > 10 and (tmp_path / "g.json").exists() and (tmp_path / "g.graphml").exists()
+    honest_root = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "b"), "--json"]).stdout)["root"]
+    ops = [n["op"] for n in json.loads((tmp_path / "g.json").read_text())["nodes"]]
+    for node in [i for i, op in enumerate(ops) if "mm" in op]:  # the first product whose corruption reaches the state
+        bad = runner.invoke(app, ["train", *tiny, "--out", str(tmp_path / "f"), "--fault", f"5:{node}", "--force", "--json"])
+        assert bad.exit_code == 0, bad.output
+        if json.loads(bad.stdout)["root"] != honest_root:
+            break
+    d = runner.invoke(app, ["dispute", str(tmp_path / "f"), "--segment", "2", "--fault-step", "5", "--fault-node", str(node),
+                            "--transcript", str(tmp_path / "t.json"), "--json"])
+    assert d.exit_code == 1, d.output  # the solver loses
+    result = json.loads(d.stdout)
+    assert result["step"] == 5 and result["node"] == node and result["referee"]["executed"] == 1
+    ok = runner.invoke(app, ["dispute", "--check", str(tmp_path / "t.json")])
+    assert ok.exit_code == 0 and "transcript ok" in ok.stdout
+    edited = json.loads((tmp_path / "t.json").read_text())
+    edited["outcome"]["loser"] = "challenger"
+    (tmp_path / "t2.json").write_text(json.dumps(edited))
+    assert runner.invoke(app, ["dispute", "--check", str(tmp_path / "t2.json")]).exit_code == 1
+    honest = runner.invoke(app, ["dispute", str(tmp_path / "b"), "--segment", "1", "--challenger", "disagree"])
+    assert honest.exit_code == 0 and "challenger loses" in honest.stdout
+    assert runner.invoke(app, ["dispute"]).exit_code == 2
+    assert runner.invoke(app, ["train", *tiny, "--out", str(tmp_path / "x"), "--fault", "nope"]).exit_code == 2

@@ -1,0 +1,182 @@
+"""How much does exact numerics cost? Exact vs native time, measured in one run, as ratios:
+
+1. matrix products of several sizes (`exact_mm`, int8 limb GEMMs) against a native float32 GEMM;
+2. a whole training step (forward, backward, optimizer) of the built-in models through the trainer's engine, small
+   (the test configs) and a larger character transformer where the GEMMs carry more of the time;
+3. where the exact step's time goes (per operator family, timed at the dispatch mode);
+4. what split-independent micro-batching would add: an exact sum over the batch of per-sample gradients.
+
+    python benchmarks/exact_overhead.py [--repeats 5] [--threads N]
+
+Writes benchmarks/results/exact_overhead.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import markdown_table, write_results
+from pol.engine import build_runtime, initial_state, run_steps
+from pol.exact import exact_mm, exact_sum
+from pol.exact import mode as exact_mode_module
+from pol.spec import spec_from_dict
+
+MODELS: dict[str, dict[str, Any]] = {
+    "mlp": {"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "synthetic", "kwargs": {"n": 512}}},
+    "cnn": {"model": {"name": "cnn", "kwargs": {"width": 4}}, "data": {"name": "images", "kwargs": {"n": 256}}},
+    "transformer": {
+        "model": {"name": "transformer", "kwargs": {"n_layer": 1, "n_embd": 32, "block_size": 16}},
+        "data": {"name": "chars", "kwargs": {"length": 8192, "block_size": 16}},
+    },
+    "transformer-256": {
+        "model": {"name": "transformer", "kwargs": {"n_layer": 2, "n_embd": 256, "block_size": 64}},
+        "data": {"name": "chars", "kwargs": {"length": 32768, "block_size": 64}},
+    },
+}
+
+FAMILIES = {
+    "products": ("mm", "addmm", "bmm", "convolution"),
+    "reductions": ("sum", "mean", "var", "std", "index_put", "embedding_dense_backward", "nll_loss", "scatter_add"),
+    "norm/softmax/loss (decomposed)": ("native_layer_norm", "_softmax", "_log_softmax", "mse_loss"),
+    "transcendentals": ("gelu", "exp", "log", "tanh", "erf", "sigmoid", "rsqrt", "pow"),
+    "pooling": ("pool",),
+}
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_products(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t_native = median_time(lambda a=a, b=b: a @ b, repeats)
+        t_exact = median_time(lambda a=a, b=b: exact_mm(a, b), repeats)
+        rows.append(
+            {"what": f"mm {n}x{n}x{n}", "native_ms": t_native * 1e3, "exact_ms": t_exact * 1e3, "ratio": t_exact / t_native}
+        )
+    return rows
+
+
+def _runtime(model: str, numerics: str, batch: int):  # type: ignore[no-untyped-def]
+    spec = spec_from_dict({**MODELS[model], "steps": 1000, "every": 1000, "batch_size": batch, "numerics": numerics})
+    rt = build_runtime(spec)
+    initial_state(rt)
+    run_steps(rt, 1)  # warm-up
+    return rt
+
+
+def step_time(model: str, numerics: str, batch: int, steps: int) -> float:
+    rt = _runtime(model, numerics, batch)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_steps(rt, rt.step + 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def family(op: str) -> str:
+    name = op.split(".")[1] if op.startswith("aten.") else op
+    for fam, keys in FAMILIES.items():
+        if any(name.startswith(k) or k in name for k in keys):
+            return fam
+    return "other routed ops (data movement, + - * / sqrt)"
+
+
+def profile_step(model: str, batch: int, steps: int) -> dict[str, float]:
+    """Seconds per exact step by operator family (outermost routed operator only), plus the unrouted remainder."""
+    rt = _runtime(model, "exact", batch)
+    spent: dict[str, float] = defaultdict(float)
+    original = exact_mode_module.route_operator
+    depth = [0]
+
+    def timed(mode, func, args, kwargs):  # type: ignore[no-untyped-def]
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return original(mode, func, args, kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                spent[family(str(func))] += time.perf_counter() - start
+
+    exact_mode_module.route_operator = timed
+    try:
+        start = time.perf_counter()
+        run_steps(rt, rt.step + steps)
+        total = time.perf_counter() - start
+    finally:
+        exact_mode_module.route_operator = original
+    out = {k: v / steps for k, v in spent.items()}
+    out["outside the mode (python, autograd, data)"] = total / steps - sum(out.values())
+    return out
+
+
+def split_independence_cost(batch: int, params: int, repeats: int) -> dict[str, float]:
+    """Time to sum `batch` per-sample gradients of `params` entries exactly (what a split-independent definition
+    'per-sample gradients, each rounded once, summed exactly' adds per step), against a native sum."""
+    g = torch.randn(batch, params)
+    return {
+        "batch": batch,
+        "params": params,
+        "exact_sum_ms": median_time(lambda: exact_sum(g, [0]), repeats) * 1e3,
+        "native_sum_ms": median_time(lambda: g.sum(0), repeats) * 1e3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sizes", default="128,256,512,1024")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    products = bench_products([int(s) for s in a.sizes.split(",")], a.repeats)
+    steps = []
+    for model, batch in (("mlp", 16), ("cnn", 16), ("transformer", 16), ("transformer-256", 32)):
+        t_native = step_time(model, "native", batch, a.repeats)
+        t_exact = step_time(model, "exact", batch, a.repeats)
+        steps.append(
+            {
+                "what": f"train step {model} (batch {batch})",
+                "native_ms": t_native * 1e3,
+                "exact_ms": t_exact * 1e3,
+                "ratio": t_exact / t_native,
+            }
+        )
+    profiles = {m: profile_step(m, b, a.repeats) for m, b in (("transformer", 16), ("transformer-256", 32))}
+    split = split_independence_cost(16, 1 << 20, a.repeats)
+    rows = products + steps
+    table = "## Exact vs native (CPU, one run)\n\n" + markdown_table(rows, ["what", "native_ms", "exact_ms", "ratio"])
+    for m, prof in profiles.items():
+        total = sum(prof.values())
+        prow = [{"family": k, "ms_per_step": v * 1e3, "share": v / total} for k, v in sorted(prof.items(), key=lambda kv: -kv[1])]
+        table += f"\n\n## Where an exact {m} step goes\n\n" + markdown_table(prow, ["family", "ms_per_step", "share"])
+    table += "\n\n## Split-independent micro-batching, estimated extra per step\n\n" + markdown_table(
+        [split], ["batch", "params", "exact_sum_ms", "native_sum_ms"]
+    )
+    write_results("exact_overhead", {"rows": rows, "profiles": profiles, "split_independence": split}, table)
+
+
+if __name__ == "__main__":
+    main()

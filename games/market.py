@@ -1,0 +1,747 @@
+"""A whole market with real work (what `pol game run` runs): one library call plays every task end to end.
+
+    fund       the submitter, solvers, verifiers and the jackpot are opened and minted once (idempotent op ids)
+    per task   (task i is the market's job with its seed shifted by i)
+      post     the submitter posts the job; the fee estimate is gas-like: 6 x parameters x examples x steps FLOPs
+               (x tokens per example for sequence models), `compute_fee_estimate` turns it into the maximum price
+      bid      every solver that can still cover a deposit and a bond bids (seeded prices; cheaters undercut,
+               since they mean to skip work) with the digest of a secret salt
+      auction  lowest compliant bid wins (ties by hash); the forced-error beacon is drawn
+      work     the winner really trains the job with `pol.prove.train_and_prove`. A cheating winner then forges
+               the second half of its checkpoints consistently (valid digests, Merkle root and commitment: only
+               replay can tell). If the beacon and its salt force an error, it publishes a bundle with every
+               segment wrong and commits to that (Truebit's forced error), keeping the true one for later.
+      commit   the winner locks its bond and posts the root of the bundle it published
+      verify   every verifier stakes, replays the segments `get_verifier_segments` assigns it with
+               `pol.verify.verify(expected_root=<posted commitment>)` and approves or rejects (a lazy verifier
+               approves without looking)
+      reveal   the solver reveals its salt: a forced error pays the catchers from the jackpot and slashes the
+               approvers, and a second round verifies the true bundle; no challenger settles for the solver
+      dispute  each segment a rejecting verifier found wrong is disputed through the `dispute` callable (by
+               default the pinpoint protocol, else a referee-less replay of the single segment), and its ruling
+               enters the ledger as a `Rule` move
+Every ledger change goes through `games.task.apply_post` / `apply_move`.
+
+Crash safety: the market keeps a journal (`market-journal.json` in the work directory, replaced atomically) of
+every move applied and of every result that took work or read live balances (bundle roots, verifications,
+disputes, who could afford to bid or stake). A re-run on the same work directory re-plays the journal and goes on;
+the moves it re-applies re-issue the same ledger op ids, so nothing is paid twice (the SQLite ledger is the
+default). Everything is a function of `seed`: two clean runs give the same ledger, event for event.
+
+`games.market` imports `pol` (and so torch) only when a market runs, and `pinpoint` only inside `pinpoint_dispute`:
+importing it stays cheap, and `games` itself imports neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blake3 import blake3
+
+from games.auction import make_capabilities, make_requirements
+from games.consensus import WEIGHT_ONE
+from games.errors import MarketError
+from games.ledger import AccountId, Amount, Ledger, mint, open_account, verify_ledger
+from games.ledger_sqlite import SqliteLedger
+from games.scenarios import move_to_dict
+from games.task import (
+    CHALLENGED,
+    COMMITTED,
+    FINAL,
+    RULINGS,
+    Bid,
+    CloseAuction,
+    Commit,
+    GameParams,
+    Join,
+    Move,
+    Post,
+    Reveal,
+    Rule,
+    Task,
+    Verdict,
+    apply_move,
+    apply_post,
+    compute_fee_estimate,
+    compute_is_forced,
+    compute_salt_digest,
+    get_verifier_segments,
+    is_approval,
+    verify_params,
+)
+
+if TYPE_CHECKING:
+    from pol.spec import JobSpec
+
+__all__ = [
+    "JOURNAL_NAME",
+    "DisputeFn",
+    "DisputeOutcome",
+    "DisputeReport",
+    "EventCallback",
+    "MarketEvent",
+    "MarketReport",
+    "TaskReport",
+    "VerificationReport",
+    "compute_job_flops",
+    "default_dispute",
+    "get_default_spec",
+    "get_market_params",
+    "pinpoint_dispute",
+    "replay_dispute",
+    "report_to_dict",
+    "run_market",
+]
+
+JOURNAL_NAME = "market-journal.json"
+JOURNAL_FORMAT = "pol-market-journal"
+SUBMITTER = "submitter"
+_DOMAIN = b"pol.games.market.v1\x00"
+_CAPS = ("exact", "native")
+
+
+# ---------------------------------------------------------------------------------------------------- types
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeOutcome:
+    """What a dispute decided about one segment: `ruling` is 'solver_wrong' or 'challenger_wrong'."""
+
+    ruling: str
+    description: str = ""
+
+
+DisputeFn = Callable[[Path, int], "DisputeOutcome | str"]  # (bundle path, 0-based segment) -> outcome
+
+
+@dataclass(frozen=True, slots=True)
+class MarketEvent:
+    """One human-readable step of the market. `replayed` marks a step re-applied from the journal after a crash."""
+
+    seq: int  # position in this call's stream of events
+    task_id: str  # "" for market-wide events (funding, resume, summary)
+    kind: str  # fund, resume, post, bid, auction, train, commit, join, verify, verdict, reveal, dispute, rule, done
+    text: str
+    replayed: bool = False
+
+    def __str__(self) -> str:
+        where = f"[{self.task_id}] " if self.task_id else ""
+        return f"{where}{self.text}" + (" (replayed)" if self.replayed else "")
+
+
+EventCallback = Callable[[MarketEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationReport:
+    verifier: AccountId
+    round: int
+    segments: tuple[int, ...]  # 0-based segments it was assigned, sorted (pol.verify numbers them from 1)
+    verdict: str  # "accept", "reject" or "unchecked" (a lazy verifier's approval)
+    failed: tuple[int, ...]  # 0-based segments its replay found wrong
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeReport:
+    round: int
+    segment: int  # 0-based
+    challengers: tuple[AccountId, ...]
+    ruling: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    task_id: str
+    submitter: AccountId
+    flops: int
+    max_price: Amount
+    bids: tuple[tuple[AccountId, Amount], ...]
+    winner: AccountId  # "" if nobody bid
+    price: Amount
+    cheated: bool  # the winner is a cheater and published a forged bundle
+    forced: bool  # the beacon forced an error in round 0
+    commitment: str  # the commitment of the last round (the true one after a forced error)
+    outcome: str  # the task's outcome: accepted, solver_wrong, challenger_wrong, no_bids, ...
+    verifications: tuple[VerificationReport, ...]
+    disputes: tuple[DisputeReport, ...]
+    changes: tuple[tuple[AccountId, Amount], ...]  # each account's balance change over the task (non-zero only)
+
+
+@dataclass(frozen=True, slots=True)
+class MarketReport:
+    workdir: Path
+    ledger_path: Path | None  # None when the caller passed its own ledger
+    seed: int
+    tasks: tuple[TaskReport, ...]
+    funding: Mapping[AccountId, Amount]
+    balances: Mapping[AccountId, Amount]  # every account at the end
+    total_supply: Amount
+    ledger_events: int  # events in the ledger's log
+    market_events: int  # MarketEvents emitted by this call
+    resumed: bool  # this call went on from a journal
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+def get_default_spec() -> JobSpec:
+    """The default job: a tiny MLP on synthetic data, 32 steps in 8 segments (a few seconds on one CPU core)."""
+    from pol.spec import spec_from_dict
+
+    return spec_from_dict({"model": {"name": "mlp", "kwargs": {"hidden": 32}},
+                           "data": {"name": "synthetic", "kwargs": {"n": 512}},
+                           "steps": 32, "every": 4, "batch_size": 16})
+
+
+def compute_job_flops(spec: JobSpec, n_params: int) -> int:
+    """Training FLOPs, like gas: 6 x parameters x examples x steps (forward 2, backward 4), times the tokens of an
+    example for sequence models (a `block_size` in the model or data arguments)."""
+    kwargs = {**dict(spec.data.kwargs), **dict(spec.model.kwargs)}
+    tokens = int(kwargs.get("block_size", 1))
+    return 6 * n_params * spec.batch_size * spec.steps * tokens
+
+
+def _count_params(spec: JobSpec) -> int:
+    from pol.engine import build_runtime
+
+    rt = build_runtime(spec)
+    return sum(p.numel() for p in rt.params.values())
+
+
+def _segment_count(spec: JobSpec) -> int:
+    return len(spec.checkpoint_steps) - 1
+
+
+def get_market_params(spec: JobSpec, params: GameParams | None = None) -> GameParams:
+    """The game parameters of a market on `spec`: `params` (default: the market defaults: gas priced per kFLOP,
+    since toy jobs are tiny, and 3 segments per verifier) with `n_segments` set to the spec's segment count and
+    `sample_count` capped by it."""
+    base = params or GameParams(flops_per_gas=1_000, sample_count=3)
+    n = _segment_count(spec)
+    return dataclasses.replace(base, n_segments=n, sample_count=max(1, min(base.sample_count, n)))
+
+
+def _with_seed(spec: JobSpec, seed: int) -> JobSpec:
+    from pol.spec import spec_from_dict
+
+    return spec if seed == spec.seed else spec_from_dict({**spec.to_dict(), "seed": seed})
+
+
+# ---------------------------------------------------------------------------------------------------- disputes
+
+
+def _normalise(outcome: DisputeOutcome | str) -> DisputeOutcome:
+    result = DisputeOutcome(outcome) if isinstance(outcome, str) else outcome
+    if not isinstance(result, DisputeOutcome) or result.ruling not in RULINGS:
+        raise MarketError("market.dispute", f"a dispute must rule one of {RULINGS}, not {outcome!r}")
+    return result
+
+
+def replay_dispute(bundle: Path, segment: int) -> DisputeOutcome:
+    """The referee-less ruling: replay the single disputed segment (0-based) with `pol.verify` and rule against the
+    solver if it fails. Raises what `pol.verify.verify` raises when it cannot judge."""
+    from pol.verify import verify
+
+    report = verify(bundle, segments=[segment + 1], seed=segment)
+    failed = [c for c in report.checks if not c.ok]
+    if report.verdict == "accept":
+        return DisputeOutcome("challenger_wrong", f"replay referee (no pinpoint): segment {segment} replays as "
+                                                  "committed")
+    why = failed[0].problem if failed else report.reason
+    return DisputeOutcome("solver_wrong", f"replay referee (no pinpoint): segment {segment} does not replay: {why}")
+
+
+def pinpoint_dispute(bundle: Path, segment: int) -> DisputeOutcome:
+    """Settle the dispute with the pinpoint protocol (an honest challenger against the bundle's solver, bisecting to
+    one step and one operator that the referee executes). Raises ImportError if `pinpoint` has no `run_dispute`,
+    and whatever the protocol raises."""
+    import pinpoint
+
+    run = getattr(pinpoint, "run_dispute", None)
+    if run is None:
+        raise ImportError("pinpoint has no run_dispute")
+    result = run(bundle, segment)
+    ruling = "solver_wrong" if result.outcome.loser == "solver" else "challenger_wrong"
+    where = f"step {result.step}, node {result.node}" + (f" ({result.op})" if result.op else "")
+    return DisputeOutcome(ruling, f"pinpoint: {result.rounds} rounds, {result.messages} messages, narrowed to "
+                                  f"{where}; {result.outcome.loser} loses by {result.outcome.by}: "
+                                  f"{result.outcome.reason}")
+
+
+def default_dispute(bundle: Path, segment: int) -> DisputeOutcome:
+    """`pinpoint_dispute` when pinpoint is importable and works; otherwise `replay_dispute`, saying why in the
+    description. Raises what `replay_dispute` raises."""
+    try:
+        return pinpoint_dispute(bundle, segment)
+    except ImportError as exc:
+        why = f"pinpoint unavailable ({exc})"
+    except Exception as exc:  # pinpoint is young: a failure of it must not stall settlement
+        why = f"pinpoint failed ({type(exc).__name__}: {exc})"
+    fallback = replay_dispute(bundle, segment)
+    return DisputeOutcome(fallback.ruling, f"{why}; {fallback.description}")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _draw(seed: int, *parts: object) -> float:
+    """A uniform draw in [0, 1) from the seed and `parts` (stable across machines and Python versions)."""
+    text = "\x00".join(str(p) for p in (seed, *parts)).encode()
+    return int.from_bytes(blake3(_DOMAIN + text).digest()[:8], "big") / 2**64
+
+
+def _salt(seed: int, task_id: str, solver: AccountId) -> str:
+    return blake3(_DOMAIN + f"salt\x00{seed}\x00{task_id}\x00{solver}".encode()).hexdigest()
+
+
+def _short(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _segments_text(segments: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in segments) or "none"
+
+
+def _write_json_atomic(path: Path, body: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="ascii") as fh:
+        fh.write(json.dumps(body, sort_keys=True, indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _altered_bundle(src: Path, dst: Path, seed_text: str, first: int) -> str:
+    """Write a consistent copy of the bundle at `src` to `dst` (atomically) whose checkpoints from record index
+    `first` on carry seeded noise on their parameters. Returns the new commitment."""
+    import torch
+
+    from pol.bundle import Manifest, checkpoint_name, open_bundle, write_checkpoint, write_manifest
+    from pol.digest import state_digest
+    from pol.trace import Record, compute_trace_commitment
+
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    def noise(step: int, name: str, like: torch.Tensor) -> torch.Tensor:  # one stream per tensor: order-free
+        seed = int.from_bytes(blake3(f"{seed_text}/{step}/{name}".encode()).digest()[:7], "big")
+        return 1e-3 * torch.randn(like.shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
+
+    with open_bundle(src) as b:
+        records, files = [], {}
+        for i, rec in enumerate(b.records):
+            state = b.load_state(rec.step)
+            if i >= first:
+                state = {k: v + noise(rec.step, k, v) if k.startswith("param/") and v.is_floating_point() else v
+                         for k, v in sorted(state.items())}
+            files[checkpoint_name(rec.step)] = write_checkpoint(tmp, rec.step, state, b.spec.job_id)
+            records.append(Record(rec.step, state_digest(state), rec.data, rec.loss))
+        merkle, root = compute_trace_commitment(b.spec.job_id, records)
+        write_manifest(tmp, Manifest(b.spec, tuple(records), merkle, root, files, dict(b.manifest.env)))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return root
+
+
+def _train(spec: JobSpec, out: Path) -> str:
+    """Train `spec` into `out`, resuming an interrupted run; an already finished bundle is reused. Returns its root."""
+    from pol.bundle import open_bundle
+    from pol.prove import PROGRESS_NAME, train_and_prove
+
+    if (out / "manifest.json").is_file():
+        with open_bundle(out) as b:
+            return b.manifest.root
+    resume = (out / PROGRESS_NAME).is_file()
+    return train_and_prove(spec, out, resume=resume, force=not resume).manifest.root
+
+
+# ---------------------------------------------------------------------------------------------------- the journal
+
+
+class _Journal:
+    """The market's crash journal: the moves applied (in order) and the cached results of work and decisions."""
+
+    def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
+        self.path = path
+        self.moves: list[dict[str, Any]] = []
+        self.work: dict[str, Any] = {}
+        if path.is_file():
+            body = json.loads(path.read_text(encoding="ascii"))
+            if body.get("format") != JOURNAL_FORMAT or body.get("config") != config:
+                raise MarketError("market.journal", f"{path} belongs to a different market (other seed, spec, "
+                                                    "parties or parameters): use another work directory")
+            self.moves, self.work = list(body["moves"]), dict(body["work"])
+        self.config = dict(config)
+        self.resumed = bool(self.moves or self.work)
+        if not path.is_file():
+            self.save()  # the work directory now belongs to this market
+
+    def save(self) -> None:
+        _write_json_atomic(self.path, {"format": JOURNAL_FORMAT, "version": 1, "config": self.config,
+                                       "moves": self.moves, "work": self.work})
+
+
+# ---------------------------------------------------------------------------------------------------- the market
+
+
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    seed: int
+    spec: JobSpec
+    params: GameParams
+    flops: int
+    solvers: tuple[AccountId, ...]
+    verifiers: tuple[AccountId, ...]
+    cheaters: frozenset[AccountId]
+    lazy: frozenset[AccountId]
+    funding: tuple[tuple[AccountId, Amount], ...]
+
+
+class _Market:
+    """The driver: plays every task, journaling as it goes. Private and mutable; `run_market` is the interface."""
+
+    def __init__(self, setup: _Setup, ledger: Ledger, journal: _Journal, workdir: Path,
+                 on_event: EventCallback | None, dispute: DisputeFn) -> None:
+        self.s, self.ledger, self.journal, self.workdir = setup, ledger, journal, workdir
+        self.on_event, self.dispute = on_event, dispute
+        self.tasks: dict[str, Task] = {}
+        self.preloaded = frozenset(journal.work)  # results a crashed run left in the journal
+        self.cursor = 0
+        self.emitted = 0
+        self.clock = 0
+
+    # -- plumbing
+
+    def emit(self, task_id: str, kind: str, text: str, replayed: bool = False) -> None:
+        event = MarketEvent(self.emitted, task_id, kind, text, replayed)
+        self.emitted += 1
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The journaled result under `key`, else compute it and journal it before anything depends on it."""
+        if key not in self.journal.work:
+            self.journal.work[key] = compute()
+            self.journal.save()
+        return self.journal.work[key]
+
+    def play(self, move: Move, kind: str, text: str) -> Task:
+        """Apply `move` through the task lifecycle. A move already in the journal must be the same move (else
+        MarketError); re-applying it re-issues the same ledger op ids, so nothing is paid twice."""
+        recorded = json.loads(json.dumps(move_to_dict(move)))
+        replayed = self.cursor < len(self.journal.moves)
+        if replayed and self.journal.moves[self.cursor] != recorded:
+            raise MarketError("market.journal", f"move {self.cursor} diverged from the journal: "
+                                                f"{self.journal.moves[self.cursor]} != {recorded}")
+        task = self.tasks.get(move.task_id)
+        if isinstance(move, Post):
+            task = apply_post(self.ledger, self.s.params, move)
+        else:
+            assert task is not None, "a move for a task that was never posted"
+            task = apply_move(self.ledger, task, move)
+        self.tasks[move.task_id] = task
+        self.cursor += 1
+        self.clock = max(self.clock, move.now)
+        self.emit(move.task_id, kind, text, replayed)  # before journaling: a crash here re-applies the move
+        if not replayed:
+            self.journal.moves.append(recorded)
+            self.journal.save()
+        return task
+
+    def can_pay(self, account: AccountId, amount: Amount) -> bool:
+        return self.ledger.has_account(account) and self.ledger.balance(account) >= amount
+
+    # -- funding
+
+    def fund(self) -> None:
+        for account, amount in self.s.funding:
+            open_account(self.ledger, f"market/open/{account}", account)
+            mint(self.ledger, f"market/mint/{account}", account, amount)
+        parts = ", ".join(f"{a} {n}" for a, n in self.s.funding)
+        self.emit("", "fund", f"funded {len(self.s.funding)} accounts: {parts}")
+
+    # -- one task
+
+    def run_task(self, index: int) -> TaskReport:
+        s, t = self.s, f"job-{index}"
+        spec = _with_seed(s.spec, s.spec.seed + index)
+        before = self.cached(f"plan/{t}/balances", self.ledger.get_accounts)  # journaled before the post
+        now = self.clock + 1
+        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics])), "post",
+                         f"{SUBMITTER} posts {spec.model.name} x {spec.steps} steps ({s.flops:.3g} FLOPs): "
+                         f"fee estimate {compute_fee_estimate(s.flops, s.params)} escrowed")
+        bids = self.bid(task, spec, now + 1)
+        task = self.play(CloseAuction(t, task.bid_deadline), "auction", "auction closed")
+        verifications: list[VerificationReport] = []
+        disputes: list[DisputeReport] = []
+        if task.phase == FINAL:
+            self.emit(t, "auction", "no compliant bid: the fee is refunded")
+            return self.task_report(task, bids, False, verifications, disputes, before)
+        self.emit(t, "auction", f"{task.solver} wins at {task.price} (of {task.max_price}); losers' deposits "
+                                "returned")
+        cheated = task.solver in s.cheaters
+        salt = _salt(s.seed, t, task.solver)
+        forced = compute_is_forced(bytes.fromhex(task.forced_beacon), salt, s.params.forced_error_bps)
+        published, true_path = self.work(task, spec, cheated, forced)
+        task = self.play(Commit(t, task.last_tick + 1, task.solver, self.root(published)), "commit",
+                         f"{task.solver} locks its bond {s.params.solver_bond} and commits "
+                         f"{self.root(published)[:16]}")
+        path = published
+        while task.phase == COMMITTED:
+            task = self.verify_round(task, path, verifications)
+            reveal = Reveal(t, task.whistle_deadline, task.solver, salt,
+                            self.root(true_path) if forced and task.round == 0 else "")
+            round_before = task.round
+            task = self.play(reveal, "reveal", f"{task.solver} reveals its salt")
+            if task.round > round_before:
+                self.emit(t, "reveal", self.forced_text(task, verifications))
+                path = true_path
+        if task.phase == CHALLENGED:
+            task = self.settle_dispute(task, path, verifications, disputes)
+        report = self.task_report(task, bids, cheated, verifications, disputes, before)
+        changes = ", ".join(f"{a} {d:+d}" for a, d in report.changes)
+        self.emit(t, "settle", f"final: {task.outcome}; balance changes: {changes or 'none'}")
+        return report
+
+    def forced_text(self, task: Task, verifications: list[VerificationReport]) -> str:
+        caught = [v.verifier for v in verifications if v.round == task.round - 1 and v.verdict == "reject"]
+        fooled = [v.verifier for v in verifications if v.round == task.round - 1 and v.verdict != "reject"]
+        return (f"forced error revealed: {task.solver} had to commit a wrong result; caught by "
+                f"{', '.join(caught) or 'nobody'} (jackpot payout {self.s.params.jackpot_payout if caught else 0} "
+                f"shared), approved by {', '.join(fooled) or 'nobody'} (stakes lost); round {task.round} verifies "
+                f"the true commitment {task.commitment[:16]}")
+
+    def bid(self, task: Task, spec: JobSpec, now: int) -> tuple[tuple[AccountId, Amount], ...]:
+        s, t = self.s, task.task_id
+        need = s.params.bid_deposit + s.params.solver_bond
+        bidders = self.cached(f"plan/{t}/bidders", lambda: [v for v in s.solvers if self.can_pay(v, need)])
+        for solver in s.solvers:
+            if solver not in bidders:
+                self.emit(t, "bid", f"{solver} sits out: cannot cover a deposit and a bond ({need})")
+        bids = []
+        for solver in bidders:
+            low, span = (0.55, 0.1) if solver in s.cheaters else (0.75, 0.2)
+            price = max(1, int(task.max_price * (low + span * _draw(s.seed, t, "price", solver))))
+            caps = make_capabilities({}, _CAPS)
+            self.play(Bid(t, now, solver, price, caps, compute_salt_digest(_salt(s.seed, t, solver))), "bid",
+                      f"{solver} bids {price} (deposit {s.params.bid_deposit} locked)")
+            bids.append((solver, price))
+        return tuple(bids)
+
+    def root(self, path: Path) -> str:
+        return str(self.journal.work[f"root/{path.relative_to(self.workdir).as_posix()}"])
+
+    def work(self, task: Task, spec: JobSpec, cheated: bool, forced: bool) -> tuple[Path, Path]:
+        """The solver's work: train (honestly), forge if it cheats, build the forced error if the beacon says so.
+        Returns (the bundle it publishes now, the bundle its true commitment names)."""
+        t, solver, base = task.task_id, task.solver, self.workdir / "tasks" / task.task_id
+        honest = base / "honest"
+        started = time.perf_counter()
+        self.cached(f"root/tasks/{t}/honest", lambda: _train(spec, honest))
+        self.emit(t, "train", f"{solver} trains the job for real: root {self.root(honest)[:16]} "
+                              f"({time.perf_counter() - started:.1f}s)", f"root/tasks/{t}/honest" in self.preloaded)
+        true_path = honest
+        n = _segment_count(spec)
+        if cheated:
+            true_path = base / "forged"
+            self.cached(f"root/tasks/{t}/forged",
+                        lambda: _altered_bundle(honest, true_path, f"{self.s.seed}/{t}/forged", n // 2 + 1))
+            self.emit(t, "train", f"{solver} cheats: forges checkpoints {n // 2 + 1}..{n} (segments "
+                                  f"{n // 2}..{n - 1} wrong) in a consistent bundle, root {self.root(true_path)[:16]}",
+                      f"root/tasks/{t}/forged" in self.preloaded)
+        if not forced:
+            return true_path, true_path
+        wrong = base / "forced"
+        self.cached(f"root/tasks/{t}/forced",
+                    lambda: _altered_bundle(true_path, wrong, f"{self.s.seed}/{t}/forced", 1))
+        self.emit(t, "train", f"the forced-error beacon picks {solver}: it publishes a wrong bundle (every segment "
+                              f"altered), root {self.root(wrong)[:16]}", f"root/tasks/{t}/forced" in self.preloaded)
+        return wrong, true_path
+
+    def verify_round(self, task: Task, path: Path, out: list[VerificationReport]) -> Task:
+        s, t, r = self.s, task.task_id, task.round
+        start = task.last_tick + 1
+        stakers = self.cached(f"plan/{t}/r{r}/verifiers",
+                              lambda: [v for v in s.verifiers if self.can_pay(v, s.params.verifier_stake)])
+        for v in s.verifiers:
+            if v not in stakers:
+                self.emit(t, "join", f"{v} sits out round {r}: cannot cover the stake {s.params.verifier_stake}")
+        for v in stakers:
+            task = self.play(Join(t, start, v), "join", f"{v} stakes {s.params.verifier_stake} (round {r})")
+        for v in stakers:
+            segments = tuple(sorted(get_verifier_segments(task, v, s.params)))
+            key = f"verify/{t}/r{r}/{v}"
+            result = self.cached(key, functools.partial(self.check, task, path, v, segments))
+            report = VerificationReport(v, r, segments, result["verdict"], tuple(result["failed"]), result["reason"])
+            out.append(report)
+            self.emit(t, "verify", f"{v} replays segments {_segments_text(segments)} of {task.commitment[:16]}: "
+                                   f"{report.verdict}" + (f" ({_short(report.reason)})" if report.reason else ""),
+                      key in self.preloaded)
+            weight = 0 if report.verdict == "reject" else WEIGHT_ONE
+            task = self.play(Verdict(t, start + 1, v, weight), "verdict",
+                             f"{v} {'approves' if is_approval(weight) else 'challenges'}")
+        return task
+
+    def check(self, task: Task, path: Path, verifier: AccountId, segments: tuple[int, ...]) -> dict[str, Any]:
+        """A verifier's real work: replay its segments against the posted commitment (a lazy one does nothing)."""
+        if verifier in self.s.lazy:
+            return {"verdict": "unchecked", "failed": [], "reason": "lazy: approved without replaying"}
+        from pol.verify import verify
+
+        seed = int.from_bytes(blake3(f"{self.s.seed}/{task.task_id}/{verifier}".encode()).digest()[:4], "big")
+        report = verify(path, segments=[i + 1 for i in segments], expected_root=task.commitment, seed=seed)
+        failed = sorted(c.index - 1 for c in report.checks if not c.ok)
+        if report.verdict == "accept":
+            return {"verdict": "accept", "failed": [], "reason": ""}
+        problems = [c.problem for c in report.checks if not c.ok and c.problem]
+        return {"verdict": "reject", "failed": failed or [segments[0]],
+                "reason": problems[0] if problems else report.reason}
+
+    def settle_dispute(self, task: Task, path: Path, verifications: list[VerificationReport],
+                       out: list[DisputeReport]) -> Task:
+        t, r = task.task_id, task.round
+        flagged: dict[int, list[AccountId]] = {}
+        for v in verifications:
+            if v.round == r and v.verdict == "reject":
+                for segment in v.failed:
+                    flagged.setdefault(segment, []).append(v.verifier)
+        wrong = []
+        for segment in sorted(flagged):
+            key = f"dispute/{t}/r{r}/{segment}"
+            self.emit(t, "dispute", f"{', '.join(flagged[segment])} dispute segment {segment} against "
+                                    f"{task.solver}", key in self.preloaded)
+            result = self.cached(key, functools.partial(self.rule_on, path, segment))
+            out.append(DisputeReport(r, segment, tuple(flagged[segment]), result["ruling"], result["description"]))
+            self.emit(t, "dispute", f"segment {segment}: {result['ruling']}: {_short(result['description'], 300)}",
+                      key in self.preloaded)
+            if result["ruling"] == "solver_wrong":
+                wrong.append(segment)
+        ruling = "solver_wrong" if wrong else "challenger_wrong"
+        return self.play(Rule(t, task.last_tick + 1, ruling, tuple(wrong)), "rule",
+                         f"ruling {ruling}" + (f" on segments {_segments_text(wrong)}" if wrong else ""))
+
+    def rule_on(self, path: Path, segment: int) -> dict[str, str]:
+        return dataclasses.asdict(_normalise(self.dispute(path, segment)))
+
+    def task_report(self, task: Task, bids: tuple[tuple[AccountId, Amount], ...], cheated: bool,
+                    verifications: list[VerificationReport], disputes: list[DisputeReport],
+                    before: Mapping[AccountId, Amount]) -> TaskReport:
+        after = self.ledger.get_accounts()
+        changes = tuple((a, after[a] - before.get(a, 0)) for a in sorted(after) if after[a] != before.get(a, 0))
+        return TaskReport(task.task_id, task.submitter, task.flops, task.max_price, bids, task.solver, task.price,
+                          cheated, task.forced, task.commitment, task.outcome, tuple(verifications),
+                          tuple(disputes), changes)
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+
+
+def _verify_names(what: str, names: Sequence[str], pool: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(pool))
+    if unknown:
+        raise MarketError(f"market.{what}", f"{unknown} are not among {list(pool)}")
+
+
+def _funding(params: GameParams, max_price: Amount, n_tasks: int, solvers: Sequence[str],
+             verifiers: Sequence[str]) -> tuple[tuple[AccountId, Amount], ...]:
+    """Enough for every task (fees, two rounds of stakes, a forced-error payout each), and a solver can afford one lost
+    bond but not two: a cheater caught once sits out."""
+    solver = params.bid_deposit + params.solver_bond + params.solver_bond // 2
+    verifier = 2 * n_tasks * params.verifier_stake
+    return ((SUBMITTER, n_tasks * max_price), *((s, solver) for s in solvers), *((v, verifier) for v in verifiers),
+            (params.jackpot_account, n_tasks * params.jackpot_payout))
+
+
+def run_market(
+    workdir: Path,
+    *,
+    ledger_path: Path | None = None,
+    ledger: Ledger | None = None,
+    spec: JobSpec | None = None,
+    params: GameParams | None = None,
+    n_tasks: int = 2,
+    n_solvers: int = 3,
+    n_verifiers: int = 3,
+    cheaters: Sequence[str] = ("solver-2",),
+    lazy_verifiers: Sequence[str] = (),
+    seed: int = 0,
+    on_event: EventCallback | None = None,
+    dispute: DisputeFn | None = None,
+) -> MarketReport:
+    """Run a whole market with real work in `workdir` (bundles under `tasks/<id>/`, the journal `JOURNAL_NAME`) and
+    return its report. Parties are `submitter`, `solver-1..n`, `verifier-1..n` and the jackpot account.
+
+    The ledger is `ledger` if given, else a `SqliteLedger` at `ledger_path` (default `workdir/ledger.db`) seeded
+    from `seed`. `spec` defaults to `get_default_spec()`; task i trains it with its seed shifted by i. `params`
+    defaults to `get_market_params(spec)`; its `n_segments` always becomes the spec's segment count. `cheaters`
+    (solver names) forge half their checkpoints; `lazy_verifiers` approve without replaying. `dispute(bundle,
+    segment)` returns a `DisputeOutcome` (or a bare ruling string); default: `default_dispute`. `on_event` gets
+    every `MarketEvent`; an exception it raises propagates, and a re-run on the same work directory goes on from
+    the journal and finishes exactly once.
+
+    Raises MarketError (a cheater or lazy verifier that is not a party, a bad count, a journal of another market or
+    one the run diverged from, a dispute callable that does not rule), BadMove (params out of range, before anything
+    is written), LedgerError (a given ledger whose accounts another market opened; LedgerCorrupt if the ledger fails
+    its invariants at the end), and what `pol.prove.train_and_prove` / `pol.verify.verify` / the dispute callable
+    raise (SpecError, DataDiffers, ...).
+    """
+    started = time.perf_counter()
+    if min(n_tasks, n_solvers, n_verifiers) < 1:
+        raise MarketError("market.counts", "need at least one task, one solver and one verifier")
+    solvers = tuple(f"solver-{i}" for i in range(1, n_solvers + 1))
+    verifiers = tuple(f"verifier-{i}" for i in range(1, n_verifiers + 1))
+    _verify_names("cheaters", cheaters, solvers)
+    _verify_names("lazy_verifiers", lazy_verifiers, verifiers)
+    spec = spec if spec is not None else get_default_spec()
+    game = get_market_params(spec, params)
+    verify_params(game)
+    flops = compute_job_flops(spec, _count_params(spec))
+    funding = _funding(game, compute_fee_estimate(flops, game), n_tasks, solvers, verifiers)
+    setup = _Setup(seed, spec, game, flops, solvers, verifiers, frozenset(cheaters), frozenset(lazy_verifiers),
+                   funding)
+    config = json.loads(json.dumps({"seed": seed, "spec": spec.to_dict(), "params": dataclasses.asdict(game),
+                                    "n_tasks": n_tasks, "solvers": solvers, "verifiers": verifiers,
+                                    "cheaters": sorted(cheaters), "lazy": sorted(lazy_verifiers)}))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    journal = _Journal(workdir / JOURNAL_NAME, config)
+    path: Path | None = None
+    own: SqliteLedger | None = None
+    if ledger is None:
+        path = Path(ledger_path or workdir / "ledger.db")
+        ledger = own = SqliteLedger(path, blake3(_DOMAIN + f"ledger\x00{seed}".encode()).digest())
+    active: Ledger = ledger
+    try:
+        market = _Market(setup, active, journal, workdir, on_event, dispute or default_dispute)
+        if journal.resumed:
+            market.emit("", "resume", f"resuming from {journal.path.name}: {len(journal.moves)} moves recorded")
+        market.fund()
+        reports = tuple(market.run_task(i) for i in range(n_tasks))
+        verify_ledger(active)
+        balances = dict(sorted(active.get_accounts().items()))
+        market.emit("", "done", "balances: " + ", ".join(f"{a} {b}" for a, b in balances.items()))
+        return MarketReport(workdir, path, seed, reports, dict(funding), balances, active.total_supply(),
+                            len(active.events()), market.emitted, journal.resumed, time.perf_counter() - started)
+    finally:
+        if own is not None:
+            own.close()
+
+
+def report_to_dict(report: MarketReport) -> dict[str, Any]:
+    """A JSON-ready view of a market report (paths as strings)."""
+    body = dataclasses.asdict(report)
+    body["workdir"] = str(report.workdir)
+    body["ledger_path"] = str(report.ledger_path) if report.ledger_path else None
+    return json.loads(json.dumps(body))

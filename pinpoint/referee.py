@@ -1,0 +1,294 @@
+"""The referee: given one node whose inputs are agreed, decide whether the solver's claimed output is right.
+
+The referee never replays a step. It executes the single disputed operator on the revealed input tensors (already
+checked against the agreed digests by the protocol) and compares:
+
+- **exact numerics**: the operator runs under `pol.exact.exact_mode()`, which gives the same bits on any machine, so
+  the ruling is a digest comparison. No tolerance, no false alarms.
+- **native numerics**: the operator runs on torch's deterministic kernels, whose last bits depend on the hardware.
+  The solver's output (revealed, checked against its digest) is accepted when every element is within a TAO-style
+  bound: |claimed - referee| <= 4 * L * eps32 * (|referee| + L * prod(max|input|)) + tiny, where L is the longest
+  accumulation inside the operator (K of a matrix product, the reduced length of a sum or a softmax row, 1 for an
+  elementwise operator) and the product runs over the (at most two) multiplied inputs. This is the classical
+  gamma_L bound on a length-L dot product, widened by the magnitude of the terms; it is loose on purpose (honest
+  hardware differences are a few ulps) and still far below the one-element corruption a fault makes.
+
+Virtual nodes cost no floating-point work: a `pol.leaf` is re-derived (batch from the data, dropout mask from
+pol.rng, model constant from the model's constructor) or checked against the agreed start state's per-tensor
+digests; `pol.state` re-hashes the revealed end-state tensors.
+
+`compute_verdict` returns the number of aten operators it executed (counted by a dispatch mode), so tests can
+assert the referee's work is one operator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pol import rng
+from pol.canonical import Digest
+from pol.data import batch_indices, build_dataset
+from pol.digest import state_digest
+from pol.models import SeededDropout, build_model
+from pol.numerics import numerics_context
+from pol.spec import JobSpec
+
+from .capture import (
+    compute_scalar_digest,
+    compute_uninitialized_digest,
+    compute_value_digest,
+    decode_args,
+    get_aten_op,
+    get_outputs,
+    is_uninitialized_op,
+)
+from .graph import LEAF_OP, STATE_OP, Node
+
+__all__ = [
+    "Verdict",
+    "compute_verdict",
+    "compute_leaf_value",
+    "compute_native_bound",
+    "is_state_leaf",
+    "is_pointable",
+    "compute_referee_cost",
+    "STATE_PREFIXES",
+    "POINTABLE",
+]
+
+STATE_PREFIXES = ("param/", "buffer/", "optim/")
+POINTABLE = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")
+_EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether the solver's claim at the node holds, why, and what the referee spent deciding it."""
+
+    solver_correct: bool
+    reason: str
+    executed: int  # aten operators the referee executed (1 for an operator node, 0 for leaves and the state node)
+    flops: int
+    seconds: float
+
+
+class _CountingMode(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def is_pointable(op: str) -> bool:
+    """True for the matrix products, where the referee checks one pointed-at output element instead of all of them.
+
+    Exact products split operands under per-row and per-column scales (pol.exact.matmul), so element (i, j) is a
+    function of row i and column j alone: computing it from the 1 x K and K x 1 slices gives the same bits.
+    """
+    return op in POINTABLE
+
+
+def _slice_for_element(op: str, args: list[Any], shape: tuple[int, ...], element: int) -> list[Any]:
+    """The operands of a 1 x 1 product giving output element `element` of a product of output shape `shape`."""
+    if op == "aten.bmm.default":
+        batch, rest = divmod(element, shape[1] * shape[2])
+        i, j = divmod(rest, shape[2])
+        return [args[0][batch : batch + 1, i : i + 1], args[1][batch : batch + 1, :, j : j + 1]]
+    i, j = divmod(element, shape[1])
+    if op == "aten.mm.default":
+        return [args[0][i : i + 1], args[1][:, j : j + 1]]
+    bias = args[0]
+    if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+        bias = bias[j : j + 1] if bias.shape[0] > 1 else bias
+    elif isinstance(bias, torch.Tensor) and bias.dim() == 2:
+        r, c = (i if bias.shape[0] > 1 else 0), (j if bias.shape[1] > 1 else 0)
+        bias = bias[r : r + 1, c : c + 1]
+    return [bias, args[1][i : i + 1], args[2][:, j : j + 1], *args[3:]]
+
+
+def compute_referee_cost(node: Node) -> int:
+    """FLOPs the referee spends if the dispute ends on `node`: one dot product for a matrix product (pointed),
+    the operator's FLOPs otherwise, nothing for leaves and the state node (hashing only)."""
+    if node.op in (LEAF_OP, STATE_OP):
+        return 0
+    if is_pointable(node.op):
+        return 2 * node.reduction - (1 if node.op == "aten.addmm.default" else 0)
+    return node.flops
+
+
+def is_state_leaf(name: str) -> bool:
+    """True for a leaf that is a tensor of the agreed start state."""
+    return name.startswith(STATE_PREFIXES)
+
+
+def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ...], *, data_dir: str | None = None) -> torch.Tensor:
+    """Re-derive a non-state leaf of step `step` from the spec alone. Raises ValueError for an unknown leaf name."""
+    if name in ("batch/x", "batch/y"):
+        dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir)
+        return dataset.batch(batch_indices(spec.seed, len(dataset), spec.batch_size, step))[name[-1]]
+    if name.startswith("rng/dropout/"):
+        layer, call, offset = (int(p) for p in name.removeprefix("rng/dropout/").split("/"))
+        dropouts = [m for m in build_model(spec.model).modules() if isinstance(m, SeededDropout)]
+        full = rng.keep_mask(spec.seed, "dropout", [step, layer, call], (spec.batch_size, *shape[1:]), dropouts[layer].p)
+        return full[offset : offset + shape[0]]
+    if name.startswith("module/"):
+        return dict(build_model(spec.model).named_buffers())[name.removeprefix("module/")]
+    raise ValueError(f"unknown leaf {name!r}")
+
+
+def compute_native_bound(node: Node, inputs: list[torch.Tensor], reference: torch.Tensor) -> torch.Tensor:
+    """The per-element tolerance for a native-mode output (see the module docstring)."""
+    length = max(node.reduction, 1)
+    floats = [t for t in inputs if t.is_floating_point() and t.numel()]
+    terms = 0.0
+    if length > 1 and floats:
+        terms = float(length) * math.prod(float(t.abs().max()) for t in floats[:2])
+    ref = reference.detach().to(torch.float64).abs()
+    return 4.0 * length * _EPS32 * (ref + terms) + 1e-30
+
+
+def _outputs_match(node: Node, outputs: list[Any], inputs: list[torch.Tensor], claimed: Mapping[str, torch.Tensor],
+                   numerics: str) -> tuple[bool, str]:
+    if len(outputs) != len(node.outputs):
+        return False, f"the operator gives {len(outputs)} outputs, the claim has {len(node.outputs)}"
+    uninitialized = is_uninitialized_op(node.op)
+    for k, (value, meta, digest) in enumerate(zip(outputs, node.outputs, node.digests, strict=True)):
+        if isinstance(value, torch.Tensor):
+            if meta.kind != "tensor" or (meta.dtype, meta.shape) != (str(value.dtype).removeprefix("torch."), tuple(value.shape)):
+                return False, f"output {k}: claimed {meta.kind} {meta.dtype} {meta.shape}, got {value.dtype} {tuple(value.shape)}"
+            if uninitialized:
+                if digest != compute_uninitialized_digest(meta):
+                    return False, f"output {k}: an uninitialized output has no value digest to claim"
+                continue
+            if compute_value_digest(value) == digest:
+                continue
+            if numerics == "exact":
+                return False, f"output {k} differs from the exact result (digest {digest[:16]} != {compute_value_digest(value)[:16]})"
+            mine = claimed.get(f"output/{k}")
+            if mine is None or not mine.is_floating_point():
+                return False, f"output {k} differs and no floating-point claimed output was revealed to compare within tolerance"
+            diff = (mine.to(torch.float64) - value.to(torch.float64)).abs()
+            bound = compute_native_bound(node, inputs, value)
+            if not bool(torch.all(diff <= bound)):
+                worst = int(torch.argmax(diff - bound))
+                return False, f"output {k} element {worst} is off by {float(diff.flatten()[worst]):.3g}, beyond the native tolerance {float(bound.flatten()[worst]):.3g}"
+        elif compute_scalar_digest(value) != digest:
+            return False, f"output {k}: the host scalar differs ({value!r})"
+    return True, "the claimed output is what the operator computes"
+
+
+def _verdict_leaf(spec: JobSpec, step: int, node: Node, tensors: Mapping[str, torch.Tensor], data_dir: str | None) -> tuple[bool, str]:
+    name = str(node.args["name"])
+    meta = node.outputs[0]
+    if is_state_leaf(name):
+        value = tensors["leaf"]  # bound to the agreed start state by the protocol before the referee is asked
+    else:
+        try:
+            value = compute_leaf_value(spec, step, name, meta.shape, data_dir=data_dir)
+        except (ValueError, IndexError, KeyError) as exc:
+            return False, f"leaf {name!r} cannot be derived from the spec: {exc}"
+    if compute_value_digest(value) != node.digests[0]:
+        return False, f"leaf {name!r} is not the tensor the step reads (digest {node.digests[0][:16]} != {compute_value_digest(value)[:16]})"
+    return True, f"leaf {name!r} is the tensor the step reads"
+
+
+def _verdict_state(node: Node, tensors: Mapping[str, torch.Tensor], claimed_end: Digest) -> tuple[bool, str]:
+    names = list(node.args["names"])
+    state = {name: tensors[f"input/{slot}"] for slot, name in enumerate(names)}
+    state["meta/step"] = torch.tensor(int(node.args["step"]), dtype=torch.int64)
+    got = state_digest(state)
+    if got != node.digests[0]:
+        return False, f"the end-state tensors hash to {got[:16]}, not the claimed {node.digests[0][:16]}"
+    if got != claimed_end:
+        return False, f"the step's end state hashes to {got[:16]}, but the solver claimed S_t+1 = {claimed_end[:16]}"
+    return True, "the end state is the digest of the step's final tensors"
+
+
+def _verdict_element(spec: JobSpec, node: Node, tensors: Mapping[str, torch.Tensor], element: int) -> tuple[bool, str, int, int]:
+    """Compute one output element of a matrix product and compare it with the solver's revealed output there."""
+    try:
+        func = get_aten_op(node.op)
+        inputs = [tensors[f"input/{slot}"] for slot in range(len(node.inputs))]
+        scalars = [float.fromhex(h) for h in node.scalars]
+        args = decode_args(node.args["args"], inputs, scalars)
+        kwargs = {k: decode_args(v, inputs, scalars) for k, v in node.args["kwargs"].items()}
+        sliced = _slice_for_element(node.op, list(args), node.outputs[0].shape, element)
+        claimed = tensors["output/0"].reshape(-1)[element]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return False, f"the node's operator or arguments cannot be decoded: {exc}", 0, 0
+    a, b = (sliced[0], sliced[1]) if node.op != "aten.addmm.default" else (sliced[1], sliced[2])
+    length = int(a.shape[-1])
+    counter = _CountingMode()
+    try:
+        with numerics_context(spec.numerics), counter:
+            result = func(*sliced, **kwargs)
+        value = result.reshape(-1)[0]
+    except Exception as exc:  # the solver's claimed call itself fails: its claim cannot be right
+        return False, f"{node.op} fails on the revealed inputs: {type(exc).__name__}: {str(exc)[:200]}", counter.count, 0
+    flops = 2 * length + (1 if node.op == "aten.addmm.default" else 0)
+    where = f"output element {element} (one {length}-long dot product)"
+    if spec.numerics == "exact" or not value.is_floating_point():
+        same = bool(torch.equal(value.reshape(1).view(torch.int32), claimed.reshape(1).view(torch.int32))) if value.dtype == torch.float32 else bool(torch.equal(value, claimed))
+        return same, f"{where}: claimed {float(claimed)!r}, exact {float(value)!r}", counter.count, flops
+    terms = float((a.reshape(-1).to(torch.float64).abs() * b.reshape(-1).to(torch.float64).abs()).sum())
+    bound = 4.0 * (length + 1) * _EPS32 * (terms + abs(float(value))) + 1e-30
+    diff = abs(float(claimed) - float(value))
+    return diff <= bound, f"{where}: claimed {float(claimed):.9g}, referee {float(value):.9g}, off by {diff:.3g} (tolerance {bound:.3g})", counter.count, flops
+
+
+def _verdict_op(spec: JobSpec, node: Node, tensors: Mapping[str, torch.Tensor]) -> tuple[bool, str, int]:
+    try:
+        func = get_aten_op(node.op)
+        inputs = [tensors[f"input/{slot}"].clone() for slot in range(len(node.inputs))]
+        scalars = [float.fromhex(h) for h in node.scalars]
+        args = decode_args(node.args["args"], inputs, scalars)
+        kwargs = {k: decode_args(v, inputs, scalars) for k, v in node.args["kwargs"].items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return False, f"the node's operator or arguments cannot be decoded: {exc}", 0
+    counter = _CountingMode()
+    try:
+        with numerics_context(spec.numerics), counter:
+            out = func(*args, **kwargs)
+    except Exception as exc:  # the solver's claimed call itself fails: its claim cannot be right
+        return False, f"{node.op} fails on the revealed inputs: {type(exc).__name__}: {str(exc)[:200]}", counter.count
+    originals = [tensors[f"input/{slot}"] for slot in range(len(node.inputs))]
+    ok, why = _outputs_match(node, get_outputs(func, args, kwargs, out), originals, tensors, spec.numerics)
+    return ok, why, counter.count
+
+
+def compute_verdict(
+    spec: JobSpec,
+    step: int,
+    node: Node,
+    tensors: Mapping[str, torch.Tensor],
+    claimed_end: Digest,
+    *,
+    data_dir: str | None = None,
+    element: int | None = None,
+) -> Verdict:
+    """Rule on the solver's claim at `node` of step `step`, its inputs in `tensors` (`input/<slot>`, `leaf`,
+    `output/<k>`) already bound to agreed digests by the protocol. Never raises on a bad claim: a claim that cannot
+    be checked is ruled wrong. `element` (a matrix product's pointed-at output element) limits the work to that
+    element. Raises NumericsUnavailable if exact numerics is not available here."""
+    started = time.perf_counter()
+    executed = 0
+    if node.op == LEAF_OP:
+        ok, why = _verdict_leaf(spec, step, node, tensors, data_dir)
+    elif node.op == STATE_OP:
+        ok, why = _verdict_state(node, tensors, claimed_end)
+    elif element is not None and is_pointable(node.op):
+        ok, why, executed, flops = _verdict_element(spec, node, tensors, element)
+        return Verdict(ok, why, executed, flops, time.perf_counter() - started)
+    else:
+        ok, why, executed = _verdict_op(spec, node, tensors)
+    return Verdict(ok, why, executed, node.flops if executed else 0, time.perf_counter() - started)

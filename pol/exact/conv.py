@@ -1,0 +1,201 @@
+"""Exact convolution (1-D and 2-D, forward and backward) and pooling through im2col and the exact product.
+
+    forward       out[n, o, l]  = sum_{c,ky,kx} W[o, c, ky, kx] * patch[n, l, (c,ky,kx)]    one exact product
+    grad_input    = convolution of the stride-dilated, padded grad_output with the flipped weight (one exact
+                    product per input position: every overlapping contribution is inside one exact sum)
+    grad_weight   = grad_output (O, N*L) @ patches (N*L, C*K*K)                                one exact product
+    grad_bias     = exact sum over batch and positions
+
+A bias is added after the product (a second IEEE rounding). Average pooling sums each window exactly and divides
+once; its backward spreads grad/divisor and adds overlapping windows with one exact sum per input element. Max
+pooling's backward is an exact scatter-add.
+
+Raises `UnsupportedOperator` for grouped or transposed convolutions, 3-D convolutions, ceil_mode pooling and
+avg_pool2d with count_include_pad=False and padding, or a divisor override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pol.errors import UnsupportedOperator
+from pol.exact.matmul import exact_mm
+from pol.exact.reduce import exact_scatter_add, exact_sum, sum_into_slots
+
+__all__ = [
+    "exact_convolution",
+    "exact_convolution_backward",
+    "exact_avg_pool2d",
+    "exact_avg_pool2d_backward",
+    "exact_max_pool2d_backward",
+]
+
+Pair = tuple[int, int]
+
+
+def _pair(v: Sequence[int] | int, n: int) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    return v * n if len(v) == 1 else v
+
+
+def _verify_conv(weight: torch.Tensor, transposed: bool, groups: int) -> None:
+    if transposed:
+        raise UnsupportedOperator("aten.convolution", "transposed convolution is not supported")
+    if groups != 1:
+        raise UnsupportedOperator("aten.convolution", "grouped convolution is not supported")
+    if weight.dim() not in (3, 4):
+        raise UnsupportedOperator("aten.convolution", f"{weight.dim() - 2}-D convolution is not supported")
+
+
+def _conv2d_nobias(x: torch.Tensor, w: torch.Tensor, stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
+    """2-D cross-correlation as im2col + one exact product. x (N, C, H, W), w (O, C, kh, kw) -> (N, O, Ho, Wo)."""
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, CKK, L)
+    a = cols.transpose(1, 2).reshape(n * ho * wo, -1)
+    out = exact_mm(a, w.reshape(o, -1).t())  # (N*L, O)
+    return out.reshape(n, ho * wo, o).transpose(1, 2).reshape(n, o, ho, wo)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(2) if x.dim() == 3 else x
+
+
+def _params_2d(one_d: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    if one_d:
+        return [1, _pair(stride, 1)[0]], [0, _pair(padding, 1)[0]], [1, _pair(dilation, 1)[0]]
+    return _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2)
+
+
+def exact_convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """aten.convolution for 1-D/2-D, groups=1, not transposed. Raises UnsupportedOperator otherwise."""
+    _verify_conv(weight, transposed, groups)
+    one_d = weight.dim() == 3
+    s, p, d = _params_2d(one_d, stride, padding, dilation)
+    out = _conv2d_nobias(_as_2d(x), _as_2d(weight), (s[0], s[1]), (p[0], p[1]), (d[0], d[1]))
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out.squeeze(2) if one_d else out
+
+
+def _grad_input(g: torch.Tensor, w: torch.Tensor, in_hw: Sequence[int], s: list[int], p: list[int], d: list[int]) -> torch.Tensor:
+    """Gradient of a 2-D convolution with respect to its input (see module docstring)."""
+    n, o, ho, wo = g.shape
+    kh, kw = w.shape[2:]
+    extra = [(in_hw[i] + 2 * p[i] - d[i] * ((kh, kw)[i] - 1) - 1) % s[i] for i in range(2)]
+    dil = g.new_zeros((n, o, (ho - 1) * s[0] + 1 + extra[0], (wo - 1) * s[1] + 1 + extra[1]))
+    dil[:, :, : (ho - 1) * s[0] + 1 : s[0], : (wo - 1) * s[1] + 1 : s[1]] = g
+    ph, pw = d[0] * (kh - 1) - p[0], d[1] * (kw - 1) - p[1]
+    padded = F.pad(dil, (pw, pw, ph, ph))
+    flipped = w.transpose(0, 1).flip(2, 3)  # (C, O, kh, kw)
+    out = _conv2d_nobias(padded, flipped, (1, 1), (0, 0), (d[0], d[1]))
+    assert tuple(out.shape[2:]) == tuple(in_hw), "grad_input shape mismatch"
+    return out
+
+
+def exact_convolution_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: Sequence[int] | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+):
+    """aten.convolution_backward -> (grad_input, grad_weight, grad_bias), each None where not asked for.
+
+    Raises UnsupportedOperator as `exact_convolution` does."""
+    _verify_conv(weight, transposed, groups)
+    one_d = weight.dim() == 3
+    s, p, d = _params_2d(one_d, stride, padding, dilation)
+    g, x2, w2 = _as_2d(grad_output), _as_2d(x), _as_2d(weight)
+    gi = gw = gb = None
+    if output_mask[0]:
+        gi = _grad_input(g, w2, x2.shape[2:], s, p, d)
+        gi = gi.squeeze(2) if one_d else gi
+    if output_mask[1]:
+        n, o = g.shape[:2]
+        cols = F.unfold(x2, w2.shape[2:], dilation=d, padding=p, stride=s)  # (N, CKK, L)
+        a = g.reshape(n, o, -1).transpose(0, 1).reshape(o, -1)  # (O, N*L)
+        gw = exact_mm(a, cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(weight.shape)
+    if output_mask[2]:
+        gb = exact_sum(grad_output, [0] + list(range(2, grad_output.dim())))
+    return gi, gw, gb
+
+
+def _verify_pool(ceil_mode: bool, count_include_pad: bool, padding: list[int], divisor_override: int | None) -> None:
+    if ceil_mode:
+        raise UnsupportedOperator("aten.avg_pool2d", "ceil_mode is not supported")
+    if divisor_override is not None:
+        raise UnsupportedOperator("aten.avg_pool2d", "divisor_override is not supported")
+    if not count_include_pad and any(padding):
+        raise UnsupportedOperator("aten.avg_pool2d", "count_include_pad=False with padding is not supported")
+
+
+def _pool_geometry(kernel_size, stride, padding):
+    k = _pair(kernel_size, 2)
+    s = _pair(stride, 2) if stride else k
+    return k, s, _pair(padding, 2)
+
+
+def exact_avg_pool2d(
+    x: torch.Tensor, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+) -> torch.Tensor:
+    """Average pooling: exact window sums, one division by kh*kw. Raises UnsupportedOperator (see module)."""
+    k, s, p = _pool_geometry(kernel_size, stride, padding)
+    _verify_pool(ceil_mode, count_include_pad, p, divisor_override)
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    x4 = x.reshape(-1, 1, h, w)
+    ho = (h + 2 * p[0] - k[0]) // s[0] + 1
+    wo = (w + 2 * p[1] - k[1]) // s[1] + 1
+    cols = F.unfold(x4, k, padding=p, stride=s)  # (NC, kk, L)
+    return (exact_sum(cols, [1]) / (k[0] * k[1])).reshape(*lead, ho, wo)
+
+
+def exact_avg_pool2d_backward(
+    grad_output: torch.Tensor, x: torch.Tensor, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+) -> torch.Tensor:
+    """Backward of `exact_avg_pool2d`: grad/divisor added into each window's inputs, one exact sum per input."""
+    k, s, p = _pool_geometry(kernel_size, stride, padding)
+    _verify_pool(ceil_mode, count_include_pad, p, divisor_override)
+    h, w = x.shape[-2:]
+    planes = x.numel() // (h * w)
+    pos = torch.arange(1, h * w + 1, dtype=torch.float64, device=x.device).reshape(1, 1, h, w)
+    slots = F.unfold(pos, k, padding=p, stride=s).to(torch.int64)[0] - 1  # (kk, L), -1 for padding
+    g = (grad_output / (k[0] * k[1])).reshape(planes, 1, -1).expand(planes, slots.shape[0], slots.shape[1])
+    plane_base = (torch.arange(planes, device=x.device) * (h * w)).view(-1, 1, 1)
+    target = torch.where(slots >= 0, plane_base + slots, torch.full_like(plane_base + slots, planes * h * w))
+    out = sum_into_slots(g.reshape(-1), target.reshape(-1), planes * h * w + 1)
+    return out[:-1].reshape(x.shape)
+
+
+def exact_max_pool2d_backward(
+    grad_output: torch.Tensor, x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode, indices: torch.Tensor
+) -> torch.Tensor:
+    """Backward of max pooling: exact scatter-add of grad_output to the argmax positions of each plane."""
+    h, w = x.shape[-2:]
+    planes = x.numel() // (h * w)
+    base = x.new_zeros((planes, h * w))
+    out = exact_scatter_add(base, 1, indices.reshape(planes, -1), grad_output.reshape(planes, -1))
+    return out.reshape(x.shape)

@@ -1,0 +1,341 @@
+"""Exact elementwise operators: transcendentals from IEEE basic operations in a fixed order, and the split of
+operators that hide several roundings into single-rounding steps.
+
+Transcendentals are evaluated in float64 with range reduction and fixed polynomials (plain `*` and `+`, one torch
+op per step, so nothing can be contracted into an FMA), then rounded once to float32. No libm call is made at run
+time; the few constants that need transcendental values are computed at import with `decimal` (software arithmetic,
+the same on every machine). Accuracy: within 1 ulp of the true float32 value (tested against float64 references).
+
+IEEE special values: NaN propagates; exp(-inf) = 0, exp(inf) = inf; log(0) = -inf, log(x < 0) = NaN; tanh(+-inf) =
++-1; erf(+-inf) = +-1; sigmoid(-inf) = 0; subnormal inputs and results are kept (no flush to zero).
+
+Raises `UnsupportedOperator` for dtypes other than float32.
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Callable
+from functools import cache
+
+import torch
+
+from pol.errors import UnsupportedOperator
+from pol.exact._fixed import FloatTensor, pow2_f64
+
+__all__ = [
+    "exact_exp",
+    "exact_expm1",
+    "exact_log",
+    "exact_log1p",
+    "exact_tanh",
+    "exact_sigmoid",
+    "exact_erf",
+    "exact_rsqrt",
+    "exact_pow_scalar",
+    "exp_f64",
+    "log_f64",
+    "erf_f64",
+]
+
+INV_LN2 = 1.4426950408889634
+LN2_HI = 6.93147180369123816490e-01  # fdlibm split: n * LN2_HI is exact for |n| < 2**11
+LN2_LO = 1.90821492927058770002e-10
+SQRT2 = 1.4142135623730951
+EXP_DEGREE = 10
+LOG_TERMS = 8
+EXPM1_DEGREE = 12
+ERF_DEGREE = 12
+ERF_STEP = 0.5  # centres at 0, 0.5, ..., 4.0; |h| <= 0.25
+ERF_CENTRES = 9
+ERF_ONE = 4.0  # float32(erf(x)) == 1 for x >= 4
+
+
+def _verify_float32(name: str, x: torch.Tensor) -> None:
+    if x.dtype != torch.float32:
+        raise UnsupportedOperator(name, f"exact transcendentals take float32, got {x.dtype}")
+
+
+def _horner(coeffs: list[float], x: FloatTensor) -> FloatTensor:
+    """sum_i coeffs[i] * x**i, highest first, one rounding per step."""
+    acc = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = acc * x
+        acc = acc + c
+    return acc
+
+
+def _inv_factorials(n: int) -> list[float]:
+    out, f = [], 1
+    for i in range(n + 1):
+        f = f * i if i else 1
+        out.append(float(decimal.Decimal(1) / decimal.Decimal(f)))  # correctly rounded
+    return out
+
+
+def exp_f64(x: FloatTensor) -> FloatTensor:
+    """exp of float64 `x` clamped to [-700, 700] (callers handle the ends), ~1e-16 relative."""
+    x = x.clamp(-700.0, 700.0)
+    n = torch.round(x * INV_LN2)
+    r = (x - n * LN2_HI) - n * LN2_LO
+    return _horner(_inv_factorials(EXP_DEGREE), r) * pow2_f64(n.to(torch.int64))
+
+
+def expm1_f64(x: FloatTensor) -> FloatTensor:
+    """exp(x) - 1 for float64 `x` without cancellation near 0 (Taylor below |x| < 0.5)."""
+    small = _horner([0.0] + _inv_factorials(EXPM1_DEGREE)[1:], x)
+    return torch.where(x.abs() < 0.5, small, exp_f64(x) - 1.0)
+
+
+def log_f64(x: FloatTensor) -> FloatTensor:
+    """log of positive finite normal float64 `x`: log(m * 2**e) = e*ln2 + 2*atanh((m-1)/(m+1))."""
+    bits = x.view(torch.int64)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    m = ((bits & ((1 << 52) - 1)) | (1023 << 52)).view(torch.float64)  # [1, 2)
+    big = m > SQRT2
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1, e).to(torch.float64)
+    f = m - 1.0
+    s = f / (f + 2.0)
+    s2 = s * s
+    poly = _horner([1.0 / (2 * i + 1) for i in range(LOG_TERMS)], s2)
+    return e * LN2_HI + (e * LN2_LO + (s + s) * poly)
+
+
+@cache
+def _erf_table() -> tuple[tuple[float, ...], ...]:
+    """Taylor coefficients of erf around each centre c = j * ERF_STEP: erf(c + h) = sum_n a_n h**n (60 digits)."""
+    ctx = decimal.Context(prec=60)
+    two_over_sqrt_pi = ctx.divide(2, ctx.sqrt(ctx.create_decimal("3.14159265358979323846264338327950288419716939937510")))
+    rows = []
+    for j in range(ERF_CENTRES):
+        c = decimal.Decimal(j) * decimal.Decimal(str(ERF_STEP))
+        # erf(c) by its Maclaurin series, in 60-digit decimal
+        total, term, n = decimal.Decimal(0), c, 0
+        while True:
+            add = ctx.divide(term, 2 * n + 1)
+            total = ctx.add(total, add)
+            if abs(add) < decimal.Decimal("1e-45"):
+                break
+            n += 1
+            term = ctx.multiply(term, ctx.divide(-c * c, n))
+        coeffs = [total * two_over_sqrt_pi]
+        g = ctx.multiply(two_over_sqrt_pi, ctx.exp(-c * c))
+        h_prev, h = decimal.Decimal(0), decimal.Decimal(1)  # H_{-1} (unused), H_0
+        fact = decimal.Decimal(1)
+        for k in range(1, ERF_DEGREE + 1):  # a_k = g * (-1)**(k-1) * H_{k-1}(c) / k!
+            fact *= k
+            coeffs.append(ctx.divide(g * (-1) ** (k - 1) * h, fact))
+            h_prev, h = h, 2 * c * h - 2 * (k - 1) * h_prev
+        rows.append(tuple(float(a) for a in coeffs))
+    return tuple(rows)
+
+
+def erf_f64(x: FloatTensor) -> FloatTensor:
+    """erf of float64 `x`: odd; a degree-12 Taylor polynomial around the nearest centre j/2 (|h| <= 1/4, relative
+    error below 1e-11 on [0, 4.25)); 1 from 4 on (erf(x) rounds to 1 in float32 there)."""
+    ax = x.abs()
+    j = torch.clamp(torch.round(ax * (1.0 / ERF_STEP)), 0, ERF_CENTRES - 1).to(torch.int64)
+    h = ax - j.to(torch.float64) * ERF_STEP
+    table = torch.tensor(_erf_table(), dtype=torch.float64, device=x.device).t().contiguous()  # (degree+1, centres)
+    acc = torch.take(table[ERF_DEGREE], j)
+    for k in range(ERF_DEGREE - 1, -1, -1):
+        acc = acc * h
+        acc = acc + torch.take(table[k], j)
+    y = torch.where(ax >= ERF_ONE, torch.ones_like(acc), acc)
+    return torch.where(x < 0, -y, y)
+
+
+BLOCK = 1 << 15
+"""Elements per block: the float64 temporaries of a block stay in cache; blocks never change a result."""
+
+
+def _blockwise(fn: Callable[[FloatTensor], FloatTensor], x: FloatTensor) -> FloatTensor:
+    """Apply an elementwise `fn` block by block over the flattened tensor (identical results, less memory traffic)."""
+    if x.numel() <= 2 * BLOCK:
+        return fn(x)
+    flat = x.reshape(-1)
+    return torch.cat([fn(flat[i : i + BLOCK]) for i in range(0, flat.numel(), BLOCK)]).reshape(x.shape)
+
+
+def _finish(x: FloatTensor, y64: FloatTensor) -> FloatTensor:
+    """Round a float64 result to float32 once, keeping NaN inputs NaN."""
+    y = y64.to(torch.float32)
+    return torch.where(torch.isnan(x), x, y)
+
+
+def _exact_exp_block(x: FloatTensor) -> FloatTensor:
+    """exp(x) for float32 `x`, one final rounding. Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.exp", x)
+    xd = x.to(torch.float64)
+    y = exp_f64(xd.clamp(-120.0, 100.0))
+    y = torch.where(xd < -120.0, torch.zeros_like(y), y)
+    y = torch.where(xd > 100.0, torch.full_like(y, float("inf")), y)
+    return _finish(x, y)
+
+
+def _exact_expm1_block(x: FloatTensor) -> FloatTensor:
+    """exp(x) - 1 for float32 `x`. Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.expm1", x)
+    xd = x.to(torch.float64)
+    y = expm1_f64(xd.clamp(-120.0, 100.0))
+    y = torch.where(xd > 100.0, torch.full_like(y, float("inf")), y)
+    return _finish(x, y)
+
+
+def _log_special(xd: FloatTensor, y: FloatTensor) -> FloatTensor:
+    y = torch.where(xd == 0, torch.full_like(y, float("-inf")), y)
+    y = torch.where(xd < 0, torch.full_like(y, float("nan")), y)
+    return torch.where(xd == float("inf"), xd, y)
+
+
+def _exact_log_block(x: FloatTensor) -> FloatTensor:
+    """Natural log of float32 `x`. Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.log", x)
+    xd = x.to(torch.float64)
+    safe = torch.where((xd > 0) & torch.isfinite(xd), xd, torch.ones_like(xd))
+    return _finish(x, _log_special(xd, log_f64(safe)))
+
+
+def _exact_log1p_block(x: FloatTensor) -> FloatTensor:
+    """log(1 + x) for float32 `x`: 1 + x is exact in float64 for float32 x except far below 2**-29, where the
+    Taylor term x - x*x/2 takes over. Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.log1p", x)
+    xd = x.to(torch.float64)
+    u = xd + 1.0
+    safe = torch.where((u > 0) & torch.isfinite(u), u, torch.ones_like(u))
+    tiny = xd.abs() < 2.0**-20
+    y = torch.where(tiny, xd - (xd * xd) * 0.5, log_f64(safe))
+    return _finish(x, _log_special(u, y))
+
+
+def _exact_tanh_block(x: FloatTensor) -> FloatTensor:
+    """tanh(x) = sign(x) * t / (t + 2) with t = expm1(2|x|). Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.tanh", x)
+    xd = x.to(torch.float64)
+    a = xd.abs().clamp(max=20.0)
+    t = expm1_f64(a + a)
+    y = t / (t + 2.0)
+    y = torch.where(xd < 0, -y, y)
+    y = torch.where(xd == 0, xd, y)  # keeps -0
+    return _finish(x, y)
+
+
+def _exact_sigmoid_block(x: FloatTensor) -> FloatTensor:
+    """1 / (1 + exp(-x)). Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.sigmoid", x)
+    xd = x.to(torch.float64)
+    y = 1.0 / (1.0 + exp_f64((-xd).clamp(-700.0, 700.0)))
+    return _finish(x, y)
+
+
+def _exact_erf_block(x: FloatTensor) -> FloatTensor:
+    """erf(x). Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.erf", x)
+    xd = x.to(torch.float64)
+    y = erf_f64(torch.where(torch.isfinite(xd), xd, torch.sign(xd) * 10.0))
+    y = torch.where(xd == 0, xd, y)
+    return _finish(x, y)
+
+
+def exact_rsqrt(x: FloatTensor) -> FloatTensor:
+    """1 / sqrt(x) in float64 (two IEEE-correct ops), rounded once to float32.
+
+    Raises UnsupportedOperator for other dtypes."""
+    _verify_float32("aten.rsqrt", x)
+    return (1.0 / torch.sqrt(x.to(torch.float64))).to(torch.float32)
+
+
+def exact_pow_scalar(x: FloatTensor, p: float) -> FloatTensor:
+    """x ** p for a Python-number exponent: 0, 0.5, -1 and 2 by one IEEE op; other integers up to 16 by float64
+    products left to right and one rounding; any other exponent as exp(p * log|x|) in float64 with IEEE's sign and special rules
+    for negative bases (NaN for a non-integer exponent). Raises UnsupportedOperator for non-float32 `x`."""
+    _verify_float32("aten.pow", x)
+    if p == 0:
+        return torch.ones_like(x)
+    if p == 0.5:
+        return torch.sqrt(x)
+    if p == -1:
+        return 1.0 / x
+    if p == 2:
+        return x * x
+    if float(p).is_integer() and 1 <= abs(p) <= 16:  # products in float64, left to right, one final rounding
+        xd = x.to(torch.float64)
+        y = xd
+        for _ in range(int(abs(p)) - 1):
+            y = y * xd
+        return (y if p > 0 else 1.0 / y).to(torch.float32)
+    xd = x.to(torch.float64)
+    ax = xd.abs()
+    safe = torch.where((ax > 0) & torch.isfinite(ax), ax, torch.ones_like(ax))
+    y = exp_f64((log_f64(safe) * p).clamp(-700.0, 700.0))
+    y = torch.where(ax == 0, torch.full_like(y, 0.0 if p > 0 else float("inf")), y)
+    y = torch.where(ax == float("inf"), torch.full_like(y, float("inf") if p > 0 else 0.0), y)
+    if float(p).is_integer() and int(p) % 2 == 1:
+        y = torch.where(xd < 0, -y, y)
+    elif not float(p).is_integer():
+        y = torch.where(xd < 0, torch.full_like(y, float("nan")), y)
+    return _finish(x, y)
+
+
+def exact_exp(x: FloatTensor) -> FloatTensor:
+    """exp of float32 `x` (see `_exact_exp_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.exp", x)
+    return _blockwise(_exact_exp_block, x)
+
+
+def exact_expm1(x: FloatTensor) -> FloatTensor:
+    """expm1 of float32 `x` (see `_exact_expm1_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.expm1", x)
+    return _blockwise(_exact_expm1_block, x)
+
+
+def exact_log(x: FloatTensor) -> FloatTensor:
+    """log of float32 `x` (see `_exact_log_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.log", x)
+    return _blockwise(_exact_log_block, x)
+
+
+def exact_log1p(x: FloatTensor) -> FloatTensor:
+    """log1p of float32 `x` (see `_exact_log1p_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.log1p", x)
+    return _blockwise(_exact_log1p_block, x)
+
+
+def exact_tanh(x: FloatTensor) -> FloatTensor:
+    """tanh of float32 `x` (see `_exact_tanh_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.tanh", x)
+    return _blockwise(_exact_tanh_block, x)
+
+
+def exact_sigmoid(x: FloatTensor) -> FloatTensor:
+    """sigmoid of float32 `x` (see `_exact_sigmoid_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.sigmoid", x)
+    return _blockwise(_exact_sigmoid_block, x)
+
+
+def exact_erf(x: FloatTensor) -> FloatTensor:
+    """erf of float32 `x` (see `_exact_erf_block`), computed block by block.
+
+    Raises UnsupportedOperator for other dtypes.
+    """
+    _verify_float32("aten.erf", x)
+    return _blockwise(_exact_erf_block, x)

@@ -1,0 +1,538 @@
+"""The exact dispatch mode: every aten operator of a training step goes to an exact implementation.
+
+Routing, in order (`route_operator`):
+  1. random draws                       -> UnsupportedOperator (draws come from the hardware-independent generator)
+  2. an exact handler for the overload  -> products, reductions, transcendentals, convolution, pooling, scatter-adds,
+                                           and the split of multi-rounding ops (add/sub with alpha)
+  3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * / sqrt...)
+  4. torch's own decomposition (the listed ones, and any CompositeImplicitAutograd operator)         -> softmax, layer norm, GELU, losses, var/std, addcmul/addcdiv/lerp...;
+                                           the decomposition runs under this mode again, so its pieces are routed too
+  5. in-place form `op_` of a routed op  -> computed out of place, then copied into `self`
+  6. an operator on integer/bool tensors only -> native (integer arithmetic is exact)
+  7. anything else                      -> UnsupportedOperator naming the operator; never a silent native kernel.
+
+The mode keeps a per-instance count of the operators it saw (`ExactMode.seen`), so tests can check that autograd's
+backward and the optimizer step were routed through it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch._decomp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pol.errors import UnsupportedOperator
+from pol.exact import conv, elementwise, matmul, reduce
+
+__all__ = ["ExactMode", "exact_mode", "route_operator", "supported_operators", "is_supported"]
+
+aten = torch.ops.aten
+OpOverload = torch._ops.OpOverload
+Handler = Callable[..., Any]
+
+RANDOM_PACKETS = frozenset(
+    p.lower()
+    for p in (
+        "rand",
+        "rand_like",
+        "randn",
+        "randn_like",
+        "randint",
+        "randint_like",
+        "randperm",
+        "bernoulli",
+        "bernoulli_",
+        "normal",
+        "normal_",
+        "uniform",
+        "uniform_",
+        "native_dropout",
+        "exponential_",
+        "multinomial",
+        "random_",
+        "poisson",
+        "cauchy_",
+        "log_normal_",
+        "geometric_",
+        "rrelu_with_noise",
+        "_fused_dropout",
+    )
+)
+
+PASSTHROUGH_PACKETS = frozenset(
+    (
+        # views, copies and shape changes
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "permute",
+        "transpose",
+        "t",
+        "expand",
+        "expand_as",
+        "clone",
+        "copy_",
+        "copy",
+        "slice",
+        "select",
+        "cat",
+        "stack",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+        "narrow",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "contiguous",
+        "as_strided",
+        "alias",
+        "detach",
+        "lift_fresh",
+        "lift_fresh_copy",
+        "_to_copy",
+        "unfold",
+        "repeat",
+        "roll",
+        "flip",
+        "diagonal",
+        "slice_scatter",
+        "select_scatter",
+        "constant_pad_nd",
+        "tril",
+        "triu",
+        "_unsafe_index",
+        "index",
+        "index_select",
+        "gather",
+        "embedding",
+        "where",
+        "masked_fill",
+        "masked_fill_",
+        "fill_",
+        "fill",
+        "zero_",
+        "scatter",
+        "scatter_",
+        "one_hot",
+        "_reshape_alias",
+        "view_as",
+        "movedim",
+        "squeeze_",
+        "unsqueeze_",
+        "t_",
+        "transpose_",
+        # factories
+        "zeros",
+        "ones",
+        "full",
+        "empty",
+        "empty_like",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "new_empty",
+        "new_empty_strided",
+        "empty_strided",
+        "scalar_tensor",
+        "arange",
+        "_local_scalar_dense",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "sym_storage_offset",
+        "is_same_size",
+        # comparisons, selections and sign-only ops: no rounded result
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "logical_not",
+        "logical_and",
+        "logical_or",
+        "logical_xor",
+        "bitwise_not",
+        "bitwise_and",
+        "bitwise_or",
+        "bitwise_xor",
+        "isnan",
+        "isinf",
+        "isfinite",
+        "signbit",
+        "amax",
+        "amin",
+        "max",
+        "min",
+        "aminmax",
+        "argmax",
+        "argmin",
+        "maximum",
+        "minimum",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+        "relu",
+        "threshold",
+        "threshold_backward",
+        "hardtanh",
+        "abs",
+        "neg",
+        "sign",
+        "sgn",
+        "floor",
+        "ceil",
+        "round",
+        "trunc",
+        "max_pool2d_with_indices",
+        "any",
+        "all",
+        "sort",
+        "topk",
+        "nonzero",
+        # single IEEE rounding each (correctly rounded on every IEEE machine)
+        "mul",
+        "div",
+        "sqrt",
+        "reciprocal",
+        "fmod",
+        "remainder",
+        "mul_",
+        "div_",
+        "sqrt_",
+    )
+)
+
+DECOMPOSED: frozenset[OpOverload] = frozenset(
+    (
+        aten._softmax.default,
+        aten._log_softmax.default,
+        aten._softmax_backward_data.default,
+        aten._log_softmax_backward_data.default,
+        aten.native_layer_norm.default,
+        aten.native_layer_norm_backward.default,
+        aten.gelu.default,
+        aten.gelu_backward.default,
+        aten.nll_loss_forward.default,
+        aten.nll_loss_backward.default,
+        aten.mse_loss.default,
+        aten.mse_loss_backward.default,
+        aten.embedding_dense_backward.default,
+        aten.logsumexp.default,
+        aten.linalg_vector_norm.default,
+        aten.addcmul.default,
+        aten.addcdiv.default,
+        aten.lerp.Scalar,
+        aten.lerp.Tensor,
+        aten.baddbmm.default,
+        aten.tanh_backward.default,
+        aten.sigmoid_backward.default,
+        aten.silu.default,
+        aten.silu_backward.default,
+        aten.hardtanh_backward.default,
+        aten.mv.default,
+        aten.dot.default,
+        aten.log_sigmoid_forward.default,
+        aten.softplus.default,
+        aten.elu.default,
+        aten.leaky_relu.default,
+        aten.leaky_relu_backward.default,
+        aten.rsub.Tensor,
+        aten.rsub.Scalar,
+        aten.nll_loss2d_forward.default,
+        aten.nll_loss2d_backward.default,
+        aten.huber_loss.default,
+        aten.smooth_l1_loss.default,
+        aten.binary_cross_entropy.default,
+        aten.binary_cross_entropy_backward.default,
+        aten.binary_cross_entropy_with_logits.default,
+        aten._unsafe_masked_index.default,
+        aten._unsafe_masked_index_put_accumulate.default,
+        aten.softplus_backward.default,
+        aten.elu_backward.default,
+        aten.huber_loss_backward.default,
+        aten.smooth_l1_loss_backward.default,
+        aten.log_sigmoid_backward.default,
+        aten.select_backward.default,
+        aten.slice_backward.default,
+        aten.diagonal_backward.default,
+        aten.glu.default,
+        aten.glu_backward.default,
+        aten.hardswish.default,
+        aten.hardswish_backward.default,
+        aten.mish.default,
+        aten.logit.default,
+        aten.logit_backward.default,
+        aten.norm.Scalar,
+        aten.norm.ScalarOpt_dim,
+        aten.prelu.default,
+    )
+)
+
+
+def _is_float_tensor(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for a in [*args, *kwargs.values()]:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _float_only(name: str, func: OpOverload, exact: Handler, allowed: frozenset[torch.dtype]) -> Handler:
+    """Run `exact` on inputs of the allowed float dtypes, the native op on integer/bool-only inputs; refuse others."""
+
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        floats = [t for t in _tensors(args, kwargs) if t.is_floating_point()]
+        if not floats:
+            return func(*args, **kwargs)
+        if any(t.dtype not in allowed for t in floats):
+            raise UnsupportedOperator(name, f"exact mode computes in float32, got {sorted({str(t.dtype) for t in floats})}")
+        return exact(*args, **kwargs)
+
+    return handler
+
+
+# --- handlers (mode is off inside them: they call the exact primitives and native data movement) -------------
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return matmul.exact_mm(a, b)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return matmul.exact_bmm(a, b)
+
+
+def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float = 1, alpha: float = 1) -> torch.Tensor:
+    prod = matmul.exact_mm(a, b)
+    if alpha != 1:
+        prod = prod * alpha
+    if beta == 0:
+        return prod
+    return prod + (bias if beta == 1 else bias * beta)
+
+
+def _sum(x: torch.Tensor, dim: Sequence[int] | None = None, keepdim: bool = False, *, dtype: torch.dtype | None = None):
+    if dtype is not None and dtype != x.dtype:
+        raise UnsupportedOperator("aten.sum", f"dtype change to {dtype}")
+    return reduce.exact_sum(x, dim, keepdim)
+
+
+def _mean(x: torch.Tensor, dim: Sequence[int] | None = None, keepdim: bool = False, *, dtype: torch.dtype | None = None):
+    if dtype is not None and dtype != x.dtype:
+        raise UnsupportedOperator("aten.mean", f"dtype change to {dtype}")
+    return reduce.exact_mean(x, dim, keepdim)
+
+
+def _add(a: Any, b: Any, *, alpha: float = 1) -> torch.Tensor:
+    return torch.add(a, b if alpha == 1 else b * alpha)
+
+
+def _sub(a: Any, b: Any, *, alpha: float = 1) -> torch.Tensor:
+    return torch.sub(a, b if alpha == 1 else b * alpha)
+
+
+def _pow(x: torch.Tensor, p: float) -> torch.Tensor:
+    return elementwise.exact_pow_scalar(x, float(p))
+
+
+def _index_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, *, alpha: float = 1):
+    return reduce.exact_index_add(x, dim, index, src if alpha == 1 else src * alpha)
+
+
+def _scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return reduce.exact_scatter_add(x, dim, index, src)
+
+
+def _index_put(x: torch.Tensor, indices: Sequence[torch.Tensor | None], values: torch.Tensor, accumulate: bool = False):
+    if not accumulate:
+        return aten.index_put.default(x, indices, values, False)
+    if len(indices) != 1 or indices[0] is None or indices[0].dtype == torch.bool:
+        raise UnsupportedOperator("aten.index_put", "accumulate=True is exact only for one integer index tensor")
+    idx = indices[0].reshape(-1)
+    src = values.expand(*indices[0].shape, *x.shape[1:]).reshape(idx.numel(), *x.shape[1:])
+    return reduce.exact_index_add(x, 0, idx, src)
+
+
+def _var_params(overload: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, float, bool]:
+    """(dim, correction, keepdim) of var/std/var_mean/std_mean for their .default, .dim and .correction forms."""
+    rest = list(args)
+    if overload == "default":
+        unbiased = rest[0] if rest else kwargs.get("unbiased", True)
+        return None, 1.0 if unbiased else 0.0, False
+    if overload == "dim":
+        dim = rest[0] if rest else kwargs.get("dim")
+        unbiased = rest[1] if len(rest) > 1 else kwargs.get("unbiased", True)
+        keepdim = rest[2] if len(rest) > 2 else kwargs.get("keepdim", False)
+        return dim, 1.0 if unbiased else 0.0, keepdim
+    dim = rest[0] if rest else kwargs.get("dim")
+    correction = kwargs.get("correction")
+    return dim, 1.0 if correction is None else float(correction), kwargs.get("keepdim", False)
+
+
+def _moments(packet: str, overload: str) -> Handler:
+    """var/std (and their _mean forms): mean exactly, squared deviations one rounding each, their exact sum,
+    one division by (count - correction), then sqrt for std."""
+
+    def handler(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        dim, correction, keepdim = _var_params(overload, args, kwargs)
+        mean = reduce.exact_mean(x, dim, keepdim=True)
+        dev = x - mean
+        count = x.numel() // max(mean.numel(), 1)
+        var = reduce.exact_sum(dev * dev, dim, keepdim) / max(count - correction, 0.0)
+        out = torch.sqrt(var) if packet.startswith("std") else var
+        if packet.endswith("_mean"):
+            return out, mean if keepdim else mean.reshape(out.shape)
+        return out
+
+    return handler
+
+
+def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Handler:
+    return lambda x: fn(x)
+
+
+EXACT_HANDLERS: dict[OpOverload, Handler] = {
+    aten.mm.default: _mm,
+    aten.bmm.default: _bmm,
+    aten.addmm.default: _addmm,
+    aten.sum.default: _sum,
+    aten.sum.dim_IntList: _sum,
+    aten.mean.default: _mean,
+    aten.mean.dim: _mean,
+    aten.add.Tensor: _add,
+    aten.add.Scalar: _add,
+    aten.sub.Tensor: _sub,
+    aten.sub.Scalar: _sub,
+    aten.exp.default: _unary(elementwise.exact_exp),
+    aten.expm1.default: _unary(elementwise.exact_expm1),
+    aten.log.default: _unary(elementwise.exact_log),
+    aten.log1p.default: _unary(elementwise.exact_log1p),
+    aten.tanh.default: _unary(elementwise.exact_tanh),
+    aten.sigmoid.default: _unary(elementwise.exact_sigmoid),
+    aten.erf.default: _unary(elementwise.exact_erf),
+    aten.rsqrt.default: _unary(elementwise.exact_rsqrt),
+    aten.pow.Tensor_Scalar: _pow,
+    aten.index_add.default: _index_add,
+    aten.scatter_add.default: _scatter_add,
+    aten.index_put.default: _index_put,
+    aten._unsafe_index_put.default: _index_put,
+    aten.convolution.default: conv.exact_convolution,
+    aten.convolution_backward.default: conv.exact_convolution_backward,
+    aten.avg_pool2d.default: conv.exact_avg_pool2d,
+    aten.avg_pool2d_backward.default: conv.exact_avg_pool2d_backward,
+    aten.max_pool2d_with_indices_backward.default: conv.exact_max_pool2d_backward,
+}
+
+for _packet in ("var", "std", "var_mean", "std_mean"):
+    for _overload in ("default", "dim", "correction"):
+        EXACT_HANDLERS[getattr(getattr(aten, _packet), _overload)] = _moments(_packet, _overload)
+
+SINGLE_ROUNDING_SPLITS = frozenset((aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar))
+"""Handlers made of IEEE single-rounding steps only: exact in float64 as well as float32."""
+
+_GUARDED: dict[OpOverload, Handler] = {
+    op: _float_only(
+        str(op),
+        op,
+        h,
+        frozenset((torch.float32, torch.float64)) if op in SINGLE_ROUNDING_SPLITS else frozenset((torch.float32,)),
+    )
+    for op, h in EXACT_HANDLERS.items()
+}
+
+
+def _inplace_functional(func: OpOverload) -> OpOverload | None:
+    """aten.add_.Tensor -> aten.add.Tensor, when that functional overload exists."""
+    name = func.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    if packet is None:
+        return None
+    return getattr(packet, func._overloadname, None)
+
+
+def _is_composite(func: OpOverload) -> bool:
+    """True for operators defined in terms of other aten operators (CompositeImplicitAutograd)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
+def supported_operators() -> frozenset[str]:
+    """Names of the operators exact mode computes, passes through or decomposes (random draws excluded)."""
+    names = {str(op) for op in EXACT_HANDLERS} | {str(op) for op in DECOMPOSED}
+    names |= {f"aten.{p}" for p in PASSTHROUGH_PACKETS}
+    return frozenset(names)
+
+
+def is_supported(func: OpOverload) -> bool:
+    """True when `route_operator` would not refuse `func` for float32 inputs."""
+    packet = func.overloadpacket.__name__
+    if packet in RANDOM_PACKETS:
+        return False
+    if func in EXACT_HANDLERS or func in DECOMPOSED or packet in PASSTHROUGH_PACKETS or _is_composite(func):
+        return True
+    functional = _inplace_functional(func)
+    return functional is not None and is_supported(functional)
+
+
+def route_operator(mode: ExactMode, func: OpOverload, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Run one aten operator the exact way (see module docstring). Raises UnsupportedOperator naming it."""
+    packet = func.overloadpacket.__name__
+    if packet in RANDOM_PACKETS:
+        raise UnsupportedOperator(str(func), "random draws must come from the hardware-independent generator")
+    handler = _GUARDED.get(func)
+    if handler is not None:
+        return handler(*args, **kwargs)
+    if packet in PASSTHROUGH_PACKETS:
+        return func(*args, **kwargs)
+    if func in DECOMPOSED:
+        with mode:
+            return torch._decomp.decomposition_table[func](*args, **kwargs)
+    if _is_composite(func):
+        with mode:
+            return func.decompose(*args, **kwargs)
+    functional = _inplace_functional(func)
+    if functional is not None and is_supported(functional):
+        out = route_operator(mode, functional, args, kwargs)
+        args[0].copy_(out)
+        return args[0]
+    if not any(t.is_floating_point() for t in _tensors(args, kwargs)) and _tensors(args, kwargs):
+        return func(*args, **kwargs)
+    raise UnsupportedOperator(str(func))
+
+
+class ExactMode(TorchDispatchMode):
+    """TorchDispatchMode that computes every operator exactly or refuses it (see the module docstring).
+
+    `seen` counts the operators routed through this instance (its own state; nothing global).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: OpOverload, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        self.seen[str(func)] += 1
+        return route_operator(self, func, args, kwargs or {})
+
+
+def exact_mode() -> ExactMode:
+    """A fresh exact dispatch mode, to be used as `with exact_mode(): ...` around forward, backward and the
+    optimizer step. Operators it cannot make exact raise `pol.errors.UnsupportedOperator`."""
+    return ExactMode()

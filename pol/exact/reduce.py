@@ -1,0 +1,264 @@
+"""Exact reductions: every float32 is an integer multiple of 2**-149, so sums are accumulated exactly in int64
+fixed-point digits (16 bits each, one digit per exponent bin) and rounded ONCE to float32.
+
+    x = v * 2**(16*b - 149)  with |v| < 2**39 and bin b in [0, 15]       (`split_f32_to_bins`)
+    S[target, b] += v        (int64 index_add: order-free, so thread count, layout and device cannot matter)
+    result = round_nearest_even_f32(sum_b S[target, b] * 2**(16*b - 149))   (`round_digits_to_f32`)
+
+Up to 2**22 terms go into one pass; longer reductions are folded in passes with a carry step between them.
+IEEE special values: any NaN, or infinities of both signs, give NaN; otherwise an infinity wins; a sum of only
+negative zeros is -0; exact sums beyond the float32 range overflow to +-inf.
+
+Raises `UnsupportedOperator` for dtypes other than float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pol.errors import UnsupportedOperator
+from pol.exact._fixed import (
+    BIN_BITS,
+    FloatTensor,
+    IntTensor,
+    _normalize_digits,
+    round_digits_to_f32,
+    split_f32_to_bins,
+)
+
+__all__ = [
+    "accumulate_digits_dense",
+    "sum_into_slots",
+    "exact_sum",
+    "exact_mean",
+    "exact_index_add",
+    "exact_scatter_add",
+    "accumulate_digits",
+    "digits_to_f32",
+]
+
+PASS_TERMS = 1 << 22
+LSB_EXP = -149
+
+
+def _verify_float32(name: str, *xs: torch.Tensor) -> None:
+    for x in xs:
+        if x.dtype != torch.float32:
+            raise UnsupportedOperator(name, f"exact reductions take float32, got {x.dtype}")
+
+
+def accumulate_digits(x: FloatTensor, target: IntTensor, num_targets: int) -> tuple[IntTensor, int]:
+    """Exact fixed-point sums of finite 1-D float32 `x` into slots `target` (int64).
+
+    Returns (digits, lo): digits (num_targets, n) int64, least significant first, digit j weighing
+    2**(16*(lo + j) - 149). Only the bins that occur (plus 3 carry digits) are kept; the value does not depend on it.
+    """
+    v, b = split_f32_to_bins(x)
+    lo = int(b.min()) if x.numel() else 0
+    hi = int(b.max()) if x.numel() else 0
+    n = hi - lo + 1 + 3  # 2**22 terms below 2**39 sum below 2**61: three carry digits suffice
+    slot = target * n + (b - lo)
+    acc = torch.zeros(num_targets * n, dtype=torch.int64, device=x.device)
+    for i0 in range(0, x.numel(), PASS_TERMS):
+        acc.index_add_(0, slot[i0 : i0 + PASS_TERMS], v[i0 : i0 + PASS_TERMS])
+        if x.numel() > PASS_TERMS:
+            acc = _normalize_digits(acc.view(num_targets, n), BIN_BITS).reshape(-1)
+    return acc.view(num_targets, n), lo
+
+
+DENSE_MIN_NUMEL = 1 << 16
+"""From this size on, `exact_sum` uses the dense per-bin path (fewer passes over memory); below, the scatter path
+(fewer operator launches). Both give the same digits, hence the same bits (tested)."""
+DENSE_TERMS = 1 << 13
+"""Terms per dense pass: bin-j values are multiples of 2**(16j - 149) below 2**(16j - 149 + 40), so 2**13 of them
+sum exactly in float64 in any order (below 2**53 units)."""
+
+
+def accumulate_digits_dense(x: FloatTensor) -> tuple[IntTensor, int]:
+    """Exact row sums of finite 2-D float32 `x` (outer, R) as digits (outer, n), like `accumulate_digits`.
+
+    Per exponent bin j that occurs: a float64 sum of the row's bin-j entries (exact, see DENSE_TERMS), scaled to an
+    integer count of 2**(16j - 149). No scatter: every step is a dense, order-free exact operation.
+    """
+    bits = x.view(torch.int32)
+    bins = (torch.clamp((bits >> 23) & 0xFF, min=1) - 1) // BIN_BITS
+    lo = int(bins.min()) if x.numel() else 0
+    hi = int(bins.max()) if x.numel() else 0
+    x64 = x.to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    cols = []
+    for j in range(lo, hi + 1):
+        in_bin = torch.where(bins == j, x64, zero)
+        total = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        for r0 in range(0, max(x.shape[1], 1), DENSE_TERMS):
+            part = in_bin[:, r0 : r0 + DENSE_TERMS].sum(dim=1)  # exact
+            total += (part * 2.0 ** (-LSB_EXP - BIN_BITS * j)).to(torch.int64)  # exact integer below 2**53
+        cols.append(total)
+    pad = torch.zeros(x.shape[0], 3, dtype=torch.int64, device=x.device)
+    return torch.cat([torch.stack(cols, dim=1), pad], dim=1), lo
+
+
+def digits_to_f32(d: IntTensor, lo: int) -> FloatTensor:
+    """Round exact accumulator digits (..., n) whose digit 0 weighs 2**(16*lo - 149) to float32, once."""
+    return round_digits_to_f32(d, BIN_BITS, LSB_EXP + BIN_BITS * lo)
+
+
+def _counts(mask: torch.Tensor, target: IntTensor, num_targets: int) -> IntTensor:
+    return torch.zeros(num_targets, dtype=torch.int64, device=mask.device).index_add_(0, target, mask.to(torch.int64))
+
+
+def _sum_by_target(x: FloatTensor, target: IntTensor, num_targets: int, init: FloatTensor | None) -> FloatTensor:
+    """sum of x[i] into slot target[i] (plus `init[t]` when given), one rounding, IEEE special values."""
+    if init is not None:
+        x = torch.cat([init.reshape(-1), x])
+        target = torch.cat([torch.arange(num_targets, device=x.device), target])
+    finite = bool(torch.isfinite(x).all())
+    digits, lo = accumulate_digits(x if finite else torch.where(torch.isfinite(x), x, torch.zeros_like(x)), target, num_targets)
+    out = digits_to_f32(digits, lo)
+    zero = out == 0
+    if bool(zero.any()):  # IEEE: a sum of negative zeros only is -0
+        negzero = _counts((x == 0) & torch.signbit(x), target, num_targets)
+        terms = _counts(torch.ones_like(target, dtype=torch.bool), target, num_targets)
+        out = torch.where(zero & (terms > 0) & (negzero == terms), torch.full_like(out, -0.0), out)
+    if finite:
+        return out
+    nan = _counts(torch.isnan(x), target, num_targets)
+    pinf = _counts(x == float("inf"), target, num_targets)
+    ninf = _counts(x == float("-inf"), target, num_targets)
+    out = torch.where(pinf > 0, torch.full_like(out, float("inf")), out)
+    out = torch.where(ninf > 0, torch.full_like(out, float("-inf")), out)
+    bad = (nan > 0) | ((pinf > 0) & (ninf > 0))
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def sum_into_slots(x: FloatTensor, target: IntTensor, num_targets: int) -> FloatTensor:
+    """out[t] = exact sum of x[i] over target[i] == t, rounded once (1-D float32 `x`, int64 `target`).
+
+    Raises UnsupportedOperator for non-float32 `x`.
+    """
+    _verify_float32("aten.index_put", x)
+    return _sum_by_target(x, target, num_targets, None)
+
+
+def _narrow_sum_f64(flat: FloatTensor) -> FloatTensor | None:
+    """Row sums of 2-D float32 `flat` by a plain float64 sum when that sum is provably exact, else None.
+
+    An entry with biased exponent E (1 for subnormals) is a multiple of 2**(E - 150) below 2**(E - 126). If a row's
+    nonzero entries span Emax - Emin <= 29 - ceil(log2(R)) binades, every partial sum is a multiple of the row's
+    smallest unit below 2**53 of them: float64 adds it exactly in ANY order, and `.to(float32)` is the one rounding.
+    Non-finite rows return None (the general path handles IEEE special values). The result equals the general
+    path's bit for bit (both are the exact sum rounded once), so choosing a path never changes a result.
+    """
+    r = flat.shape[1]
+    if r == 0 or flat.numel() == 0:
+        return None
+    biased = (flat.view(torch.int32) >> 23) & 0xFF
+    if bool((biased == 0xFF).any()):
+        return None
+    e = torch.clamp(biased, min=1)
+    nonzero = flat != 0
+    emax = torch.where(nonzero, e, torch.zeros_like(e)).amax(dim=1)
+    emin = torch.where(nonzero, e, torch.full_like(e, 255)).amin(dim=1)
+    budget = 29 - (r - 1).bit_length()
+    if not bool(((emax - emin) <= budget).all()):
+        return None
+    return flat.to(torch.float64).sum(dim=1).to(torch.float32)
+
+
+def _negative_zero_rows(flat: FloatTensor, out: FloatTensor) -> FloatTensor:
+    """IEEE: a row summing to zero whose terms are all -0 (and that has terms) sums to -0."""
+    zero = out == 0
+    if flat.shape[1] == 0 or not bool(zero.any()):
+        return out
+    all_negzero = ((flat == 0) & torch.signbit(flat)).all(dim=1)
+    return torch.where(zero & all_negzero, torch.full_like(out, -0.0), out)
+
+
+def _normalize_dims(x: torch.Tensor, dims: Sequence[int] | int | None) -> list[int]:
+    if dims is None or (isinstance(dims, Sequence) and len(dims) == 0):
+        return list(range(x.dim()))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted({d % max(x.dim(), 1) for d in dims})
+
+
+def exact_sum(x: FloatTensor, dims: Sequence[int] | int | None = None, keepdim: bool = False) -> FloatTensor:
+    """Sum of float32 `x` over `dims` (all when None or empty), exact and rounded once.
+
+    Raises UnsupportedOperator for non-float32 input.
+    """
+    _verify_float32("aten.sum", x)
+    if x.dim() == 0:
+        return _sum_by_target(x.reshape(1), torch.zeros(1, dtype=torch.int64, device=x.device), 1, None).reshape(())
+    red = _normalize_dims(x, dims)
+    keep = [d for d in range(x.dim()) if d not in red]
+    moved = x.permute(*keep, *red)
+    outer_shape = [x.shape[d] for d in keep]
+    outer = 1
+    for s in outer_shape:
+        outer *= s
+    flat = moved.reshape(outer, -1)
+    narrow = _narrow_sum_f64(flat)
+    if narrow is not None:
+        out = _negative_zero_rows(flat, narrow)
+    elif flat.numel() >= DENSE_MIN_NUMEL and flat.shape[1] < PASS_TERMS and bool(torch.isfinite(flat).all()):
+        out = digits_to_f32(*accumulate_digits_dense(flat))
+        out = _negative_zero_rows(flat, out)
+    else:
+        target = torch.arange(outer, device=x.device).unsqueeze(1).expand_as(flat).reshape(-1)
+        out = _sum_by_target(flat.reshape(-1), target, outer, None)
+    out = out.reshape(outer_shape)
+    if keepdim:
+        for d in red:
+            out = out.unsqueeze(d)
+    return out
+
+
+def exact_mean(x: FloatTensor, dims: Sequence[int] | int | None = None, keepdim: bool = False) -> FloatTensor:
+    """exact_sum(x, dims) / count: the sum rounded once, then one IEEE division.
+
+    Raises UnsupportedOperator for non-float32 input.
+    """
+    red = _normalize_dims(x, dims)
+    count = 1
+    for d in red:
+        count *= x.shape[d] if x.dim() else 1
+    return exact_sum(x, dims, keepdim) / count
+
+
+def exact_index_add(base: FloatTensor, dim: int, index: IntTensor, src: FloatTensor) -> FloatTensor:
+    """base.index_add(dim, index, src) with every output slot an exact sum rounded once (base value included).
+
+    Raises UnsupportedOperator for non-float32 tensors.
+    """
+    _verify_float32("aten.index_add", base, src)
+    dim = dim % max(base.dim(), 1)
+    b = base.movedim(dim, 0)
+    s = src.movedim(dim, 0)
+    rest = b[0].numel() if b.shape[0] else int(torch.tensor(b.shape[1:]).prod().item())
+    slots = index.to(torch.int64).unsqueeze(1) * rest + torch.arange(rest, device=base.device)
+    out = _sum_by_target(s.reshape(-1), slots.reshape(-1), b.numel(), b.reshape(-1))
+    return out.reshape(b.shape).movedim(0, dim).contiguous()
+
+
+def exact_scatter_add(base: FloatTensor, dim: int, index: IntTensor, src: FloatTensor) -> FloatTensor:
+    """base.scatter_add(dim, index, src), every output slot an exact sum rounded once (base value included).
+
+    Raises UnsupportedOperator for non-float32 tensors.
+    """
+    _verify_float32("aten.scatter_add", base, src)
+    dim = dim % max(base.dim(), 1)
+    src = src[tuple(slice(0, n) for n in index.shape)]
+    strides = torch.ones(base.dim(), dtype=torch.int64)
+    for d in range(base.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * base.shape[d + 1]
+    flat = torch.zeros(index.shape, dtype=torch.int64, device=base.device)
+    for d in range(base.dim()):
+        coord = index.to(torch.int64) if d == dim else torch.arange(index.shape[d], device=base.device)
+        if d != dim:
+            coord = coord.view([-1 if i == d else 1 for i in range(index.dim())])
+        flat = flat + coord * int(strides[d])
+    out = _sum_by_target(src.reshape(-1), flat.reshape(-1), base.numel(), base.reshape(-1))
+    return out.reshape(base.shape)
