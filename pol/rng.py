@@ -60,9 +60,16 @@ def permutation(seed: int, purpose: str, counters: Sequence[int], n: int) -> np.
 
 
 def keep_mask(seed: int, purpose: str, counters: Sequence[int], shape: Sequence[int], p_drop: float) -> torch.Tensor:
-    """Dropout mask: float32 tensor of 0 and 1/(1-p_drop), each element dropped with probability p_drop."""
-    threshold = int(round(p_drop * 2**24))
-    keep = _u24(seed, purpose, counters, math.prod(shape)) >= threshold
+    """Dropout mask: float32 tensor of 0 and 1/(1-p_drop), each element dropped with probability p_drop.
+
+    Each raw 64-bit draw gives two 32-bit uniforms (low half first), so a mask costs half a draw per element.
+    """
+    n = math.prod(shape)
+    raw = raw_bits(seed, purpose, counters, (n + 1) // 2)
+    halves = np.empty(2 * len(raw), dtype=np.uint64)
+    halves[0::2] = raw & np.uint64(0xFFFFFFFF)
+    halves[1::2] = raw >> np.uint64(32)
+    keep = halves[:n] >= np.uint64(int(round(p_drop * 2**32)))
     scale = np.float32(1.0 / (1.0 - p_drop))
     return torch.from_numpy((keep.astype(np.float32) * scale).reshape(tuple(shape)))
 
