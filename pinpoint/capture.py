@@ -12,7 +12,7 @@ comes from (`param/...`, `buffer/...`, `optim/...` of the agreed start state, `b
 `rng/dropout/<layer>/<call>/<row offset>` from pol.rng, `module/<buffer>` for model constants), which the referee
 can re-derive or check against the agreed state digest.
 
-`run_captured_steps` mirrors `pol.engine._one_step` (a differential test holds the two to the same state digest);
+`run_captured_step` runs `pol.engine.one_step` itself, with the capture as a step hook;
 a `Fault` makes the capture corrupt one element of one node's output, which is how faulty solvers are built.
 
 Raises CaptureError when a step reads a tensor the capture cannot name or that changed behind its back.
@@ -31,12 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from pol import engine
 from pol.canonical import Digest, compute_hash
-from pol.data import batch_indices
 from pol.digest import state_digest, tensor_digest
-from pol.engine import Runtime, build_runtime, capture_state, restore_state
-from pol.errors import TrainingError
-from pol.numerics import numerics_context
-from pol.optim import apply_update, compute_lr
+from pol.engine import Runtime, StepHooks, build_runtime, capture_state, restore_state
 from pol.spec import JobSpec
 
 from .errors import CaptureError
@@ -461,46 +457,39 @@ class CapturedStep:
     watched: Mapping[str, torch.Tensor]  # input/<slot> and output/<k> tensors of the watched node
 
 
+def capture_hooks(rt: Runtime, fault: Fault | None = None, watch: int | None = None) -> tuple[StepHooks, list[CaptureMode]]:
+    """Hooks that run the next step of `rt` under a CaptureMode (see `pol.engine.one_step`), and a list that holds
+    the mode once the step has started. Leaves are the state as it is when the step starts."""
+    s = rt.step
+    modes: list[CaptureMode] = []
+
+    def capture(batch: Mapping[str, torch.Tensor]) -> CaptureMode:
+        leaves = {**_state_tensors(rt), **_module_constants(rt), "batch/x": batch["x"], "batch/y": batch["y"]}
+        modes.append(CaptureMode(leaves, fault if fault is not None and fault.step == s else None, watch))
+        return modes[-1]
+
+    return StepHooks(capture, lambda offset: _named_masks(rt, modes[-1], offset)), modes
+
+
+def verify_fault_applied(mode: CaptureMode, step: int) -> None:
+    """Raises CaptureError if the mode's fault named no operator of the step."""
+    if mode.fault is not None and not mode.faulted:
+        raise CaptureError(f"fault at node {mode.fault.node} of step {step}: the step has only {len(mode.nodes)} operators")
+
+
 def run_captured_step(rt: Runtime, fault: Fault | None = None, *, microbatch: int | None = None,
                       watch: int | None = None) -> CapturedStep:
-    """Run the step `rt.step -> rt.step + 1` as `pol.engine` does, under a CaptureMode.
+    """Run the step `rt.step -> rt.step + 1` through `pol.engine.one_step` under a CaptureMode.
 
-    The runtime ends at the next step, with the same state `pol.engine.run_steps` would give (a test checks this).
     Raises CaptureError, TrainingError.
     """
-    spec = rt.spec
     s = rt.step
-    idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, s)
-    batch = rt.dataset.batch(idx)
-    x_all, y_all = batch["x"].to(rt.device), batch["y"].to(rt.device)
-    lr = compute_lr(spec.optimizer, s, spec.steps)
-    size = spec.batch_size
-    micro = (spec.microbatch if microbatch is None else microbatch) or size
-    for p in rt.params.values():
-        p.grad = None
-    leaves = {**_state_tensors(rt), **_module_constants(rt), "batch/x": x_all, "batch/y": y_all}
-    mode = CaptureMode(leaves, fault if fault is not None and fault.step == s else None, watch)
-    loss_sum = 0.0
-    with numerics_context(spec.numerics), mode:
-        for offset in range(0, size, micro):
-            engine._bind_randomness(rt, s, offset, size)
-            with _named_masks(rt, mode, offset):
-                x = x_all[offset : offset + micro]
-                y = y_all[offset : offset + micro]
-                loss = engine._loss(spec.loss, rt.model(x), y)
-                (loss * (micro / size) if micro != size else loss).backward()
-                loss_sum += float(loss.detach()) * micro
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
-        apply_update(spec.optimizer, rt.params, grads, rt.opt_state, lr)
-    rt.step = s + 1
-    if mode.fault is not None and not mode.faulted:
-        raise CaptureError(f"fault at node {mode.fault.node} of step {s}: the step has only {len(mode.nodes)} operators")
-    loss_value = loss_sum / size
-    if not math.isfinite(loss_value):
-        raise TrainingError(f"the loss became non-finite at step {s}: lower the learning rate")
+    hooks, modes = capture_hooks(rt, fault, watch)
+    outcome = engine.one_step(rt, microbatch, mode=hooks.mode, around_microbatch=hooks.around_microbatch)
+    mode = modes[0]
+    verify_fault_applied(mode, s)
     mode.finish(_state_tensors(rt), rt.step, state_digest(capture_state(rt)))
-    return CapturedStep(tuple(mode.nodes), frozenset(mode.views), loss_value, engine._batch_digest(s, idx, batch),
-                        dict(mode.watched))
+    return CapturedStep(tuple(mode.nodes), frozenset(mode.views), outcome.loss, outcome.data_part, dict(mode.watched))
 
 
 def is_view_node(node: Node) -> bool:

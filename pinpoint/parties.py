@@ -13,34 +13,30 @@ that goes silent from a given phase on.
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import blake3
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pol.bundle import Bundle, FileEntry, Manifest, checkpoint_name, write_checkpoint, write_manifest
+from pol.bundle import Bundle
 from pol.canonical import Digest, compute_hash
 from pol.digest import state_digest, tensor_digests
 from pol.engine import (
     Runtime,
+    StepHooks,
     build_runtime,
     capture_state,
-    describe_environment,
-    initial_state,
-    resolve_spec,
     restore_state,
     run_steps,
 )
 from pol.merkle import get_proof
+from pol.prove import train_and_prove
 from pol.spec import JobSpec
-from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
 
-from .capture import Fault, capture_step_from_state, run_captured_step
+from .capture import CaptureMode, Fault, capture_hooks, capture_step_from_state, run_captured_step, verify_fault_applied
 from .errors import CaptureError
 from .graph import LEAF_OP, StepGraph, compute_structure, compute_structure_leaves, get_frontier, get_prefix_proof
 from .messages import (
@@ -277,43 +273,27 @@ class Challenger:
 def train_with_fault(spec: JobSpec, out: str | Path, fault: Fault, *, device: str = "cpu", force: bool = False) -> Path:
     """Train `spec` into a bundle at `out` whose computation corrupts operator `fault.node` at step `fault.step`.
 
-    The bundle is internally consistent (digests, records, Merkle root, commitment): only replay can catch it.
+    `pol.prove.train_and_prove` with that one step run under a faulting capture: the bundle is internally consistent
+    (digests, records, Merkle root, commitment), so only replay can catch it.
     Raises CaptureError if the fault does not name an operator of that step, and what pol.prove raises.
     """
-    out = Path(out)
-    if out.exists():
-        if not force:
-            raise CaptureError(f"output {out} exists")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    rt = build_runtime(spec, device=device)
-    if not spec.is_resolved:
-        spec = rt.spec = resolve_spec(spec, rt.dataset)
     if not 0 <= fault.step < spec.steps:
         raise CaptureError(f"fault step {fault.step} is outside the job's steps 0..{spec.steps - 1}")
-    state = initial_state(rt)
-    files: dict[str, FileEntry] = {checkpoint_name(0): write_checkpoint(out, 0, state, spec.job_id)}
-    records = [Record(0, state_digest(state), EMPTY_DATA, None)]
-    for target in spec.checkpoint_steps[1:]:
-        start = rt.step
-        hasher = blake3.blake3(b"pol/segment-data/v1\x00" + start.to_bytes(8, "little") + target.to_bytes(8, "little"))
-        losses = []
-        while rt.step < target:
-            if rt.step == fault.step:
-                captured = run_captured_step(rt, fault)
-                hasher.update(captured.data_part)
-                losses.append(captured.loss)
-            else:
-                segment = run_steps(rt, rt.step + 1)
-                losses.append(segment.loss)
-                hasher.update(_step_data_part(rt, rt.step - 1))
-        state = capture_state(rt)
-        files[checkpoint_name(target)] = write_checkpoint(out, target, state, spec.job_id)
-        records.append(Record(target, state_digest(state), hasher.hexdigest(), sum(losses) / len(losses)))
-    merkle, commitment = compute_trace_commitment(spec.job_id, records)
-    env = {**describe_environment(rt.device), "fault": f"step {fault.step} node {fault.node}"}
-    write_manifest(out, Manifest(spec, tuple(records), merkle, commitment, files, env))
-    return out
+    if Path(out).exists() and not force:
+        raise CaptureError(f"output {out} exists")
+    modes: list[list[CaptureMode]] = []
+
+    def hooks(rt: Runtime, step: int) -> StepHooks | None:
+        if step != fault.step:
+            return None
+        step_hooks, step_modes = capture_hooks(rt, fault)
+        modes.append(step_modes)
+        return step_hooks
+
+    result = train_and_prove(spec, out, device=device, force=force, hooks=hooks,
+                             env_note=f"FAULTY: step {fault.step} node {fault.node}")
+    verify_fault_applied(modes[0][0], fault.step)
+    return result.path
 
 
 def _step_data_part(rt: Runtime, step: int) -> bytes:
@@ -321,5 +301,5 @@ def _step_data_part(rt: Runtime, step: int) -> bytes:
     from pol.data import batch_indices
 
     idx = batch_indices(rt.spec.seed, len(rt.dataset), rt.spec.batch_size, step)
-    return engine._batch_digest(step, idx, rt.dataset.batch(idx))
+    return engine.compute_batch_digest(step, idx, rt.dataset.batch(idx))
 

@@ -7,9 +7,12 @@ a later one and returns the digest of the data it consumed. Solver and verifier 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 import numpy as np
@@ -36,6 +39,11 @@ __all__ = [
     "capture_state",
     "restore_state",
     "run_steps",
+    "one_step",
+    "StepOutcome",
+    "StepHooks",
+    "HooksForStep",
+    "compute_batch_digest",
     "describe_environment",
     "get_device",
 ]
@@ -203,52 +211,94 @@ def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y.to(out.dtype))
 
 
-def _batch_digest(step: int, idx: np.ndarray, batch: Mapping[str, torch.Tensor]) -> bytes:
+def compute_batch_digest(step: int, idx: np.ndarray, batch: Mapping[str, torch.Tensor]) -> bytes:
     return step.to_bytes(8, "little") + idx.astype("<i8").tobytes() + bytes.fromhex(combine_digests(tensor_digests(batch)))
 
 
-def _one_step(rt: Runtime, microbatch: int) -> tuple[float, bytes]:
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    loss: float  # the step's mean training loss
+    data_part: bytes  # what the step contributes to its segment's data digest (step, sample indices, batch digest)
+
+
+StepMode = Callable[[Mapping[str, torch.Tensor]], contextlib.AbstractContextManager[Any]]  # given the batch on the device
+MicrobatchHook = Callable[[int], contextlib.AbstractContextManager[Any]]  # given the micro-batch's row offset
+
+
+@dataclass(frozen=True, slots=True)
+class StepHooks:
+    """Contexts to run one step under (see `one_step`): how pinpoint captures or deliberately corrupts a step."""
+
+    mode: StepMode | None = None
+    around_microbatch: MicrobatchHook | None = None
+
+
+HooksForStep = Callable[["Runtime", int], "StepHooks | None"]  # (runtime, step) -> hooks for that step, or None
+
+
+def one_step(
+    rt: Runtime, microbatch: int | None = None, *, mode: StepMode | None = None, around_microbatch: MicrobatchHook | None = None
+) -> StepOutcome:
+    """The one definition of a training step: state `rt.step` -> `rt.step + 1`, in place.
+
+    `microbatch` overrides the spec's split (0: whole batch). `mode` (called with the step's batch on the device)
+    returns a context entered inside the numerics context around the whole step, and `around_microbatch` one
+    entered around each micro-batch after its dropout masks are bound: pinpoint's operator capture uses both, so
+    a captured step is this step, not a copy of it. Raises TrainingError if the loss is not finite.
+    """
     spec = rt.spec
     s = rt.step
     idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, s)
     batch = rt.dataset.batch(idx)
+    on_device = {name: t.to(rt.device) for name, t in batch.items()}
     lr = compute_lr(spec.optimizer, s, spec.steps)
     size = spec.batch_size
-    micro = microbatch or size
+    micro = (spec.microbatch if microbatch is None else microbatch) or size
     for p in rt.params.values():
         p.grad = None
     loss_sum = 0.0
-    with numerics_context(spec.numerics):
+    with numerics_context(spec.numerics), (mode(on_device) if mode else contextlib.nullcontext()):
         for offset in range(0, size, micro):
             _bind_randomness(rt, s, offset, size)
-            x = batch["x"][offset : offset + micro].to(rt.device)
-            y = batch["y"][offset : offset + micro].to(rt.device)
-            loss = _loss(spec.loss, rt.model(x), y)
-            (loss * (micro / size) if micro != size else loss).backward()
-            loss_sum += float(loss.detach()) * micro
+            with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
+                x = on_device["x"][offset : offset + micro]
+                y = on_device["y"][offset : offset + micro]
+                loss = _loss(spec.loss, rt.model(x), y)
+                (loss * (micro / size) if micro != size else loss).backward()
+                loss_sum += float(loss.detach()) * micro
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
         apply_update(spec.optimizer, rt.params, grads, rt.opt_state, lr)
     rt.step = s + 1
     loss_value = loss_sum / size
-    if loss_value != loss_value or loss_value in (float("inf"), float("-inf")):
+    if not math.isfinite(loss_value):
         raise TrainingError(f"the loss became non-finite at step {s}: lower the learning rate")
-    return loss_value, _batch_digest(s, idx, batch)
+    return StepOutcome(loss_value, compute_batch_digest(s, idx, batch))
 
 
-def run_steps(rt: Runtime, end: int, *, microbatch: int | None = None, on_step: StepCallback | None = None) -> SegmentResult:
+def run_steps(
+    rt: Runtime,
+    end: int,
+    *,
+    microbatch: int | None = None,
+    on_step: StepCallback | None = None,
+    hooks: HooksForStep | None = None,
+) -> SegmentResult:
     """Train from `rt.step` to `end`. `microbatch` overrides the spec's split (a verifier's calibration uses it).
 
     Returns the digest of the data consumed (each step's sample indices and batch bytes) and the mean loss.
     """
     assert end >= rt.step, f"cannot run backwards from {rt.step} to {end}"
-    micro = rt.spec.microbatch if microbatch is None else microbatch
     start = rt.step
     hasher = blake3.blake3(b"pol/segment-data/v1\x00" + start.to_bytes(8, "little") + end.to_bytes(8, "little"))
     losses = []
     while rt.step < end:
-        loss, digest_part = _one_step(rt, micro)
-        hasher.update(digest_part)
-        losses.append(loss)
+        step_hooks = hooks(rt, rt.step) if hooks is not None else None
+        if step_hooks is None:
+            outcome = one_step(rt, microbatch)
+        else:
+            outcome = one_step(rt, microbatch, mode=step_hooks.mode, around_microbatch=step_hooks.around_microbatch)
+        hasher.update(outcome.data_part)
+        losses.append(outcome.loss)
         if on_step is not None:
-            on_step(rt.step, loss)
+            on_step(rt.step, outcome.loss)
     return SegmentResult(start, end, hasher.hexdigest(), sum(losses) / len(losses) if losses else None)

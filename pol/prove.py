@@ -23,6 +23,7 @@ from .bundle import FileEntry, Manifest, checkpoint_name, pack_bundle, write_che
 from .canonical import canonical_json, parse_json_strict
 from .digest import state_digest
 from .engine import (
+    HooksForStep,
     Runtime,
     build_runtime,
     capture_state,
@@ -102,11 +103,15 @@ def train_and_prove(
     on_progress: ProgressCallback | None = None,
     data_dir: str | None = None,
     split: int | None = None,
+    hooks: HooksForStep | None = None,
+    env_note: str | None = None,
 ) -> ProveResult:
     """Train `spec` and write its proof bundle to `out` (a directory, or an archive if it ends in `.tar`).
 
     `split` runs each batch in micro-batches of that size without changing the spec: an execution choice (less
     memory) that native numerics tolerates; exact numerics refuses it unless it equals the spec's `microbatch`.
+    `hooks` runs chosen steps under extra contexts (pinpoint's deliberately faulty solvers); `env_note` is recorded
+    in the bundle's environment information.
 
     Raises SpecError, ComponentError, DataError, DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
     """
@@ -134,9 +139,10 @@ def train_and_prove(
         files = {checkpoint_name(0): write_checkpoint(directory, 0, state, job_id)}
         records = [Record(0, state_digest(state), EMPTY_DATA, None)]
         _write_progress(directory, spec, records, files)
-    _train_remaining(rt, directory, records, files, on_progress, split)
+    _train_remaining(rt, directory, records, files, on_progress, split, hooks)
     merkle, commitment = compute_trace_commitment(job_id, records)
-    manifest = Manifest(spec, tuple(records), merkle, commitment, files, describe_environment(rt.device))
+    env = {**describe_environment(rt.device), **({"note": env_note} if env_note else {})}
+    manifest = Manifest(spec, tuple(records), merkle, commitment, files, env)
     write_manifest(directory, manifest)
     (directory / PROGRESS_NAME).unlink()
     if archive:
@@ -152,6 +158,7 @@ def _train_remaining(
     files: dict[str, FileEntry],
     on_progress: ProgressCallback | None,
     split: int | None,
+    hooks: HooksForStep | None,
 ) -> None:
     """Train segment by segment. Each checkpoint is hashed and written by a background thread while the next
     segment trains (at most one write in flight, so at most two states in memory); `progress.json` only ever
@@ -170,7 +177,7 @@ def _train_remaining(
             for target in spec.checkpoint_steps:
                 if target <= rt.step:
                     continue
-                segment = run_steps(rt, target, microbatch=split, on_step=callback)
+                segment = run_steps(rt, target, microbatch=split, on_step=callback, hooks=hooks)
                 state = capture_state(rt)  # a copy: training goes on mutating the live tensors
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
