@@ -153,7 +153,7 @@ def train(
     data: Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars), module:callable or dir:PATH.")] = None,
     data_kwargs: Annotated[str | None, typer.Option("--data-kwargs", help="JSON keyword arguments for the data.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Training steps.")] = None,
-    every: Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (steps per segment).")] = None,
+    every: Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (default: 10, more for big models).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of every random draw (init, data order, dropout).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per step.")] = None,
     microbatch: Annotated[int | None, typer.Option(min=0, help="Run each batch in micro-batches of this size.")] = None,
@@ -179,6 +179,7 @@ def train(
 
       pol train --model mypkg.models:make_net --data mypkg.data:load --out run3
     """
+    from pol.engine import compute_default_every
     from pol.prove import train_and_prove
     from pol.spec import BUILTIN_DEFAULTS, Component, load_spec_file, spec_from_dict
 
@@ -200,9 +201,9 @@ def train(
         if optimizer is not None:
             opt["name"] = optimizer
         fields["optimizer"] = opt
-    if "every" not in fields and "steps" in fields:
-        fields["every"] = min(10, fields["steps"])
-    spec = spec_from_dict(fields)
+    spec = spec_from_dict({**fields, "every": fields.get("every", 1)})
+    if "every" not in fields:  # sized so that writing checkpoints stays a small part of training
+        spec = spec.replace(every=compute_default_every(spec))
     if fault is not None:
         _train_faulty(spec, out_path, fault, device, force, as_json)
         return

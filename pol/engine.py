@@ -46,6 +46,7 @@ __all__ = [
     "compute_batch_digest",
     "describe_environment",
     "get_device",
+    "compute_default_every",
 ]
 
 StepCallback = Callable[[int, float], None]  # (step reached, loss of the step)
@@ -112,6 +113,23 @@ def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
     """Bind the data digest and the versions that matter into the spec (it then has a job id)."""
     versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
     return spec.replace(data_digest=data_digest(dataset), versions=versions)
+
+
+CHECKPOINT_BYTES_PER_STEP = 1_250_000  # the default k keeps checkpoint output near this many bytes per step
+
+
+def compute_default_every(spec: JobSpec) -> int:
+    """The default checkpoint interval k for a spec: the smallest multiple of 10 (at least 10, at most the step
+    count) at which the state written per step stays under CHECKPOINT_BYTES_PER_STEP. A pure function of the model
+    and optimizer, so the same flags give the same spec on every machine: 10 for the small built-in models, about
+    100 for a 10M-parameter model with AdamW (where writing the state costs as much as ~10 steps on a CPU).
+
+    Raises ComponentError if the model cannot be built.
+    """
+    params = sum(p.numel() * p.element_size() for p in build_model(spec.model).parameters())
+    slots = {"adamw": 3, "sgd": 2 if spec.optimizer.momentum > 0 else 1}[spec.optimizer.name]
+    k = 10 * math.ceil(params * slots / CHECKPOINT_BYTES_PER_STEP / 10)
+    return max(1, min(spec.steps, max(10, k)))
 
 
 def build_runtime(
