@@ -3,8 +3,10 @@
     python benchmarks/proof_overhead.py            # ~10M-parameter MLP and the character transformer
     python benchmarks/proof_overhead.py --quick    # smaller, for a smoke run
 
-For each model it reports: the plain loop's time; `pol train`'s time and the ratio at each k; bytes per checkpoint
-and in total; and the hashing throughput of the state digest. The plain loop is what a user would write: the same
+For each model it reports medians over interleaved rounds: the plain loop's time, pol's engine alone (no proof),
+`pol train` at each k (the default k marked), the overhead against the plain loop and against the engine alone
+(the proof's own cost), bytes per checkpoint and in total, the hashing throughput of the state digest, and how far
+the plain loop's own time spread between rounds (this machine's noise floor). The plain loop is what a user would write: the same
 model, data and batch order, torch.optim.AdamW (foreach kernels), no checkpoints.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import markdown_table, write_results
 from pol.data import batch_indices
 from pol.digest import state_digest
-from pol.engine import build_runtime, compute_default_every, initial_state, resolve_spec
+from pol.engine import build_runtime, compute_default_every, initial_state, resolve_spec, run_steps
 from pol.prove import train_and_prove
 from pol.spec import spec_from_dict
 
@@ -62,30 +65,44 @@ def hashing_throughput(spec) -> float:
     return 3 * nbytes / (time.perf_counter() - start) / 1e9
 
 
+def engine_only(spec) -> float:
+    """pol's own training engine (same steps as pol train) with no checkpoints, hashing or bundle."""
+    start = time.perf_counter()
+    rt = build_runtime(spec)
+    initial_state(rt)
+    run_steps(rt, spec.steps)
+    return time.perf_counter() - start
+
+
 def measure(label: str, fields: dict, ks: list[int], repeats: int) -> list[dict]:
+    """Median times over `repeats` interleaved rounds (plain loop, engine alone, pol train at each k): this
+    machine's speed drifts by tens of percent between runs, and interleaving makes the drift hit all alike."""
     rows = []
     spec = spec_from_dict(fields)
     params = sum(p.numel() for p in build_runtime(spec).model.parameters())
     gbps = hashing_throughput(spec)
-    plain_times: list[float] = []
     default_k = compute_default_every(spec)
-    for k in sorted({default_k, *ks}):
-        spec_k = spec.replace(every=k)
-        times = []
-        for _ in range(repeats):  # interleaved with plain runs, so drift in machine speed hits both alike
-            plain_times.append(plain_loop(spec))
+    all_k = sorted({default_k, *ks})
+    plain, engine, proved, sizes = [], [], {k: [] for k in all_k}, {}
+    for _ in range(repeats):
+        plain.append(plain_loop(spec))
+        engine.append(engine_only(spec))
+        for k in all_k:
             tmp = Path(tempfile.mkdtemp(prefix="pol-bench-"))
             start = time.perf_counter()
-            result = train_and_prove(spec_k, tmp / "b")
-            times.append(time.perf_counter() - start)
-            sizes = [e.size for e in result.manifest.files.values()]
+            result = train_and_prove(spec.replace(every=k), tmp / "b")
+            proved[k].append(time.perf_counter() - start)
+            sizes[k] = [e.size for e in result.manifest.files.values()]
             shutil.rmtree(tmp)
-        proved = min(times)
-        plain = min(plain_times)
+    plain_s, engine_s = statistics.median(plain), statistics.median(engine)
+    for k in all_k:
+        pol_s = statistics.median(proved[k])
         rows.append({
-            "model": label, "params": params, "steps": spec.steps, "k": f"{k} (default)" if k == default_k else k, "plain_s": plain, "pol_train_s": proved,
-            "ratio": proved / plain, "overhead_pct": 100 * (proved / plain - 1),
-            "mb_per_checkpoint": max(sizes) / 1e6, "mb_total": sum(sizes) / 1e6, "hash_gb_per_s": gbps,
+            "model": label, "params": params, "steps": spec.steps, "k": f"{k} (default)" if k == default_k else k,
+            "plain_s": plain_s, "engine_s": engine_s, "pol_train_s": pol_s,
+            "overhead_pct": 100 * (pol_s / plain_s - 1), "proof_only_pct": 100 * (pol_s / engine_s - 1),
+            "mb_per_checkpoint": max(sizes[k]) / 1e6, "mb_total": sum(sizes[k]) / 1e6, "hash_gb_per_s": gbps,
+            "spread_plain_pct": 100 * (max(plain) / min(plain) - 1),
         })
         print(rows[-1], flush=True)
     return rows
@@ -94,7 +111,7 @@ def measure(label: str, fields: dict, ks: list[int], repeats: int) -> list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models and few steps (smoke run)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.quick:
@@ -102,11 +119,12 @@ def main() -> None:
         gpt = {"model": "transformer", "steps": 40}
         ks = [10, 40]
     else:
-        mlp = {"model": {"name": "mlp", "kwargs": {"hidden": 2240, "depth": 3}}, "steps": 300}
+        mlp = {"model": {"name": "mlp", "kwargs": {"hidden": 2240, "depth": 3}}, "steps": 200}
         gpt = {"model": "transformer", "steps": 300}
         ks = [10, 100]
     rows = measure("mlp", mlp, ks, args.repeats) + measure("transformer", gpt, ks, args.repeats)
-    columns = ["model", "params", "steps", "k", "plain_s", "pol_train_s", "overhead_pct", "mb_per_checkpoint", "mb_total", "hash_gb_per_s"]
+    columns = ["model", "params", "steps", "k", "plain_s", "engine_s", "pol_train_s", "overhead_pct", "proof_only_pct",
+               "mb_per_checkpoint", "mb_total", "hash_gb_per_s", "spread_plain_pct"]
     write_results("proof_overhead", {"rows": rows, "quick": args.quick}, markdown_table(rows, columns))
 
 
