@@ -68,8 +68,10 @@ def locked_by_state(task: Task) -> int:
         return task.max_price + p.bid_deposit * len(task.bids)
     if task.phase == ASSIGNED:
         return task.max_price + p.bid_deposit
-    return (task.max_price + p.solver_bond + p.verifier_stake * len(task.joined)
-            + p.whistle_deposit * len(task.whistleblowers))
+    # once the solver reveals, joined verifiers who never gave a verdict have been slashed (_slash_silent):
+    # from then on only the stakes of verifiers with a verdict are still locked
+    staked = len(task.verdicts) if task.phase == CHALLENGED else len(task.joined)
+    return task.max_price + p.solver_bond + p.verifier_stake * staked + p.whistle_deposit * len(task.whistleblowers)
 
 
 KINDS = ["bid", "close", "commit", "join", "verdict", "whistle", "reveal", "rule", "timeout"]
