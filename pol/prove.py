@@ -135,11 +135,8 @@ def train_and_prove(
         restore_state(rt, state)
         resumed_from = rt.step
     else:
-        state = initial_state(rt)
-        files = {checkpoint_name(0): write_checkpoint(directory, 0, state, job_id)}
-        records = [Record(0, state_digest(state), EMPTY_DATA, None)]
-        _write_progress(directory, spec, records, files)
-    _train_remaining(rt, directory, records, files, on_progress, split, hooks)
+        records, files = [], {}  # the step-0 checkpoint is written in the background like every other
+    _train_remaining(rt, directory, records, files, on_progress, split, hooks, first=None if resume else initial_state(rt))
     merkle, commitment = compute_trace_commitment(job_id, records)
     env = {**describe_environment(rt.device), **({"note": env_note} if env_note else {})}
     manifest = Manifest(spec, tuple(records), merkle, commitment, files, env)
@@ -159,6 +156,7 @@ def _train_remaining(
     on_progress: ProgressCallback | None,
     split: int | None,
     hooks: HooksForStep | None,
+    first: dict | None = None,
 ) -> None:
     """Train segment by segment. Each checkpoint is hashed and written by a background thread while the next
     segment trains (at most one write in flight, so at most two states in memory); `progress.json` only ever
@@ -173,6 +171,8 @@ def _train_remaining(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as writer:
         pending: Future[None] | None = None
+        if first is not None:  # the step-0 state: hashed and written while the first segment trains
+            pending = writer.submit(persist, 0, first, EMPTY_DATA, None)
         try:
             for target in spec.checkpoint_steps:
                 if target <= rt.step:
