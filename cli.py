@@ -374,6 +374,8 @@ def verify(
             raise typer.BadParameter("expected comma-separated segment numbers such as 3,7", param_hint="--segments") from None
     if samples is not None and confidence is not None:
         raise typer.BadParameter("give --samples or --confidence/--cheat-fraction, not both", param_hint="--samples")
+    if not bundle_path.exists():
+        fail(f"cannot verify: {bundle_path}: no such bundle directory or archive", EXIT_USAGE)
     progress = None if quiet or as_json else Progress(
         TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
         TextColumn("left"), TimeRemainingColumn(), console=err)
