@@ -10,15 +10,7 @@ import torch
 
 from .errors import NumericsUnavailable
 
-__all__ = ["numerics_context", "is_exact_available"]
-
-
-def is_exact_available() -> bool:
-    try:
-        from . import exact
-    except ImportError:
-        return False
-    return hasattr(exact, "exact_mode")
+__all__ = ["numerics_context"]
 
 
 @contextlib.contextmanager
@@ -32,12 +24,11 @@ def _deterministic() -> Iterator[None]:
 
 
 def numerics_context(mode: str) -> contextlib.AbstractContextManager[None]:
-    """The context every training computation (forward, backward, update) runs in. Raises NumericsUnavailable."""
+    """The context every training computation (forward, backward, update) runs in. Raises NumericsUnavailable
+    for an unknown mode."""
     if mode == "native":
         return _deterministic()
     if mode == "exact":
-        if not is_exact_available():
-            raise NumericsUnavailable("exact numerics is not available in this build yet")
         from .exact import exact_mode
 
         return exact_mode()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,6 +284,25 @@ def _judge(index: int, why: str, start: dict, claimed: dict, replayed: dict, exa
     return SegmentCheck(ok=not problems, problem="; ".join(problems) or None, **base)
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One verification's settings, checked once by `verify`."""
+
+    randomness: bytes
+    source: str
+    started: float
+    samples: int | None
+    confidence: float | None
+    cheat_fraction: float | None
+    forced: Sequence[int] | None
+    largest: int | None
+    expected_root: Digest | None
+    device: str
+    threads: int | None
+    data_dir: str | None
+    on_progress: ProgressCallback | None
+
+
 def verify(
     bundle: str | Path | Bundle,
     *,
@@ -309,8 +329,6 @@ def verify(
     is not a readable bundle, DataDiffers when the local data is not the committed data, ComponentError,
     DeviceUnavailable, NumericsUnavailable. A bundle that fails its integrity checks is *rejected*, not raised.
     """
-    import time
-
     started = time.perf_counter()
     randomness, source = derive_randomness(seed, beacon)
     if samples is not None and samples < 1:
@@ -323,77 +341,73 @@ def verify(
         raise PolError("--threads must be at least 1")
     if largest is not None and largest < 0:
         raise PolError("the number of largest-update samples cannot be negative")
-
-    def reject(reason: str, b: Bundle | None = None, **extra: Any) -> Report:
-        m = b.manifest if b else None
-        return Report("reject", reason, m.job_id if m else None, m.root if m else None, m.spec.numerics if m else None,
-                      randomness.hex(), source, len(m.records) - 1 if m else 0, extra.get("checks", ()),
-                      extra.get("steps", 0), m.spec.steps if m else 0, extra.get("steps", 0) / m.spec.steps if m else 0.0,
-                      {}, extra.get("thresholds"), time.perf_counter() - started)
-
+    req = _Request(randomness, source, started, samples, confidence, cheat_fraction, segments, largest, expected_root,
+                   device, threads, data_dir, on_progress)
     if isinstance(bundle, Bundle):
-        opened = bundle
-    else:
-        path = Path(bundle)
-        try:
-            opened = open_bundle(path)
-        except BundleVersionError:
-            raise
-        except BundleError as exc:
-            if not path.exists() or (path.is_dir() and not (path / "manifest.json").exists()):
-                raise
-            return reject(f"bundle integrity: {exc}")
+        return _verify_open(bundle, req)
+    path = Path(bundle)
     try:
-        return _verify_open(opened, randomness, source, samples, confidence, cheat_fraction, segments, largest,
-                            expected_root, device, threads, data_dir, on_progress, started, reject)
-    finally:
-        if not isinstance(bundle, Bundle):
-            opened.close()
+        opened = open_bundle(path)
+    except BundleVersionError:
+        raise
+    except BundleError as exc:
+        if not path.exists() or (path.is_dir() and not (path / "manifest.json").exists()):
+            raise
+        return _reject(req, f"bundle integrity: {exc}")
+    with opened:
+        return _verify_open(opened, req)
 
 
-def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None, confidence: float | None,
-                 cheat_fraction: float | None, forced: Sequence[int] | None, largest_wanted: int | None,
-                 expected_root: Digest | None, device: str,
-                 threads: int | None, data_dir: str | None, on_progress: ProgressCallback | None, started: float,
-                 reject: Callable[..., Report]) -> Report:
-    import time
+def _reject(req: _Request, reason: str, b: Bundle | None = None, checks: tuple[SegmentCheck, ...] = (), steps: int = 0,
+            thresholds: Thresholds | None = None) -> Report:
+    m = b.manifest if b else None
+    total = m.spec.steps if m else 0
+    return Report("reject", reason, m.job_id if m else None, m.root if m else None, m.spec.numerics if m else None,
+                  req.randomness.hex(), req.source, len(m.records) - 1 if m else 0, checks, steps, total,
+                  steps / total if total else 0.0, {}, thresholds, time.perf_counter() - req.started)
 
+
+def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
+    """The segments to replay (1-based, with why) and how many of them were drawn uniformly.
+
+    Raises PolError for forced segments that do not exist, BundleError if a checkpoint is unreadable.
+    """
+    n = len(b.records) - 1
+    if req.forced is not None:
+        bad = [i for i in req.forced if not 1 <= i <= n]
+        if bad:
+            raise PolError(f"segments {bad} do not exist: this bundle has segments 1..{n}")
+        plan = [(i, "forced") for i in sorted(set(req.forced))]
+        return plan, len(plan)
+    if req.confidence is not None:
+        uniform = compute_required_samples(n, req.confidence, req.cheat_fraction)  # type: ignore[arg-type]
+        largest = max(1, uniform // 4) if uniform < n else 0
+    else:
+        total = min(req.samples or 4, n)
+        largest = total // 4 if total < n else 0
+        uniform = total - largest
+    if req.largest is not None:
+        largest = min(req.largest, n - uniform)
+    norms = _update_norms(b) if largest else None
+    return choose_segments(n, req.randomness, b.manifest.root, uniform, largest, norms), uniform
+
+
+def _verify_open(b: Bundle, req: _Request) -> Report:
     m = b.manifest
     spec = m.spec
     n = len(m.records) - 1
-    if expected_root is not None and expected_root.lower() != m.root:
-        return reject(f"commitment {m.root} is not the expected {expected_root}", b)
-    rt = build_runtime(spec, device=device, data_dir=data_dir)  # raises DataDiffers before any judgement
+    if req.expected_root is not None and req.expected_root.lower() != m.root:
+        return _reject(req, f"commitment {m.root} is not the expected {req.expected_root}", b)
+    rt = build_runtime(spec, device=req.device, data_dir=req.data_dir)  # raises DataDiffers before any judgement
     try:
         committed0 = b.load_state(0)
+        if state_digest(initial_state(rt)) != m.records[0].state:
+            seeded = tensor_digests(capture_state(rt))
+            wrong = [k for k, v in tensor_digests(committed0).items() if seeded.get(k) != v]
+            return _reject(req, f"the step-0 state is not the initialisation the seed gives (differs in {wrong[:3]})", b)
+        plan, uniform = _plan(b, req)
     except BundleError as exc:
-        return reject(f"bundle integrity: {exc}", b)
-    if state_digest(initial_state(rt)) != m.records[0].state:
-        seeded = tensor_digests(capture_state(rt))
-        wrong = [k for k, v in tensor_digests(committed0).items() if seeded.get(k) != v]
-        return reject(f"the step-0 state is not the initialisation the seed gives (differs in {wrong[:3]})", b)
-
-    if forced is not None:
-        bad = [i for i in forced if not 1 <= i <= n]
-        if bad:
-            raise PolError(f"segments {bad} do not exist: this bundle has segments 1..{n}")
-        plan = [(i, "forced") for i in sorted(set(forced))]
-        uniform = len(plan)
-    else:
-        if confidence is not None:
-            uniform = compute_required_samples(n, confidence, cheat_fraction)  # type: ignore[arg-type]
-            largest = max(1, uniform // 4) if uniform < n else 0
-        else:
-            total = min(samples or 4, n)
-            largest = total // 4 if total < n else 0
-            uniform = total - largest
-        if largest_wanted is not None:
-            largest = min(largest_wanted, n - uniform)
-        try:
-            norms = _update_norms(b) if largest else None
-        except BundleError as exc:
-            return reject(f"bundle integrity: {exc}", b)
-        plan = choose_segments(n, randomness, m.root, uniform, largest, norms)
+        return _reject(req, f"bundle integrity: {exc}", b)
 
     exact = spec.numerics == "exact"
     steps_done = 0
@@ -405,11 +419,11 @@ def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None,
         span = m.records[calib_on].step - m.records[calib_on - 1].step
         plan_steps += span * len(_perturbations(spec.batch_size, spec.microbatch))
         try:
-            thresholds, steps_done, calibrated[calib_on] = calibrate_thresholds(rt, b, calib_on, threads)
+            thresholds, steps_done, calibrated[calib_on] = calibrate_thresholds(rt, b, calib_on, req.threads)
         except BundleError as exc:
-            return reject(f"bundle integrity: {exc}", b)
-        if on_progress:
-            on_progress(steps_done, plan_steps)
+            return _reject(req, f"bundle integrity: {exc}", b)
+        if req.on_progress:
+            req.on_progress(steps_done, plan_steps)
 
     checks: list[SegmentCheck] = []
     for index, why in plan:
@@ -417,17 +431,17 @@ def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None,
         try:
             start, claimed = b.load_state(start_rec.step), b.load_state(end_rec.step)
         except BundleError as exc:
-            return reject(f"bundle integrity: {exc}", b, checks=tuple(checks), steps=steps_done, thresholds=thresholds)
+            return _reject(req, f"bundle integrity: {exc}", b, tuple(checks), steps_done, thresholds)
         base = steps_done
 
         def tick(step: int, loss: float, base: int = base, first: int = start_rec.step) -> None:
-            if on_progress:
-                on_progress(base + step - first, plan_steps)
+            if req.on_progress:
+                req.on_progress(base + step - first, plan_steps)
 
         if index in calibrated:  # already replayed, under the check's own conditions, by the calibration
             replayed, data_digest = calibrated.pop(index)
         else:
-            replayed, data_digest = _replay(rt, start, end_rec.step, threads=threads, on_step=tick)
+            replayed, data_digest = _replay(rt, start, end_rec.step, threads=req.threads, on_step=tick)
             steps_done += end_rec.step - start_rec.step
         if data_digest != end_rec.data:
             check = SegmentCheck(index, start_rec.step, end_rec.step, why, False,
@@ -438,11 +452,11 @@ def _verify_open(b: Bundle, randomness: bytes, source: str, samples: int | None,
         checks.append(check)
 
     escape = {str(f): compute_escape_probability(n, uniform, f) for f in REPORT_FRACTIONS}
-    if cheat_fraction is not None:
-        escape[str(cheat_fraction)] = compute_escape_probability(n, uniform, cheat_fraction)
+    if req.cheat_fraction is not None:
+        escape[str(req.cheat_fraction)] = compute_escape_probability(n, uniform, req.cheat_fraction)
     failed = [c for c in checks if not c.ok]
     reason = (f"segment {failed[0].index} (steps {failed[0].start}->{failed[0].end}): {failed[0].problem}" if failed
               else f"{len(checks)} of {n} segments replayed and matched")
-    return Report("reject" if failed else "accept", reason, m.job_id, m.root, spec.numerics, randomness.hex(), source, n,
-                  tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
-                  time.perf_counter() - started)
+    return Report("reject" if failed else "accept", reason, m.job_id, m.root, spec.numerics, req.randomness.hex(),
+                  req.source, n, tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
+                  time.perf_counter() - req.started)

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from pol.prove import train_and_prove
+from pol.spec import JobSpec, spec_from_dict
+
 # CI replays the same examples every run (a failure there is reproducible); local runs keep exploring new ones
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-from pol.prove import train_and_prove
-from pol.spec import JobSpec, spec_from_dict
 
 TINY_KWARGS: dict[str, dict[str, Any]] = {
     "mlp": {"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "synthetic", "kwargs": {"n": 512}}},

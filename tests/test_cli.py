@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -85,7 +84,6 @@ def test_help_teaches():
 def test_debug_shows_the_traceback():
     result = runner.invoke(app, ["--debug", "train", "--model", "nope"])
     assert result.exit_code != 0 and result.exception is not None
-    assert os.environ.get("POL_NEVER_SET") is None
 
 
 def test_game_simulate_and_ledger_show(tmp_path):
