@@ -16,6 +16,7 @@ safetensors (no pickle, no code) and their tensors checked against the committed
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from .canonical import Digest, canonical_json, parse_json_strict
-from .digest import State, combine_digests, tensor_bytes, tensor_digests
+from .digest import State, combine_digests, tensor_bytes, tensor_digest, tensor_digests
 from .errors import ArchiveError, BundleError, BundleFileError, BundleVersionError, DigestMismatch, ManifestError, SpecError
 from .merkle import InclusionProof, get_proof
 from .spec import FORMAT_VERSION, JobSpec, spec_from_dict
@@ -368,13 +369,19 @@ def open_bundle(path: str | Path) -> Bundle:
         raise
 
 
-def write_checkpoint(directory: Path, step: int, state: State, job_id: Digest) -> FileEntry:
-    """Write one checkpoint atomically (temporary file, then rename) and return its file-table entry."""
+def write_checkpoint(
+    directory: Path, step: int, state: State, job_id: Digest, digests: dict[str, Digest] | None = None
+) -> FileEntry:
+    """Write one checkpoint atomically (temporary file, then rename) and return its file-table entry.
+
+    `digests`, when given, is filled with the per-tensor digests of `state` (`pol.digest.tensor_digests`),
+    computed from the same bytes in the same pass, so a solver hashes its state without reading it twice.
+    """
     name = checkpoint_name(step)
     target = directory / name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    size, digest = _stream_safetensors(tmp, state, {"pol": "checkpoint", "job_id": job_id, "step": str(step)})
+    size, digest = _stream_safetensors(tmp, state, {"pol": "checkpoint", "job_id": job_id, "step": str(step)}, digests)
     os.replace(tmp, target)
     return FileEntry(size, digest)
 
@@ -383,14 +390,18 @@ _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+_WRITE_BATCH = 1 << 20  # tensors smaller than this are gathered into one write (a state may hold hundreds)
 
 
-def _stream_safetensors(path: Path, state: State, metadata: dict[str, str]) -> tuple[int, Digest]:
+def _stream_safetensors(
+    path: Path, state: State, metadata: dict[str, str], digests: dict[str, Digest] | None = None
+) -> tuple[int, Digest]:
     """Write `state` in the safetensors format straight from tensor memory, hashing the bytes as they go out.
 
     The same file `safetensors.torch.save_file` would write up to header layout, without building the whole file
     in memory first (for a 120 MB state that copy cost more than the disk write). Read back with the safetensors
-    library, which validates it; a test holds the two writers to the same tensors.
+    library, which validates it; a test holds the two writers to the same tensors. With `digests`, also the
+    per-tensor digests (see `write_checkpoint`).
     """
     names = sorted(state)
     flat = {n: state[n].detach().to("cpu").contiguous() for n in names}
@@ -401,13 +412,29 @@ def _stream_safetensors(path: Path, state: State, metadata: dict[str, str]) -> t
         nbytes = t.numel() * t.element_size()
         header[n] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    text = canonical_json(header).encode("utf-8")
+    # canonical JSON, written directly: names, integers and our metadata need none of canonical_json's checks
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as the reference writer pads
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    batch = bytearray(len(text).to_bytes(8, "little") + text)
     with open(path, "wb") as f:
-        for chunk in (len(text).to_bytes(8, "little"), text, *(tensor_bytes(flat[n]) for n in names)):
-            hasher.update(chunk)
-            f.write(chunk)
+        for n in names:
+            data = tensor_bytes(flat[n])
+            if digests is not None:
+                digests[n] = tensor_digest(n, flat[n], data)
+            if data.nbytes < _WRITE_BATCH:
+                batch += data
+                if len(batch) < _WRITE_BATCH:
+                    continue
+                data = memoryview(b"")
+            if batch:
+                hasher.update(batch)
+                f.write(batch)
+                batch = bytearray()
+            hasher.update(data)
+            f.write(data)
+        hasher.update(batch)
+        f.write(batch)
     return 8 + len(text) + offset, hasher.hexdigest()
 
 

@@ -29,10 +29,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def tensor_digest(name: str, t: torch.Tensor) -> Digest:
-    """blake3 over (domain, name, dtype, shape, raw bytes) of one tensor."""
+def tensor_digest(name: str, t: torch.Tensor, data: memoryview | None = None) -> Digest:
+    """blake3 over (domain, name, dtype, shape, raw bytes) of one tensor. `data`: `tensor_bytes(t)` if at hand."""
     header = compute_hash("pol/tensor-header/v1", name.encode(), str(t.dtype).encode(), repr(tuple(t.shape)).encode())
-    data = tensor_bytes(t)
+    if data is None:
+        data = tensor_bytes(t)
     h = blake3.blake3(header, max_threads=blake3.blake3.AUTO if data.nbytes > _PARALLEL_BYTES else 1)
     h.update(data)
     return h.hexdigest()

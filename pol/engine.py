@@ -27,7 +27,7 @@ from .digest import State, combine_digests, tensor_digests
 from .errors import DataDiffers, DeviceUnavailable, StateMismatch, TrainingError
 from .models import SeededDropout, build_model, init_parameters
 from .numerics import numerics_context
-from .optim import apply_update, compute_lr, init_optimizer_state
+from .optim import apply_update, compute_lr, init_optimizer_state, make_workspace
 from .spec import JobSpec
 
 __all__ = [
@@ -65,6 +65,7 @@ class Runtime:
     opt_state: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
     dropouts: list[SeededDropout] = field(default_factory=list)
+    workspace: torch.Tensor | None = None  # the optimizer's reusable scratch memory (not part of the state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +156,10 @@ def build_runtime(
     persistent = set(model.state_dict())
     buffers = {n: b for n, b in buffers.items() if n in persistent}
     dropouts = [m for m in model.modules() if isinstance(m, SeededDropout)]
-    return Runtime(spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts)
+    workspace = make_workspace(spec.optimizer, params)
+    return Runtime(
+        spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts, workspace=workspace
+    )
 
 
 def initial_state(rt: Runtime) -> State:
@@ -168,11 +172,22 @@ def initial_state(rt: Runtime) -> State:
     return capture_state(rt)
 
 
-def capture_state(rt: Runtime) -> dict[str, torch.Tensor]:
-    """A CPU copy of the full training state: parameters, buffers, optimizer state and the step counter."""
-    state = {f"param/{n}": p.detach().to("cpu", copy=True) for n, p in rt.params.items()}
-    state.update({f"buffer/{n}": b.detach().to("cpu", copy=True) for n, b in rt.buffers.items()})
-    state.update({n: t.detach().to("cpu", copy=True) for n, t in rt.opt_state.items()})
+def capture_state(rt: Runtime, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A CPU copy of the full training state: parameters, buffers, optimizer state and the step counter.
+
+    `into`, a state captured earlier from this runtime that nothing uses any more, is overwritten and returned
+    instead of allocating a new copy (a solver alternates two, so a large state costs no fresh memory per checkpoint).
+    """
+    live = {f"param/{n}": p for n, p in rt.params.items()}
+    live.update({f"buffer/{n}": b for n, b in rt.buffers.items()})
+    live.update(rt.opt_state)
+    if into is not None and set(into) == {*live, "meta/step"}:
+        with torch.no_grad():
+            for name, t in live.items():
+                into[name].copy_(t.detach())
+        into["meta/step"] = torch.tensor(rt.step, dtype=torch.int64)
+        return into
+    state = {name: t.detach().to("cpu", copy=True) for name, t in live.items()}
     state["meta/step"] = torch.tensor(rt.step, dtype=torch.int64)
     return state
 
@@ -285,7 +300,9 @@ def one_step(
                 (loss * (micro / size) if micro != size else loss).backward()
                 loss_sum += float(loss.detach()) * micro
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
-        apply_update(spec.optimizer, rt.params, grads, rt.opt_state, lr)
+        # under a mode (pinpoint's capture) the update allocates its temporaries: a reused buffer would be a tensor
+        # the step reads without computing it. Same bits either way.
+        apply_update(spec.optimizer, rt.params, grads, rt.opt_state, lr, rt.workspace if mode is None else None)
     rt.step = s + 1
     loss_value = loss_sum / size
     if not math.isfinite(loss_value):

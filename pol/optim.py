@@ -1,8 +1,9 @@
 """Optimizers as plain functions over named tensors, with the learning-rate schedule a pure function of the step.
 
 torch.optim keeps hyper-parameters and step counters inside its state, where a prover could choose them. Here the
-spec alone fixes them, the state holds only tensors, and every update is written as single-rounding tensor
-operations (no fused or foreach kernels), so exact numerics can make each one bit-exact.
+spec alone fixes them and the state holds only tensors. The update is written with the same in-place kernels as
+torch.optim's single-tensor path (lerp_, addcmul_, addcdiv_: the fewest passes over memory, which is what a CPU
+optimizer step costs); exact numerics decomposes each of them into single-rounding steps in a fixed order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .spec import OptimSpec
 
-__all__ = ["init_optimizer_state", "compute_lr", "apply_update"]
+__all__ = ["init_optimizer_state", "compute_lr", "apply_update", "make_workspace"]
 
 
 def init_optimizer_state(opt: OptimSpec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -30,6 +31,14 @@ def init_optimizer_state(opt: OptimSpec, params: Mapping[str, torch.Tensor]) -> 
         state["optim/beta1_power"] = torch.ones((), dtype=torch.float64)
         state["optim/beta2_power"] = torch.ones((), dtype=torch.float64)
     return state
+
+
+def make_workspace(opt: OptimSpec, params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Scratch memory for `apply_update`, reused every step (AdamW only): as large as the largest parameter."""
+    if opt.name != "adamw" or not params:
+        return None
+    largest = max(params.values(), key=lambda p: p.numel())
+    return torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
 
 
 def compute_lr(opt: OptimSpec, step: int, total_steps: int) -> float:
@@ -49,21 +58,22 @@ def apply_update(
     grads: Mapping[str, torch.Tensor],
     state: MutableMapping[str, torch.Tensor],
     lr: float,
+    workspace: torch.Tensor | None = None,
 ) -> None:
-    """One optimizer step, in place on `params` and `state`.
+    """One optimizer step, in place on `params` and `state`: torch.optim's SGD (momentum, no dampening) and AdamW
+    (decoupled weight decay) formulas, with hyper-parameters from the spec and beta powers kept as state.
 
-    Each in-place operation is one IEEE rounding (`add_` is never given an `alpha`, which could fuse into an FMA).
+    `workspace` (see `make_workspace`) holds AdamW's temporary: without it each parameter's step allocates one,
+    and a fresh large allocation costs more in page faults than the arithmetic does.
     """
     if opt.name == "sgd":
         for name, p in params.items():
             g = grads[name]
             if opt.weight_decay:
-                g = g + p * opt.weight_decay
+                g = g.add(p, alpha=opt.weight_decay)
             if opt.momentum > 0.0:
-                buf = state[f"optim/momentum/{name}"]
-                buf.mul_(opt.momentum).add_(g)
-                g = buf
-            p.sub_(g * lr)
+                g = state[f"optim/momentum/{name}"].mul_(opt.momentum).add_(g)
+            p.add_(g, alpha=-lr)
         return
     b1p = state["optim/beta1_power"]
     b2p = state["optim/beta2_power"]
@@ -78,7 +88,9 @@ def apply_update(
         v = state[f"optim/exp_avg_sq/{name}"]
         if opt.weight_decay:
             p.mul_(1.0 - lr * opt.weight_decay)
-        m.mul_(opt.beta1).add_(g * (1.0 - opt.beta1))
-        v.mul_(opt.beta2).add_((g * g).mul_(1.0 - opt.beta2))
-        denom = torch.sqrt(v).div_(bias2_sqrt).add_(opt.eps)
-        p.sub_(m.div(denom).mul_(step_size))
+        m.lerp_(g, 1.0 - opt.beta1)
+        v.mul_(opt.beta2).addcmul_(g, g, value=1.0 - opt.beta2)
+        fits = workspace is not None and workspace.dtype == v.dtype and workspace.device == v.device
+        denom = torch.sqrt(v, out=workspace[: v.numel()].view_as(v)) if fits else torch.sqrt(v)
+        denom.div_(bias2_sqrt).add_(opt.eps)
+        p.addcdiv_(m, denom, value=-step_size)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from .bundle import FileEntry, Manifest, checkpoint_name, pack_bundle, write_checkpoint, write_manifest
 from .canonical import canonical_json, parse_json_strict
-from .digest import state_digest
+from .digest import combine_digests, state_digest
 from .engine import (
     HooksForStep,
     Runtime,
@@ -165,20 +165,22 @@ def _train_remaining(
     callback = (lambda step, loss: on_progress(step, spec.steps, loss)) if on_progress else None
 
     def persist(target: int, state: dict, data_digest: str, loss: float | None) -> None:
-        files[checkpoint_name(target)] = write_checkpoint(directory, target, state, spec.job_id)
-        records.append(Record(target, state_digest(state), data_digest, loss))
+        per_tensor: dict[str, str] = {}
+        files[checkpoint_name(target)] = write_checkpoint(directory, target, state, spec.job_id, per_tensor)
+        records.append(Record(target, combine_digests(per_tensor), data_digest, loss))
         _write_progress(directory, spec, records, files)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as writer:
         pending: Future[None] | None = None
         if first is not None:  # the step-0 state: hashed and written while the first segment trains
             pending = writer.submit(persist, 0, first, EMPTY_DATA, None)
+        spare: list[dict | None] = [None, None]  # two state copies, alternating: one being written, one filling
         try:
-            for target in spec.checkpoint_steps:
-                if target <= rt.step:
-                    continue
+            for count, target in enumerate([t for t in spec.checkpoint_steps if t > rt.step]):
                 segment = run_steps(rt, target, microbatch=split, on_step=callback, hooks=hooks)
-                state = capture_state(rt)  # a copy: training goes on mutating the live tensors
+                slot = count % 2
+                # a copy, since training goes on mutating the live tensors; the write in flight holds the other one
+                state = spare[slot] = capture_state(rt, into=spare[slot])
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
                 pending = writer.submit(persist, target, state, segment.data_digest, segment.loss)

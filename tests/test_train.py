@@ -171,3 +171,40 @@ def test_environment_is_recorded_outside_the_digests(honest_bundles):
         assert env["threads"] == torch.get_num_threads() and env["device"] == "cpu" and "cpu_capability" in env
         assert "env" not in b.spec.to_dict()
         assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_update_with_a_reused_workspace_gives_the_same_bits(name):
+    """The solver's scratch buffer is an execution detail: the state after a step is bitwise the same without it."""
+    from pol.optim import apply_update, init_optimizer_state, make_workspace
+    from pol.spec import OptimSpec
+
+    opt = OptimSpec(name=name, lr=0.01, momentum=0.9, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(7, 5, generator=gen), "b": torch.randn(3, generator=gen)}
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    runs = []
+    for workspace in (None, make_workspace(opt, params)):
+        p = {n: t.clone() for n, t in params.items()}
+        state = init_optimizer_state(opt, p)
+        for _ in range(3):
+            apply_update(opt, p, grads, state, 0.01, workspace)
+        runs.append({**p, **state})
+    assert (make_workspace(opt, params) is None) == (name == "sgd")
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["a"], params["a"])
+
+
+def test_capture_into_a_spare_state_reuses_its_memory(tmp_path):
+    from pol.engine import build_runtime, capture_state, initial_state, run_steps
+
+    rt = build_runtime(tiny_spec(steps=4))
+    spare = initial_state(rt)
+    addresses = {n: t.data_ptr() for n, t in spare.items() if n != "meta/step"}
+    run_steps(rt, 2)
+    again = capture_state(rt, into=spare)
+    fresh = capture_state(rt)
+    assert again is spare and {n: t.data_ptr() for n, t in again.items() if n != "meta/step"} == addresses
+    assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert int(again["meta/step"]) == 2
