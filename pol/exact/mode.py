@@ -3,10 +3,11 @@
 Routing, in order (`route_operator`):
   1. random draws                       -> UnsupportedOperator (draws come from the hardware-independent generator)
   2. an exact handler for the overload  -> products, reductions, transcendentals, convolution, pooling, scatter-adds,
-                                           and the split of multi-rounding ops (add/sub with alpha)
+                                           and the split of multi-rounding ops (add/sub with alpha, addcmul,
+                                           addcdiv, lerp: one rounding per step, in a fixed order)
   3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * / sqrt...)
-  4. torch's own decomposition (the listed ones, and any CompositeImplicitAutograd operator)         -> softmax, layer norm, GELU, losses, var/std, addcmul/addcdiv/lerp...;
-                                           the decomposition runs under this mode again, so its pieces are routed too
+  4. torch's own decomposition         -> the listed ones (softmax, layer norm, GELU, losses...) and any
+                                           CompositeImplicitAutograd operator; the decomposition runs under this mode again, so its pieces are routed too
   5. in-place form `op_` of a routed op  -> computed out of place, then copied into `self`
   6. an operator on integer/bool tensors only -> native (integer arithmetic is exact)
   7. anything else                      -> UnsupportedOperator naming the operator; never a silent native kernel.
@@ -229,10 +230,6 @@ DECOMPOSED: frozenset[OpOverload] = frozenset(
         aten.embedding_dense_backward.default,
         aten.logsumexp.default,
         aten.linalg_vector_norm.default,
-        aten.addcmul.default,
-        aten.addcdiv.default,
-        aten.lerp.Scalar,
-        aten.lerp.Tensor,
         aten.baddbmm.default,
         aten.tanh_backward.default,
         aten.sigmoid_backward.default,
@@ -347,6 +344,27 @@ def _sub(a: Any, b: Any, *, alpha: float = 1) -> torch.Tensor:
     return torch.sub(a, b if alpha == 1 else b * alpha)
 
 
+def _addcmul(x: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, *, value: float = 1) -> torch.Tensor:
+    """x + (t1 * t2) * value: one rounding per operation, in this order (torch's own kernel may fuse them)."""
+    prod = t1 * t2
+    return x + (prod if value == 1 else prod * value)
+
+
+def _addcdiv(x: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, *, value: float = 1) -> torch.Tensor:
+    """x + (t1 / t2) * value, one rounding per operation."""
+    quot = t1 / t2
+    return x + (quot if value == 1 else quot * value)
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: Any) -> torch.Tensor:
+    """start + weight * (end - start) where |weight| < 0.5, else end - (end - start) * (1 - weight): torch's own
+    formula (exact at both ends), one rounding per operation."""
+    diff = end - start
+    if isinstance(weight, torch.Tensor):
+        return torch.where(weight.abs() < 0.5, start + weight * diff, end - diff * (1 - weight))
+    return start + diff * weight if abs(weight) < 0.5 else end - diff * (1 - weight)
+
+
 def _pow(x: torch.Tensor, p: float) -> torch.Tensor:
     return elementwise.exact_pow_scalar(x, float(p))
 
@@ -428,6 +446,10 @@ EXACT_HANDLERS: dict[OpOverload, Handler] = {
     aten.erf.default: _unary(elementwise.exact_erf),
     aten.rsqrt.default: _unary(elementwise.exact_rsqrt),
     aten.pow.Tensor_Scalar: _pow,
+    aten.addcmul.default: _addcmul,
+    aten.addcdiv.default: _addcdiv,
+    aten.lerp.Scalar: _lerp,
+    aten.lerp.Tensor: _lerp,
     aten.index_add.default: _index_add,
     aten.scatter_add.default: _scatter_add,
     aten.index_put.default: _index_put,
@@ -443,7 +465,10 @@ for _packet in ("var", "std", "var_mean", "std_mean"):
     for _overload in ("default", "dim", "correction"):
         EXACT_HANDLERS[getattr(getattr(aten, _packet), _overload)] = _moments(_packet, _overload)
 
-SINGLE_ROUNDING_SPLITS = frozenset((aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar))
+SINGLE_ROUNDING_SPLITS = frozenset(
+    (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.addcmul.default, aten.addcdiv.default,
+     aten.lerp.Scalar, aten.lerp.Tensor)
+)
 """Handlers made of IEEE single-rounding steps only: exact in float64 as well as float32."""
 
 _GUARDED: dict[OpOverload, Handler] = {

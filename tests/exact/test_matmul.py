@@ -37,6 +37,27 @@ def test_split_fast_equals_split_reference_including_subnormals() -> None:
     assert int(ref.abs().max()) <= 64
 
 
+@pytest.mark.parametrize("backend", ["int8", "float64"])
+def test_extreme_rows_match_reference_bit_for_bit(backend: str) -> None:
+    """Subnormal rows, rows at the float32 limit, zero rows and mixed binades: the fast splits (the float64
+    backend's rounded shifts, the int8 backend's sequential digits) give the reference's digits."""
+    rng = np.random.default_rng(7)
+    a = f32(wide_rows(rng, (6, 24), spread=60.0))
+    a[0] = torch.tensor(np.float32(1e-45)) * torch.arange(24)  # subnormal
+    a[1, :4] = torch.tensor([3e38, -3e38, 1e-40, -0.0])
+    a[2] = 0.0
+    a[3, ::2] = 0.5  # ties for round-half-even in the digits
+    b = f32(wide_rows(rng, (24, 5), spread=60.0))
+    b[:, 0] = torch.tensor(np.float32(1e-44)) * torch.arange(24)
+    b[:3, 1] = torch.tensor([2e38, -1e-41, 1.5])
+    for x, y in ((a, b), (a * 2.0**-100, b), (a, b * 2.0**-60)):
+        assert torch.equal(exact_mm(x, y, backend), exact_mm_reference(x, y))  # type: ignore[arg-type]
+    batched_a, batched_b = torch.stack([a, a.flip(0)]), torch.stack([b, b.flip(1)])
+    out = exact_bmm(batched_a, batched_b, backend)  # type: ignore[arg-type]
+    for i in range(2):
+        assert torch.equal(out[i], exact_mm_reference(batched_a[i], batched_b[i]))
+
+
 def test_bmm_matches_per_batch_mm() -> None:
     rng = np.random.default_rng(2)
     a, b = f32(rng.standard_normal((5, 12, 40))), f32(rng.standard_normal((5, 40, 7)))

@@ -91,13 +91,16 @@ def test_multi_rounding_operators_are_split_into_single_roundings() -> None:
         inplace = a.clone().add_(b, alpha=2.0)
     assert torch.equal(add_alpha, a + b * 0.3)
     assert torch.equal(sub_alpha, a - b * 0.7)
-    assert (
-        torch.equal(addcmul, a + (b * c) * 0.5)
-        or torch.equal(addcmul, a + 0.5 * (b * c))
-        or torch.equal(addcmul, a + (0.5 * b) * c)
-    )
-    assert torch.allclose(addcdiv, a + 0.5 * (b / (c.abs() + 1)))
-    assert torch.allclose(lerp, a + 0.25 * (b - a))
+    assert torch.equal(addcmul, a + (b * c) * 0.5)
+    assert torch.equal(addcdiv, a + (b / (c.abs() + 1)) * 0.5)
+    assert torch.equal(lerp, a + (b - a) * 0.25)
+    with exact_mode():
+        far = torch.lerp(a, b, 0.75)
+        weights = torch.full_like(a, 0.75)
+        weights[::2] = 0.25
+        tensor_weight = torch.lerp(a, b, weights)
+    assert torch.equal(far, b - (b - a) * (1 - 0.75))
+    assert torch.equal(tensor_weight[::2], lerp[::2]) and torch.equal(tensor_weight[1::2], far[1::2])
     assert torch.equal(inplace, a + b * 2.0)
 
 
