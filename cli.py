@@ -79,6 +79,11 @@ def handle_errors(usage: tuple[type[Exception], ...] = USAGE_ERRORS) -> Callable
                 fail(str(exc), EXIT_FAILED)
             except KeyboardInterrupt:
                 fail("interrupted", 130, "a training run can be continued with --resume")
+            except OSError as exc:  # the disk, not the input: a full disk, a read-only or vanished directory
+                if _DEBUG["on"]:
+                    raise
+                where = f" ({exc.filename})" if exc.filename else ""
+                fail(f"{exc.strerror or exc}{where}", EXIT_FAILED, "fix the disk or directory; a training run continues with --resume")
 
         return inner  # type: ignore[return-value]
 

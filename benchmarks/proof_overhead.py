@@ -133,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models and few steps (smoke run)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--models", default="mlp,transformer", help="comma-separated: mlp, transformer")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.quick:
@@ -143,7 +144,8 @@ def main() -> None:
         mlp = {"model": {"name": "mlp", "kwargs": {"hidden": 2240, "depth": 3}}, "steps": 200}
         gpt = {"model": "transformer", "steps": 300}
         ks = [10, 100]
-    rows = measure("mlp", mlp, ks, args.repeats) + measure("transformer", gpt, ks, args.repeats)
+    models = {"mlp": mlp, "transformer": gpt}
+    rows = [row for name in args.models.split(",") for row in measure(name, models[name], ks, args.repeats)]
     columns = ["model", "params", "steps", "k", "plain_s", "engine_s", "pol_train_s", "overhead_pct", "overhead_best_pct", "cpu_overhead_pct", "proof_only_pct",
                "mb_per_checkpoint", "mb_total", "hash_gb_per_s", "spread_plain_pct"]
     write_results("proof_overhead", {"rows": rows, "quick": args.quick}, markdown_table(rows, columns))

@@ -416,25 +416,27 @@ def _stream_safetensors(
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as the reference writer pads
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    batch = bytearray(len(text).to_bytes(8, "little") + text)
     with open(path, "wb") as f:
+
+        def emit(chunk: bytes | bytearray | memoryview) -> None:
+            hasher.update(chunk)
+            f.write(chunk)
+
+        pending = bytearray(len(text).to_bytes(8, "little") + text)  # small pieces gathered into one write
         for n in names:
             data = tensor_bytes(flat[n])
             if digests is not None:
                 digests[n] = tensor_digest(n, flat[n], data)
-            if data.nbytes < _WRITE_BATCH:
-                batch += data
-                if len(batch) < _WRITE_BATCH:
-                    continue
-                data = memoryview(b"")
-            if batch:
-                hasher.update(batch)
-                f.write(batch)
-                batch = bytearray()
-            hasher.update(data)
-            f.write(data)
-        hasher.update(batch)
-        f.write(batch)
+            if data.nbytes >= _WRITE_BATCH:
+                emit(pending)
+                pending = bytearray()
+                emit(data)
+            else:
+                pending += data
+                if len(pending) >= _WRITE_BATCH:
+                    emit(pending)
+                    pending = bytearray()
+        emit(pending)
     return 8 + len(text) + offset, hasher.hexdigest()
 
 

@@ -7,6 +7,7 @@ dtype, shape and raw little-endian bytes. Per-tensor digests are kept so that a 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 
@@ -29,9 +30,15 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+@functools.lru_cache(maxsize=4096)
+def _header(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """The hashed header of a tensor digest (a state's names, dtypes and shapes recur at every checkpoint)."""
+    return compute_hash("pol/tensor-header/v1", name.encode(), str(dtype).encode(), repr(shape).encode())
+
+
 def tensor_digest(name: str, t: torch.Tensor, data: memoryview | None = None) -> Digest:
     """blake3 over (domain, name, dtype, shape, raw bytes) of one tensor. `data`: `tensor_bytes(t)` if at hand."""
-    header = compute_hash("pol/tensor-header/v1", name.encode(), str(t.dtype).encode(), repr(tuple(t.shape)).encode())
+    header = _header(name, t.dtype, tuple(t.shape))
     if data is None:
         data = tensor_bytes(t)
     h = blake3.blake3(header, max_threads=blake3.blake3.AUTO if data.nbytes > _PARALLEL_BYTES else 1)

@@ -40,6 +40,7 @@ from .trace import EMPTY_DATA, Record, compute_trace_commitment, record_from_dic
 __all__ = ["train_and_prove", "ProveResult", "PROGRESS_NAME"]
 
 PROGRESS_NAME = "progress.json"
+BACKGROUND_MIN_BYTES = 16 << 20  # parameters at least this large are checkpointed by a background thread
 ProgressCallback = Callable[[int, int, float], None]  # (step reached, total steps, loss)
 
 
@@ -158,11 +159,13 @@ def _train_remaining(
     hooks: HooksForStep | None,
     first: dict | None = None,
 ) -> None:
-    """Train segment by segment. Each checkpoint is hashed and written by a background thread while the next
-    segment trains (at most one write in flight, so at most two states in memory); `progress.json` only ever
-    names checkpoints that are completely on disk, so a crash at any instant leaves a resumable directory."""
+    """Train segment by segment. A large checkpoint is hashed and written by a background thread while the next
+    segment trains (at most one write in flight, so at most two states in memory); a small one is written at once,
+    since its cost is Python work that would only contend with training for the interpreter lock. `progress.json`
+    only ever names checkpoints that are completely on disk, so a crash at any instant leaves a resumable directory."""
     spec = rt.spec
     callback = (lambda step, loss: on_progress(step, spec.steps, loss)) if on_progress else None
+    background = sum(p.numel() * p.element_size() for p in rt.params.values()) >= BACKGROUND_MIN_BYTES
 
     def persist(target: int, state: dict, data_digest: str, loss: float | None) -> None:
         per_tensor: dict[str, str] = {}
@@ -170,10 +173,16 @@ def _train_remaining(
         records.append(Record(target, combine_digests(per_tensor), data_digest, loss))
         _write_progress(directory, spec, records, files)
 
+    def submit(writer: ThreadPoolExecutor, target: int, state: dict, data_digest: str, loss: float | None) -> Future[None] | None:
+        if background:
+            return writer.submit(persist, target, state, data_digest, loss)
+        persist(target, state, data_digest, loss)
+        return None
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as writer:
         pending: Future[None] | None = None
         if first is not None:  # the step-0 state: hashed and written while the first segment trains
-            pending = writer.submit(persist, 0, first, EMPTY_DATA, None)
+            pending = submit(writer, 0, first, EMPTY_DATA, None)
         spare: list[dict | None] = [None, None]  # two state copies, alternating: one being written, one filling
         try:
             for count, target in enumerate([t for t in spec.checkpoint_steps if t > rt.step]):
@@ -183,7 +192,7 @@ def _train_remaining(
                 state = spare[slot] = capture_state(rt, into=spare[slot])
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
-                pending = writer.submit(persist, target, state, segment.data_digest, segment.loss)
+                pending = submit(writer, target, state, segment.data_digest, segment.loss)
         finally:
             if pending is not None:
                 pending.result()

@@ -242,14 +242,17 @@ def test_streamed_checkpoints_read_back_with_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file
 
     from pol.bundle import write_checkpoint
-    from pol.digest import state_digest
+    from pol.digest import state_digest, tensor_digests
 
     state = {"param/w": torch.randn(3, 5), "optim/beta1_power": torch.tensor(0.9, dtype=torch.float64),
              "meta/step": torch.tensor(7), "param/e": torch.zeros(0, 4), "buffer/m": torch.tensor([True, False]),
-             "param/t": torch.randn(4, 6).t()}  # non-contiguous
-    entry = write_checkpoint(tmp_path, 7, state, "ab" * 32)
+             "param/t": torch.randn(4, 6).t(),  # non-contiguous
+             "param/big": torch.randn(300_000), "param/mid": torch.randn(200_000)}  # written alone / gathered
+    per_tensor: dict[str, str] = {}
+    entry = write_checkpoint(tmp_path, 7, state, "ab" * 32, per_tensor)
     path = tmp_path / checkpoint_name(7)
     assert entry.size == path.stat().st_size and entry.blake3 == file_digest(path)
     loaded = load_file(str(path))
     assert state_digest(loaded) == state_digest(state)
     assert all(torch.equal(loaded[n], state[n]) for n in state)
+    assert per_tensor == tensor_digests(state)  # the digests computed in the write pass are the canonical ones

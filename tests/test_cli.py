@@ -36,6 +36,18 @@ def test_inspect_fails_on_a_damaged_bundle(tmp_path):
     assert runner.invoke(app, ["inspect", str(tmp_path / "nothing")]).exit_code == 1
 
 
+def test_a_failing_disk_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    import pol.prove
+
+    def full(directory, step, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(directory / f"step-{step}"))
+
+    monkeypatch.setattr(pol.prove, "write_checkpoint", full)
+    result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "No space left on device" in result.stderr and "step-0" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
 def test_pack_and_inspect_archive(tmp_path):
     out = tmp_path / "b"
     assert runner.invoke(app, ["train", *TINY, "--out", str(out)]).exit_code == 0

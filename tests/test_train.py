@@ -26,6 +26,24 @@ def test_same_spec_twice_gives_the_same_root(tmp_path):
         assert train_and_prove(tiny_spec(model, seed=1), tmp_path / f"{model}-c").manifest.root != a.root
 
 
+def test_background_and_inline_checkpoint_writers_give_the_same_bundle(tmp_path, monkeypatch):
+    """Large states are written by a background thread, small ones inline: the bundle cannot tell them apart,
+    and a failed background write surfaces as the solver's error."""
+    import pol.prove
+
+    inline = train_and_prove(tiny_spec("transformer"), tmp_path / "inline").manifest
+    monkeypatch.setattr(pol.prove, "BACKGROUND_MIN_BYTES", 0)
+    background = train_and_prove(tiny_spec("transformer"), tmp_path / "background").manifest
+    assert background.root == inline.root and background.records == inline.records and background.files == inline.files
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pol.prove, "write_checkpoint", failing)
+    with pytest.raises(OSError, match="No space left"):
+        train_and_prove(tiny_spec("transformer"), tmp_path / "full")
+
+
 def test_state_covers_params_buffers_optimizer_and_step(honest_bundles):
     with open_bundle(honest_bundles["transformer"]) as b:
         state = b.load_state(8)

@@ -7,7 +7,8 @@ Routing, in order (`route_operator`):
                                            addcdiv, lerp: one rounding per step, in a fixed order)
   3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * / sqrt...)
   4. torch's own decomposition         -> the listed ones (softmax, layer norm, GELU, losses...) and any
-                                           CompositeImplicitAutograd operator; the decomposition runs under this mode again, so its pieces are routed too
+                                           CompositeImplicitAutograd operator; the decomposition runs under this
+                                           mode again, so its pieces are routed too
   5. in-place form `op_` of a routed op  -> computed out of place, then copied into `self`
   6. an operator on integer/bool tensors only -> native (integer arithmetic is exact)
   7. anything else                      -> UnsupportedOperator naming the operator; never a silent native kernel.
