@@ -24,6 +24,8 @@ from pol.exact._fixed import (
     FloatTensor,
     IntTensor,
     _normalize_digits,
+    frexp_exponent_f32,
+    pow2_f64,
     round_digits_to_f32,
     split_f32_to_bins,
 )
@@ -142,14 +144,12 @@ def sum_into_slots(x: FloatTensor, target: IntTensor, num_targets: int) -> Float
     return _sum_by_target(x, target, num_targets, None)
 
 
-def _narrow_sum_f64(flat: FloatTensor) -> FloatTensor | None:
-    """Row sums of 2-D float32 `flat` by a plain float64 sum when that sum is provably exact, else None.
+def _narrow_rowsum_f64(flat: FloatTensor) -> FloatTensor | None:
+    """Exact float64 row sums of 2-D float32 `flat` when a plain float64 sum is provably exact, else None.
 
     An entry with biased exponent E (1 for subnormals) is a multiple of 2**(E - 150) below 2**(E - 126). If a row's
     nonzero entries span Emax - Emin <= 29 - ceil(log2(R)) binades, every partial sum is a multiple of the row's
-    smallest unit below 2**53 of them: float64 adds it exactly in ANY order, and `.to(float32)` is the one rounding.
-    Non-finite rows return None (the general path handles IEEE special values). The result equals the general
-    path's bit for bit (both are the exact sum rounded once), so choosing a path never changes a result.
+    smallest unit below 2**53 of them: float64 adds it exactly in ANY order. Non-finite rows return None.
     """
     r = flat.shape[1]
     if r == 0 or flat.numel() == 0:
@@ -164,7 +164,50 @@ def _narrow_sum_f64(flat: FloatTensor) -> FloatTensor | None:
     budget = 29 - (r - 1).bit_length()
     if not bool(((emax - emin) <= budget).all()):
         return None
-    return flat.to(torch.float64).sum(dim=1).to(torch.float32)
+    return flat.to(torch.float64).sum(dim=1)
+
+
+def _narrow_sum_f64(flat: FloatTensor) -> FloatTensor | None:
+    """Row sums of 2-D float32 `flat` by a plain float64 sum when that sum is provably exact (see
+    `_narrow_rowsum_f64`), rounded once to float32; else None. The result equals the general path's bit for bit
+    (both are the exact sum rounded once), so choosing a path never changes a result.
+    """
+    exact = _narrow_rowsum_f64(flat)
+    return None if exact is None else exact.to(torch.float32)
+
+
+def _two_level_sum_f64(flat: FloatTensor) -> FloatTensor | None:
+    """Row sums of finite 2-D float32 `flat` from two exact float64 sums, or None when the second is not exact.
+
+    Level one rounds each entry to a multiple of u = 2**(E - 53 + b), E the row's max exponent (|x| < 2**E) and
+    R < 2**b the row length: those multiples are integers below 2**(53 - b) in units of u, so their sum is exact in
+    float64. The remainders x - hi are exact (the float32 bits of x below u) and sum exactly whenever their binades
+    are narrow enough (`_narrow_sum_f64`'s rule). The exact total H + L is rounded once: TwoSum gives s + e = H + L,
+    round-to-odd folds e into s's last bit, and the float32 conversion is the one rounding. The result is the
+    exact sum rounded once, the same bits as every other path; this one covers rows spanning some 60 binades with
+    a few dozen operator launches instead of a digit accumulator's hundreds.
+    """
+    r = flat.shape[1]
+    if r == 0 or flat.numel() == 0 or not bool(torch.isfinite(flat).all()):
+        return None
+    b = r.bit_length()
+    x = flat.to(torch.float64)
+    e = frexp_exponent_f32(flat.abs().amax(dim=1, keepdim=True))
+    down = pow2_f64(53 - b - e)  # 1 / u, exact
+    q = torch.round(x * down)  # integers, |q| <= 2**(53 - b)
+    hi_units = q.sum(dim=1, keepdim=True)  # exact: |sum| <= R * 2**(53 - b) <= 2**53
+    lo = x - q / down  # exact: the bits of x below u (a float32 value)
+    low = _narrow_rowsum_f64(lo.to(torch.float32))
+    if low is None:
+        return None
+    high = (hi_units / down).squeeze(1)
+    s = high + low
+    bb = s - high
+    err = (high - (s - bb)) + (low - bb)  # s + err == high + low exactly (Knuth's TwoSum)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    s = torch.where((err != 0) & even, torch.nextafter(s, toward), s)  # round to odd: one rounding left
+    return s.to(torch.float32)
 
 
 def _negative_zero_rows(flat: FloatTensor, out: FloatTensor) -> FloatTensor:
@@ -201,6 +244,8 @@ def exact_sum(x: FloatTensor, dims: Sequence[int] | int | None = None, keepdim: 
         outer *= s
     flat = moved.reshape(outer, -1)
     narrow = _narrow_sum_f64(flat)
+    if narrow is None:
+        narrow = _two_level_sum_f64(flat)
     if narrow is not None:
         out = _negative_zero_rows(flat, narrow)
     elif flat.numel() >= DENSE_MIN_NUMEL and flat.shape[1] < PASS_TERMS and bool(torch.isfinite(flat).all()):

@@ -127,3 +127,44 @@ def test_narrow_float64_path_equals_the_digit_path() -> None:
     assert _narrow_sum_f64(f32(wide_rows(rng, (4, 64), 40.0))) is None  # too wide: the digit path takes it
     edge = torch.tensor([[2.0**23, 1.0, 2.0**-4, 2.0**-4]])  # at the budget edge: 27 binades for R = 4
     assert _narrow_sum_f64(edge) is not None and float(exact_sum(edge, [1])) == exact_sum_reference(edge[0].tolist())
+
+
+def test_two_level_float64_path_equals_the_digit_path() -> None:
+    """Rows too wide for one float64 sum: hi parts and remainders, each summed exactly, then one rounding."""
+    from pol.exact.reduce import _narrow_sum_f64, _sum_by_target, _two_level_sum_f64
+
+    rng = np.random.default_rng(6)
+    taken = 0
+    for shape, spread in (((40, 64), 13.0), ((40, 512), 12.0), ((8, 3000), 11.0), ((30, 7), 15.0), ((16, 512), 14.0)):
+        x = f32(wide_rows(rng, shape, spread))  # some 30 binades per row: too wide for one float64 sum
+        x[0, : shape[1] // 2] = -x[0, shape[1] // 2 : 2 * (shape[1] // 2)]  # cancellation down to a few terms
+        x[1] = torch.tensor(np.float32(1e-45)) * torch.arange(shape[1])  # subnormals only
+        x[2] *= 2.0**100  # near the float32 limit
+        x[3] *= 2.0**-120  # partly subnormal
+        assert _narrow_sum_f64(x) is None
+        two = _two_level_sum_f64(x)
+        if two is None:
+            continue
+        taken += 1
+        target = torch.arange(shape[0]).unsqueeze(1).expand(shape).reshape(-1)
+        assert torch.equal(two, _sum_by_target(x.reshape(-1), target, shape[0], None))
+        for i in (0, 2, 3, 4):
+            assert float(two[i]) == exact_sum_reference(x[i].tolist())
+    assert taken >= 4  # the path is exercised, not skipped
+    very_wide = f32(wide_rows(rng, (4, 64), 0.0))
+    very_wide[:, 1] = 1e-30
+    very_wide[:, 2] = 3e-20  # remainders spanning 30+ binades: refused, the digit path takes the row
+    assert _two_level_sum_f64(very_wide) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(finite_f32, min_size=2, max_size=60), st.integers(0, 2**32 - 1))
+def test_two_level_path_is_the_correctly_rounded_sum(values: list[float], seed: int) -> None:
+    from pol.exact.reduce import _two_level_sum_f64
+
+    x = torch.tensor(values, dtype=torch.float32).unsqueeze(0)
+    x = x[:, torch.from_numpy(np.random.default_rng(seed).permutation(x.shape[1]))]
+    got = _two_level_sum_f64(x)
+    if got is not None:
+        expected = exact_sum_reference(x[0].tolist())
+        assert float(got[0]) == expected or (float(got[0]) == 0 and expected == 0)
