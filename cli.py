@@ -29,6 +29,7 @@ from pol.errors import (
     NumericsUnavailable,
     PolError,
     SpecError,
+    VersionMismatch,
 )
 
 app = typer.Typer(
@@ -451,7 +452,7 @@ def graph(
 
 
 @app.command()
-@handle_errors(usage=())
+@handle_errors(usage=(VersionMismatch,))
 def dispute(
     bundle_path: Annotated[Path | None, typer.Argument(metavar="BUNDLE", help="The disputed bundle.")] = None,
     segment: Annotated[int, typer.Option(min=1, help="The disputed segment (1-based, as pol verify numbers them).")] = 1,

@@ -21,6 +21,7 @@ from typing import Any
 
 from pol.bundle import Bundle, open_bundle
 from pol.canonical import Digest, parse_json_strict
+from pol.verify import check_versions
 
 from .capture import capture_step
 from .errors import PinpointError, ProtocolError, TranscriptError
@@ -198,9 +199,11 @@ def run_dispute(
     By default both parties run in this process (`solver`/`challenger` say how they behave); `solver_cmd` and
     `challenger_cmd` run a party as a separate process speaking `pinpoint.party`'s line protocol (see
     `pinpoint.party.party_command`); `solver_party`/`challenger_party` plug in any object with observe/next_message.
-    Raises BundleError (bad bundle), PinpointError (bad segment, a party's protocol bug).
+    Raises BundleError (bad bundle), VersionMismatch (made by another pol), PinpointError (bad segment, a party's
+    protocol bug).
     """
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    check_versions(b.manifest.spec)  # a referee of another version would re-execute another step definition
     if not 0 <= segment < len(b.records) - 1:
         raise PinpointError(f"segment {segment} is not one of the bundle's {len(b.records) - 1} segments (0-based)")
     params = params or Params(commitment=b.manifest.root)

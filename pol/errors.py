@@ -92,6 +92,13 @@ class UnsupportedOperator(NumericsError):
         self.op = op
 
 
+class VersionMismatch(PolError):
+    """The bundle was made by a pol (or, in exact numerics, a torch) whose step arithmetic differs from this one's.
+
+    Like DataDiffers, this says nothing about the solver's honesty: replaying here could only raise false alarms.
+    """
+
+
 class CommitmentError(PolError):
     """A Merkle inclusion proof or a commitment does not check out."""
 

@@ -4,7 +4,8 @@ Checks, in order (DESIGN section 5):
   1. the bundle: every file, digest, the Merkle root and the commitment (`open_bundle`), and the commitment the
      caller expects, if it names one;
   2. the step-0 state, recomputed from the seed, must equal the committed one exactly;
-  3. the verifier's data must hash to the spec's data digest (else `DataDiffers`: the verifier cannot judge);
+  3. the verifier's data must hash to the spec's data digest (else `DataDiffers`: the verifier cannot judge), and
+     its pol (and, for exact numerics, torch) must be the versions the spec names (else `VersionMismatch`);
   4. segments drawn from randomness the solver could not know when it committed (the verifier's secret seed or a
      public beacon drawn after the commitment), uniform plus a share of largest-update segments; each is replayed
      from its committed start state with the batches re-derived from the spec, and its data digest and end state
@@ -26,18 +27,20 @@ from typing import Any
 
 import torch
 
-from . import rng
+from . import __version__, rng
 from .bundle import Bundle, open_bundle
 from .canonical import Digest, compute_hash
 from .digest import state_digest, tensor_digests
 from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps
-from .errors import BundleError, BundleVersionError, PolError
+from .errors import BundleError, BundleVersionError, PolError, VersionMismatch
+from .spec import JobSpec
 
 __all__ = [
     "Thresholds",
     "SegmentCheck",
     "Report",
     "verify",
+    "check_versions",
     "compute_escape_probability",
     "compute_required_samples",
     "derive_randomness",
@@ -326,7 +329,8 @@ def verify(
     from `seed`, `beacon` or fresh.
 
     Raises (the verifier cannot judge): PolError on bad arguments, BundleVersionError/BundleFileError when the path
-    is not a readable bundle, DataDiffers when the local data is not the committed data, ComponentError,
+    is not a readable bundle, DataDiffers when the local data is not the committed data, VersionMismatch when the
+    bundle was made by another pol (or, in exact numerics, torch), ComponentError,
     DeviceUnavailable, NumericsUnavailable. A bundle that fails its integrity checks is *rejected*, not raised.
     """
     started = time.perf_counter()
@@ -392,12 +396,31 @@ def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
     return choose_segments(n, req.randomness, b.manifest.root, uniform, largest, norms), uniform
 
 
+def check_versions(spec: JobSpec) -> None:
+    """Raise VersionMismatch unless this pol is the one the spec names, and, in exact numerics, this torch too
+    (its decompositions are part of the exact arithmetic). Native numerics tolerates another torch: its
+    thresholds absorb kernel differences, which calibration measures here."""
+    made = spec.versions.get("pol")
+    if made != __version__:
+        raise VersionMismatch(
+            f"the bundle was made with pol {made}, this is pol {__version__}: a training step is defined per pol "
+            f"version, so replaying it here could only raise false alarms; use pol {made}"
+        )
+    here = torch.__version__.split("+")[0]
+    if spec.numerics == "exact" and spec.versions.get("torch") != here:
+        raise VersionMismatch(
+            f"the exact bundle was made with torch {spec.versions.get('torch')}, this is torch {here}: exact results "
+            "are defined with that torch's operator decompositions; use the same torch"
+        )
+
+
 def _verify_open(b: Bundle, req: _Request) -> Report:
     m = b.manifest
     spec = m.spec
     n = len(m.records) - 1
     if req.expected_root is not None and req.expected_root.lower() != m.root:
         return _reject(req, f"commitment {m.root} is not the expected {req.expected_root}", b)
+    check_versions(spec)
     rt = build_runtime(spec, device=req.device, data_dir=req.data_dir)  # raises DataDiffers before any judgement
     try:
         committed0 = b.load_state(0)

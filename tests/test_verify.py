@@ -195,3 +195,26 @@ def test_bundle_trained_on_one_instruction_set_verified_on_another(tmp_path):
                           env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
     verdict, worst = json.loads(done.stdout)
     assert verdict == "accept", worst
+
+
+def test_a_bundle_from_another_version_cannot_be_verified_here(tmp_path, monkeypatch):
+    """A step is defined per pol version (and, in exact numerics, per torch): replaying another version's bundle
+    could only raise false alarms, so the verifier says it cannot verify, never that the solver cheated."""
+    import pol.engine
+    import pol.verify
+    from pol.errors import VersionMismatch
+
+    with monkeypatch.context() as m:
+        m.setattr(pol.engine, "__version__", "0.0.9")
+        old = train_and_prove(tiny_spec(), tmp_path / "old").path
+    with pytest.raises(VersionMismatch, match="made with pol 0.0.9"):
+        verify(old, seed=1)
+    result = CliRunner().invoke(app, ["verify", str(old), "--seed", "1"])
+    assert result.exit_code == 2 and "cannot verify" in result.stderr and "pol 0.0.9" in result.stderr
+
+    exact = train_and_prove(tiny_spec(numerics="exact", steps=4, every=2), tmp_path / "exact").path
+    native = train_and_prove(tiny_spec(steps=4, every=2), tmp_path / "native").path
+    monkeypatch.setattr(pol.verify.torch, "__version__", "9.9.9")
+    with pytest.raises(VersionMismatch, match="torch"):
+        verify(exact, seed=1)
+    assert verify(native, seed=1).accepted  # native numerics tolerates another torch

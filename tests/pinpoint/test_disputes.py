@@ -266,3 +266,18 @@ def test_exact_products_are_element_local() -> None:
         parts = [[torch.ops.aten.addmm.default(bias[j : j + 1], a[i : i + 1], b[:, j : j + 1]) for j in range(5)] for i in range(7)]
     pieces = torch.stack([torch.cat(row, dim=1) for row in parts]).reshape(7, 5)
     assert torch.equal(whole.view(torch.int32), pieces.view(torch.int32))
+
+
+def test_a_dispute_over_another_versions_bundle_is_refused(tmp_path, monkeypatch):
+    """The referee re-executes this pol's step: over another version's bundle it could only blame the honest."""
+    import pol.engine
+    from pinpoint.runner import run_dispute
+    from pol.errors import VersionMismatch
+    from pol.prove import train_and_prove
+    from tests.conftest import tiny_spec
+
+    monkeypatch.setattr(pol.engine, "__version__", "0.0.9")
+    old = train_and_prove(tiny_spec(steps=4, every=2), tmp_path / "old").path
+    monkeypatch.undo()
+    with pytest.raises(VersionMismatch, match="pol 0.0.9"):
+        run_dispute(old, 0)
