@@ -105,3 +105,18 @@ def test_exact_mode_fixes_the_split(tmp_path):
         train_and_prove(tiny_spec("mlp", numerics="exact"), tmp_path / "x", split=4)
     spec = tiny_spec("mlp", steps=4, every=2, numerics="exact", microbatch=4)
     assert verify(train_and_prove(spec, tmp_path / "m").path, segments=[1, 2], seed=0).verdict == "accept"
+
+
+def test_the_prepared_device_check_compares_commitments_across_runs():
+    """benchmarks/exact_gpu_check.py (issue 4's one-call device check) on the CPU: 1 and 2 threads through the
+    solver give one commitment per built-in model, and the script says so."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.exact_gpu_check import check
+
+    threads = torch.get_num_threads()
+    try:
+        rows = check(["mlp", "transformer"], ["cpu"], [1, 2], steps=2, every=1, timing=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["model"], r["threads"]) for r in rows] == [("mlp", 1), ("mlp", 2), ("transformer", 1), ("transformer", 2)]
+    assert all(r["same"] for r in rows) and rows[0]["root"] != rows[2]["root"]
