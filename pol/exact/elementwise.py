@@ -278,64 +278,23 @@ def exact_pow_scalar(x: FloatTensor, p: float) -> FloatTensor:
     return _finish(x, y)
 
 
-def exact_exp(x: FloatTensor) -> FloatTensor:
-    """exp of float32 `x` (see `_exact_exp_block`), computed block by block.
+def _blockwise_op(op: str, block: Callable[[FloatTensor], FloatTensor]) -> Callable[[FloatTensor], FloatTensor]:
+    """The public form of an elementwise transcendental: dtype check, then `block` applied block by block."""
 
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.exp", x)
-    return _blockwise(_exact_exp_block, x)
+    def apply(x: FloatTensor) -> FloatTensor:
+        _verify_float32(f"aten.{op}", x)
+        return _blockwise(block, x)
 
-
-def exact_expm1(x: FloatTensor) -> FloatTensor:
-    """expm1 of float32 `x` (see `_exact_expm1_block`), computed block by block.
-
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.expm1", x)
-    return _blockwise(_exact_expm1_block, x)
+    apply.__name__ = apply.__qualname__ = f"exact_{op}"
+    apply.__doc__ = f"{op} of float32 `x` (see `{block.__name__}`), computed block by block.\n\n" \
+        "Raises UnsupportedOperator for other dtypes."
+    return apply
 
 
-def exact_log(x: FloatTensor) -> FloatTensor:
-    """log of float32 `x` (see `_exact_log_block`), computed block by block.
-
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.log", x)
-    return _blockwise(_exact_log_block, x)
-
-
-def exact_log1p(x: FloatTensor) -> FloatTensor:
-    """log1p of float32 `x` (see `_exact_log1p_block`), computed block by block.
-
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.log1p", x)
-    return _blockwise(_exact_log1p_block, x)
-
-
-def exact_tanh(x: FloatTensor) -> FloatTensor:
-    """tanh of float32 `x` (see `_exact_tanh_block`), computed block by block.
-
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.tanh", x)
-    return _blockwise(_exact_tanh_block, x)
-
-
-def exact_sigmoid(x: FloatTensor) -> FloatTensor:
-    """sigmoid of float32 `x` (see `_exact_sigmoid_block`), computed block by block.
-
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.sigmoid", x)
-    return _blockwise(_exact_sigmoid_block, x)
-
-
-def exact_erf(x: FloatTensor) -> FloatTensor:
-    """erf of float32 `x` (see `_exact_erf_block`), computed block by block.
-
-    Raises UnsupportedOperator for other dtypes.
-    """
-    _verify_float32("aten.erf", x)
-    return _blockwise(_exact_erf_block, x)
+exact_exp = _blockwise_op("exp", _exact_exp_block)
+exact_expm1 = _blockwise_op("expm1", _exact_expm1_block)
+exact_log = _blockwise_op("log", _exact_log_block)
+exact_log1p = _blockwise_op("log1p", _exact_log1p_block)
+exact_tanh = _blockwise_op("tanh", _exact_tanh_block)
+exact_sigmoid = _blockwise_op("sigmoid", _exact_sigmoid_block)
+exact_erf = _blockwise_op("erf", _exact_erf_block)
