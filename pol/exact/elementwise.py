@@ -21,6 +21,7 @@ from functools import cache
 import torch
 
 from pol.errors import UnsupportedOperator
+from pol.exact import native
 from pol.exact._fixed import FloatTensor, pow2_f64
 
 __all__ = [
@@ -283,7 +284,8 @@ def _blockwise_op(op: str, block: Callable[[FloatTensor], FloatTensor]) -> Calla
 
     def apply(x: FloatTensor) -> FloatTensor:
         _verify_float32(f"aten.{op}", x)
-        return _blockwise(block, x)
+        fused = native.unary(op, x)  # the same bits from one C call, where the kernels are built
+        return fused if fused is not None else _blockwise(block, x)
 
     apply.__name__ = apply.__qualname__ = f"exact_{op}"
     apply.__doc__ = f"{op} of float32 `x` (see `{block.__name__}`), computed block by block.\n\n" \

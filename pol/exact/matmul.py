@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from pol.errors import UnsupportedOperator
+from pol.exact import native
 from pol.exact._fixed import (
     FloatTensor,
     IntTensor,
@@ -290,6 +291,10 @@ def _product_reference(a: FloatTensor, b: FloatTensor) -> FloatTensor:
 
 def _product_fast(a: FloatTensor, b: FloatTensor, backend: Backend) -> FloatTensor:
     """The definition with a fast backend (float64 needs K <= F64_MAX_K; int8 loops over batch entries)."""
+    if backend == "auto":
+        fused = native.product(a, b)  # the same bits from C splits, one float64 GEMM and a C combine
+        if fused is not None:
+            return fused
     finite = _all_finite(a, b)
     k = a.shape[-1]
     da, ea = split_limbs(a if finite else _finite(a), dim=-1)
@@ -300,7 +305,7 @@ def _product_fast(a: FloatTensor, b: FloatTensor, backend: Backend) -> FloatTens
     if backend == "float64" and k > F64_MAX_K:
         backend = "int8"
     if backend == "float64":
-        v64 = _limb_products_f64(da, db)  # exact integers below 2**53
+        v64 = _limb_products_f64(da, db) + 0.0  # exact integers below 2**53; + 0.0 makes a zero +0 as V's is
     else:
         if batched:
             v = torch.stack([_limb_products_int8(da[:, i], db[:, i]) for i in range(a.shape[0])])

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from pol.errors import UnsupportedOperator
+from pol.exact import native
 from pol.exact._fixed import (
     BIN_BITS,
     FloatTensor,
@@ -116,6 +117,9 @@ def _sum_by_target(x: FloatTensor, target: IntTensor, num_targets: int, init: Fl
     if init is not None:
         x = torch.cat([init.reshape(-1), x])
         target = torch.cat([torch.arange(num_targets, device=x.device), target])
+    fused = native.sum_slots(x, target, num_targets)  # the same bits from one C call, where the kernels are built
+    if fused is not None:
+        return fused
     finite = bool(torch.isfinite(x).all())
     digits, lo = accumulate_digits(x if finite else torch.where(torch.isfinite(x), x, torch.zeros_like(x)), target, num_targets)
     out = digits_to_f32(digits, lo)
@@ -227,6 +231,23 @@ def _normalize_dims(x: torch.Tensor, dims: Sequence[int] | int | None) -> list[i
     return sorted({d % max(x.dim(), 1) for d in dims})
 
 
+def _row_sums(flat: FloatTensor, outer: int) -> FloatTensor:
+    """Exact row sums of 2-D float32 `flat`, each rounded once: the fused kernel where it is built, else the
+    cheapest torch path that is exact for these rows. Every path gives the same bits (tested)."""
+    fused = native.sum_rows(flat)
+    if fused is not None:
+        return fused
+    narrow = _narrow_sum_f64(flat)
+    if narrow is None:
+        narrow = _two_level_sum_f64(flat)
+    if narrow is not None:
+        return _negative_zero_rows(flat, narrow)
+    if flat.numel() >= DENSE_MIN_NUMEL and flat.shape[1] < PASS_TERMS and bool(torch.isfinite(flat).all()):
+        return _negative_zero_rows(flat, digits_to_f32(*accumulate_digits_dense(flat)))
+    target = torch.arange(outer, device=flat.device).unsqueeze(1).expand_as(flat).reshape(-1)
+    return _sum_by_target(flat.reshape(-1), target, outer, None)
+
+
 def exact_sum(x: FloatTensor, dims: Sequence[int] | int | None = None, keepdim: bool = False) -> FloatTensor:
     """Sum of float32 `x` over `dims` (all when None or empty), exact and rounded once.
 
@@ -243,17 +264,7 @@ def exact_sum(x: FloatTensor, dims: Sequence[int] | int | None = None, keepdim: 
     for s in outer_shape:
         outer *= s
     flat = moved.reshape(outer, -1)
-    narrow = _narrow_sum_f64(flat)
-    if narrow is None:
-        narrow = _two_level_sum_f64(flat)
-    if narrow is not None:
-        out = _negative_zero_rows(flat, narrow)
-    elif flat.numel() >= DENSE_MIN_NUMEL and flat.shape[1] < PASS_TERMS and bool(torch.isfinite(flat).all()):
-        out = digits_to_f32(*accumulate_digits_dense(flat))
-        out = _negative_zero_rows(flat, out)
-    else:
-        target = torch.arange(outer, device=x.device).unsqueeze(1).expand_as(flat).reshape(-1)
-        out = _sum_by_target(flat.reshape(-1), target, outer, None)
+    out = _row_sums(flat, outer)
     out = out.reshape(outer_shape)
     if keepdim:
         for d in red:

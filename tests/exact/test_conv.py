@@ -11,6 +11,8 @@ from pol.errors import UnsupportedOperator
 from pol.exact import exact_mode
 from tests.exact.helpers import f32
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and the torch path alike
+
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (2, 0, 2), (3, 2, 1)])
 def test_conv2d_forward_and_backward_close_to_native(stride: int, padding: int, dilation: int) -> None:

@@ -22,6 +22,8 @@ from pol.exact import (
 )
 from tests.exact.helpers import ulps
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and the torch path alike
+
 RNG = np.random.default_rng(0)
 WIDE = torch.from_numpy(
     np.concatenate([RNG.uniform(-100, 100, 20000), RNG.standard_normal(20000) * 3, RNG.standard_normal(2000) * 1e-6])

@@ -1,6 +1,6 @@
 """The key test: tiny MLP, CNN and attention models trained with AdamW in fresh processes under every CPU
-capability, with oneDNN off or limited to older instruction sets, and with 1 or 2 threads give ONE digest each in
-exact mode, and several in native mode."""
+capability, with oneDNN off or limited to older instruction sets, with 1 or 2 threads, and with or without the
+compiled exact kernels give ONE digest each in exact mode, and several in native mode."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     # oneDNN (behind torch._int_mm) limited to pre-VNNI int8 kernels, where u8*s8 pair sums saturate at 2**15
     "onednn-avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, ["--threads", "2"]),
     "onednn-sse41": ({"ONEDNN_MAX_CPU_ISA": "SSE41"}, ["--threads", "2"]),
+    # the torch path of every primitive instead of the compiled kernels (what a CUDA device or a machine with no C
+    # compiler runs): the same definition, so the same digests
+    "no-kernels": ({"POL_EXACT_NATIVE": "0"}, ["--threads", "2"]),
+    "no-kernels-default": ({"POL_EXACT_NATIVE": "0", "ATEN_CPU_CAPABILITY": "default"}, ["--threads", "1"]),
 }
 STEPS = "5"
 
@@ -34,7 +38,7 @@ def _has_avx512() -> bool:
 
 def _digests(mode: str, env_extra: dict[str, str], args: list[str]) -> dict[str, str]:
     env = (
-        {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+        {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "POL_EXACT_NATIVE")}
         | {"OMP_WAIT_POLICY": "PASSIVE"}
         | env_extra
     )

@@ -14,6 +14,8 @@ from pol.exact import exact_bmm, exact_mm, exact_mm_reference, int_mm_exact
 from pol.exact.matmul import INT_MM_MAX_TERMS, split_limbs, split_limbs_reference
 from tests.exact.helpers import f32, wide_rows
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and the torch path alike
+
 SHAPES = [(1, 1, 1), (3, 5, 2), (16, 7, 9), (17, 8, 8), (40, 300, 24), (65, 129, 33)]
 
 

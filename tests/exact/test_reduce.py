@@ -13,6 +13,8 @@ from pol.errors import UnsupportedOperator
 from pol.exact import exact_index_add, exact_mean, exact_scatter_add, exact_sum
 from tests.exact.helpers import exact_sum_reference, f32, wide_rows
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and the torch path alike
+
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
 
 

@@ -1,0 +1,457 @@
+/* Fused CPU kernels of the exact primitives (pol/exact/native.py builds and loads this file).
+ *
+ * Every function here computes the SAME bits as the torch implementation beside it in pol/exact (the definition):
+ * integer arithmetic is exact, and the float code is the torch code's sequence of IEEE operations, one rounding
+ * each, in the same order. It is compiled with -ffp-contract=off and without -ffast-math, so the compiler may not
+ * fuse a multiply and an add into an FMA or reorder a sum; x86-64 and AArch64 evaluate double and float in their
+ * own precision (no x87 excess precision). Coefficient tables come from Python (computed there with `decimal`), so
+ * both paths read the same constants. tests/exact/test_native.py holds each kernel to the torch path bit for bit.
+ *
+ * Return values: 0 on success; a positive count of non-finite inputs where a caller must take the torch path
+ * (products); -1 for an index out of range (slot sums).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- bits and powers of two */
+
+static inline uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float f32_from(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+static inline uint64_t f64_bits(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
+static inline double f64_from(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
+static inline double pow2(int64_t e) { return f64_from((uint64_t)(e + 1023) << 52); } /* e in [-1022, 1023] */
+static inline int f32_nonfinite(uint32_t u) { return ((u >> 23) & 0xFF) == 0xFF; }
+static inline int is_nan64(double x) { return x != x; }
+static inline double rne(double x) { return __builtin_rint(x); } /* round half to even (default rounding mode) */
+
+/* smallest e with |x| < 2**e, 0 for x == 0; x finite (subnormals included), as frexp_exponent_f32 */
+static inline int32_t exponent_above(float ax) {
+    if (ax == 0.0f) return 0;
+    uint64_t b = f64_bits((double)ax);
+    return (int32_t)((b >> 52) & 0x7FF) - 1022;
+}
+
+/* ---------------------------------------------------------------- exact sums (pol/exact/reduce.py) */
+/* A float32 is m * 2**(k - 149) with a 24-bit m and k in [0, 253] (as split_f32_to_bins). The accumulator holds
+ * the exact sum in NDIG signed base-2**32 digits; each addition adds below 2**55 to one digit, so digits are
+ * carried every NORM_EVERY additions, long before an int64 could wrap. The sum is rounded once, to nearest even. */
+
+#define NDIG 10
+#define NORM_EVERY 128
+
+typedef struct {
+    int64_t d[NDIG];
+    int64_t terms, negzero, nan, pinf, ninf, pending;
+} acc_t;
+
+static inline void acc_normalize(acc_t *a) {
+    for (int i = 0; i < NDIG - 1; i++) {
+        int64_t c = a->d[i] >> 32; /* floor division (arithmetic shift) */
+        a->d[i] -= c * ((int64_t)1 << 32);
+        a->d[i + 1] += c;
+    }
+    a->pending = 0;
+}
+
+static inline void acc_add(acc_t *a, float x) {
+    uint32_t u = f32_bits(x);
+    a->terms++;
+    if (f32_nonfinite(u)) {
+        if (u & 0x7FFFFF) a->nan++;
+        else if (u >> 31) a->ninf++;
+        else a->pinf++;
+        return;
+    }
+    uint32_t biased = (u >> 23) & 0xFF;
+    uint64_t m = u & 0x7FFFFF;
+    if (biased) m |= 0x800000;
+    else if (m == 0) { if (u >> 31) a->negzero++; return; }
+    uint32_t k = biased ? biased - 1 : 0;
+    int64_t v = (int64_t)(m << (k & 31));
+    a->d[k >> 5] += (u >> 31) ? -v : v;
+    if (++a->pending == NORM_EVERY) acc_normalize(a);
+}
+
+static inline int bitlen64(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+static float acc_round(acc_t *a) {
+    if (a->nan || (a->pinf && a->ninf)) return f32_from(0x7FC00000u);
+    if (a->pinf) return f32_from(0x7F800000u);
+    if (a->ninf) return f32_from(0xFF800000u);
+    acc_normalize(a);
+    uint32_t sign = 0;
+    if (a->d[NDIG - 1] < 0) { /* magnitude of a negative sum: negate, carry again */
+        sign = 0x80000000u;
+        for (int i = 0; i < NDIG; i++) a->d[i] = -a->d[i];
+        acc_normalize(a);
+    }
+    int t = NDIG - 1;
+    while (t >= 0 && a->d[t] == 0) t--;
+    if (t < 0) return (a->terms > 0 && a->negzero == a->terms) ? f32_from(0x80000000u) : 0.0f;
+    int len = 32 * t + bitlen64((uint64_t)a->d[t]); /* bit length of the magnitude N (units of 2**-149) */
+    if (len <= 24) return f32_from(sign | (uint32_t)a->d[0]); /* N < 2**24: exactly N * 2**-149 */
+    /* window W = d[t] d[t-1] d[t-2] (missing digits are 0), sticky = any digit below it */
+    unsigned __int128 w = (unsigned __int128)(uint64_t)a->d[t] << 64;
+    if (t >= 1) w |= (unsigned __int128)(uint64_t)a->d[t - 1] << 32;
+    if (t >= 2) w |= (uint64_t)a->d[t - 2];
+    int sticky = 0;
+    for (int i = 0; i < t - 2; i++) sticky |= a->d[i] != 0;
+    int wlen = 64 + bitlen64((uint64_t)a->d[t]);
+    int sw = wlen - 24;
+    uint64_t q = (uint64_t)(w >> sw);
+    unsigned __int128 rest = w & (((unsigned __int128)1 << sw) - 1);
+    unsigned __int128 half = (unsigned __int128)1 << (sw - 1);
+    if (rest > half || (rest == half && (sticky || (q & 1)))) q++;
+    int s = len - 24;
+    if (q == (1u << 24)) { q >>= 1; s++; }
+    int biased = s + 1; /* value = q * 2**(s - 149), q in [2**23, 2**24) */
+    if (biased >= 255) return f32_from(sign | 0x7F800000u);
+    return f32_from(sign | ((uint32_t)biased << 23) | (uint32_t)(q - (1u << 23)));
+}
+
+/* out[i] = exact sum of x[i * s_outer + r * s_inner] over r < R, rounded once */
+int sum_rows_f32(const float *x, int64_t outer, int64_t R, int64_t s_outer, int64_t s_inner, float *out) {
+    if (s_inner == 1 || outer == 1) {
+        for (int64_t i = 0; i < outer; i++) {
+            acc_t a;
+            memset(&a, 0, sizeof a);
+            const float *row = x + i * s_outer;
+            for (int64_t r = 0; r < R; r++) acc_add(&a, row[r * s_inner]);
+            out[i] = acc_round(&a);
+        }
+        return 0;
+    }
+    acc_t *acc = calloc((size_t)outer, sizeof(acc_t)); /* walk memory in order: r outer, rows inner */
+    if (!acc) return -2;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < outer; i++) acc_add(&acc[i], x[i * s_outer + r * s_inner]);
+    for (int64_t i = 0; i < outer; i++) out[i] = acc_round(&acc[i]);
+    free(acc);
+    return 0;
+}
+
+/* out[t] = exact sum of x[i] over target[i] == t, rounded once; -1 if a target is outside [0, nslots) */
+int sum_slots_f32(const float *x, const int64_t *target, int64_t n, int64_t nslots, float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (target[i] < 0 || target[i] >= nslots) return -1;
+    acc_t *acc = calloc((size_t)(nslots > 0 ? nslots : 1), sizeof(acc_t));
+    if (!acc) return -2;
+    for (int64_t i = 0; i < n; i++) acc_add(&acc[target[i]], x[i]);
+    for (int64_t t = 0; t < nslots; t++) out[t] = acc_round(&acc[t]);
+    free(acc);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- exact products (pol/exact/matmul.py) */
+/* With y = a * 2**(27 - e) (exact) and the definition's balanced 7-bit digits A_0..A_3:
+ *   hi = A_0 * 2**7 + A_1 = rne(y / 2**14),  lo = A_2 * 2**7 + A_3 = rne(y - hi * 2**14),
+ *   A_2 = rne((y - hi * 2**14) / 2**7),       Q = hi * 2**14 + lo = rne(y)
+ * and the kept limb pairs (s + t <= 4) give V = sum_k hi_a Q_b + lo_a hi_b + A2_a A2_b: one float64 GEMM of
+ * [hi | lo | A2] (M, 3K) by [Q; hi; A2] (3K, N) whose partial sums are integers below K * 2**40.001 <= 2**53. */
+
+/* e = smallest exponent above every |x| of a row (K contiguous floats); returns the count of non-finite ones */
+static int64_t row_exponent(const float *row, int64_t K, int32_t *e) {
+    float mx = 0.0f;
+    int64_t bad = 0;
+    for (int64_t k = 0; k < K; k++) {
+        uint32_t u = f32_bits(row[k]);
+        bad += f32_nonfinite(u);
+        float ax = f32_from(u & 0x7FFFFFFFu);
+        mx = ax > mx ? ax : mx;
+    }
+    *e = exponent_above(mx);
+    return bad;
+}
+
+/* the same per column of a (K, N) matrix, read in memory order; `colmax` is scratch of N floats */
+static int64_t col_exponents(const float *b, int64_t K, int64_t N, float *colmax, int32_t *e) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < N; j++) colmax[j] = 0.0f;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t j = 0; j < N; j++) {
+            uint32_t u = f32_bits(b[k * N + j]);
+            bad += f32_nonfinite(u);
+            float ax = f32_from(u & 0x7FFFFFFFu);
+            colmax[j] = ax > colmax[j] ? ax : colmax[j];
+        }
+    for (int64_t j = 0; j < N; j++) e[j] = exponent_above(colmax[j]);
+    return bad;
+}
+
+/* rows of a (rows, K): left (rows, 3K) = [hi | lo | A2], e (rows); returns the count of non-finite entries */
+int64_t split_rows_f32(const float *a, int64_t rows, int64_t K, double *left, int32_t *e) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *row = a + i * K;
+        int64_t bad = row_exponent(row, K, &e[i]);
+        if (bad) return bad;
+        double scale = pow2(27 - e[i]);
+        double *hi = left + i * 3 * K, *lo = hi + K, *a2 = lo + K;
+        for (int64_t k = 0; k < K; k++) {
+            double y = (double)row[k] * scale;
+            double h = rne(y * 0x1p-14);
+            double r = y - h * 0x1p14;
+            hi[k] = h;
+            lo[k] = rne(r);
+            a2[k] = rne(r * 0x1p-7);
+        }
+    }
+    return 0;
+}
+
+/* columns of b (batch, K, N): right (batch, 3K, N) = [Q; hi; A2], e (batch, N); `colmax` is scratch (N floats) */
+int64_t split_cols_f32(const float *b, int64_t batch, int64_t K, int64_t N, double *right, int32_t *e, float *colmax) {
+    for (int64_t z = 0; z < batch; z++) {
+        const float *bz = b + z * K * N;
+        double *q = right + z * 3 * K * N, *hi = q + K * N, *a2 = hi + K * N;
+        int32_t *ez = e + z * N;
+        int64_t bad = col_exponents(bz, K, N, colmax, ez);
+        if (bad) return bad;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < N; j++) {
+                double y = (double)bz[k * N + j] * pow2(27 - ez[j]);
+                double h = rne(y * 0x1p-14);
+                double r = y - h * 0x1p14;
+                q[k * N + j] = rne(y);
+                hi[k * N + j] = h;
+                a2[k * N + j] = rne(r * 0x1p-7);
+            }
+    }
+    return 0;
+}
+
+/* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb): two exact scalings, one rounding. V is an integer, so a
+ * zero is +0 whatever sign the GEMM gave it (V + 0.0). */
+void combine_f32(const double *v, int64_t batch, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out) {
+    for (int64_t z = 0; z < batch; z++)
+        for (int64_t i = 0; i < M; i++) {
+            double pa = pow2((int64_t)ea[z * M + i] - 40);
+            const double *vr = v + (z * M + i) * N;
+            float *o = out + (z * M + i) * N;
+            const int32_t *ebz = eb + z * N;
+            for (int64_t j = 0; j < N; j++) o[j] = (float)(((vr[j] + 0.0) * pa) * pow2(ebz[j]));
+        }
+}
+
+/* The int8 form of the same product: the definition's digits A_0..A_3 (|A_s| <= 64) for int8 GEMMs.
+ * left (rows, 4K) = [A_0 | A_1 | A_2 | A_3]; right (batch, 4K, N) = [B_3; B_2; B_1; B_0] (reversed), so that the
+ * limb pairs of diagonal d = s + t are one contiguous column range of left against one contiguous row range of
+ * right, and the whole diagonal is ONE int8 GEMM with no copy. */
+
+static inline void digits4(double y, int8_t *d0, int8_t *d1, int8_t *d2, int8_t *d3) {
+    double a0 = rne(y * 0x1p-21);
+    double r = y - a0 * 0x1p21;
+    double a1 = rne(r * 0x1p-14);
+    r = r - a1 * 0x1p14;
+    double a2 = rne(r * 0x1p-7);
+    r = r - a2 * 0x1p7;
+    *d0 = (int8_t)a0;
+    *d1 = (int8_t)a1;
+    *d2 = (int8_t)a2;
+    *d3 = (int8_t)rne(r);
+}
+
+int64_t split_rows_i8(const float *a, int64_t rows, int64_t K, int8_t *left, int32_t *e) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *row = a + i * K;
+        int64_t bad = row_exponent(row, K, &e[i]);
+        if (bad) return bad;
+        double scale = pow2(27 - e[i]);
+        int8_t *l = left + i * 4 * K;
+        for (int64_t k = 0; k < K; k++) digits4((double)row[k] * scale, l + k, l + K + k, l + 2 * K + k, l + 3 * K + k);
+    }
+    return 0;
+}
+
+int64_t split_cols_i8(const float *b, int64_t batch, int64_t K, int64_t N, int8_t *right, int32_t *e, float *colmax) {
+    for (int64_t z = 0; z < batch; z++) {
+        const float *bz = b + z * K * N;
+        int8_t *rz = right + z * 4 * K * N; /* blocks B_3, B_2, B_1, B_0 */
+        int32_t *ez = e + z * N;
+        int64_t bad = col_exponents(bz, K, N, colmax, ez);
+        if (bad) return bad;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < N; j++) {
+                int64_t o = k * N + j;
+                digits4((double)bz[o] * pow2(27 - ez[j]), rz + 3 * K * N + o, rz + 2 * K * N + o, rz + K * N + o, rz + o);
+            }
+    }
+    return 0;
+}
+
+/* int64 -> double rounded to odd: exact when it fits, else the neighbour with an odd last bit (|v| < 2**62) */
+static inline double round_odd_i64(int64_t v) {
+    double f = (double)v;
+    int64_t back = (int64_t)f;
+    if (back != v && (f64_bits(f) & 1) == 0) {
+        uint64_t bits = f64_bits(f);
+        /* step one ulp toward v: away from zero when |v| > |f|, toward zero otherwise */
+        int away = (v > back) == (f > 0);
+        f = f64_from(away ? bits + 1 : bits - 1);
+    }
+    return f;
+}
+
+/* out (M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag (5, M, N) int32 */
+void combine_i8(const int32_t *diag, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out) {
+    int64_t mn = M * N;
+    for (int64_t i = 0; i < M; i++) {
+        double pa = pow2((int64_t)ea[i] - 40);
+        for (int64_t j = 0; j < N; j++) {
+            int64_t o = i * N + j;
+            int64_t v = diag[o];
+            for (int d = 1; d < 5; d++) v = v * 128 + diag[d * mn + o];
+            out[o] = (float)((round_odd_i64(v) * pa) * pow2(eb[j]));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- transcendentals (pol/exact/elementwise.py) */
+/* Each is the torch block function's sequence of float64 operations; NaN inputs return the input itself. */
+
+#define INV_LN2 1.4426950408889634
+#define LN2_HI 6.93147180369123816490e-01
+#define LN2_LO 1.90821492927058770002e-10
+#define SQRT2 1.4142135623730951
+
+static inline double clampd(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); } /* NaN stays */
+
+static inline double horner(const double *c, int degree, double x) {
+    double acc = c[degree];
+    for (int i = degree - 1; i >= 0; i--) {
+        acc = acc * x;
+        acc = acc + c[i];
+    }
+    return acc;
+}
+
+typedef struct {
+    const double *exp_c;   /* 1/i!, i = 0..exp_deg */
+    int64_t exp_deg;
+    const double *expm1_c; /* 0, 1/1!, ..., 1/expm1_deg! */
+    int64_t expm1_deg;
+    const double *log_c;   /* 1/(2i+1), i < log_terms */
+    int64_t log_terms;
+    const double *erf_t;   /* (erf_deg + 1, erf_centres) row-major */
+    int64_t erf_deg, erf_centres;
+} tables_t;
+
+static inline double exp_f64(const tables_t *t, double x) {
+    x = clampd(x, -700.0, 700.0);
+    double n = rne(x * INV_LN2);
+    double r = (x - n * LN2_HI) - n * LN2_LO;
+    return horner(t->exp_c, (int)t->exp_deg, r) * pow2((int64_t)n);
+}
+
+static inline double expm1_f64(const tables_t *t, double x) {
+    double small = horner(t->expm1_c, (int)t->expm1_deg, x);
+    double ax = x < 0 ? -x : x;
+    return ax < 0.5 ? small : exp_f64(t, x) - 1.0;
+}
+
+static inline double log_f64(const tables_t *t, double x) { /* positive finite normal x */
+    uint64_t bits = f64_bits(x);
+    int64_t e = (int64_t)((bits >> 52) & 0x7FF) - 1023;
+    double m = f64_from((bits & ((1ull << 52) - 1)) | (1023ull << 52));
+    if (m > SQRT2) { m = m * 0.5; e = e + 1; }
+    double ed = (double)e;
+    double f = m - 1.0;
+    double s = f / (f + 2.0);
+    double s2 = s * s;
+    double poly = horner(t->log_c, (int)t->log_terms - 1, s2);
+    return ed * LN2_HI + (ed * LN2_LO + (s + s) * poly);
+}
+
+static inline double log_special(double u, double y) {
+    if (u == 0) return -__builtin_inf();
+    if (u < 0) return __builtin_nan("");
+    if (u == __builtin_inf()) return u;
+    return y;
+}
+
+static inline int finite64(double x) { return x - x == 0; }
+
+static inline float op_exp(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    double y = exp_f64(t, clampd(xd, -120.0, 100.0));
+    if (xd < -120.0) y = 0.0;
+    if (xd > 100.0) y = __builtin_inf();
+    return (float)y;
+}
+
+static inline float op_expm1(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    double y = expm1_f64(t, clampd(xd, -120.0, 100.0));
+    if (xd > 100.0) y = __builtin_inf();
+    return (float)y;
+}
+
+static inline float op_log(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    double safe = (xd > 0 && finite64(xd)) ? xd : 1.0;
+    return (float)log_special(xd, log_f64(t, safe));
+}
+
+static inline float op_log1p(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    double u = xd + 1.0;
+    double safe = (u > 0 && finite64(u)) ? u : 1.0;
+    double ax = xd < 0 ? -xd : xd;
+    double y = ax < 0x1p-20 ? xd - (xd * xd) * 0.5 : log_f64(t, safe);
+    return (float)log_special(u, y);
+}
+
+static inline float op_tanh(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    double a = xd < 0 ? -xd : xd;
+    a = a > 20.0 ? 20.0 : a;
+    double tt = expm1_f64(t, a + a);
+    double y = tt / (tt + 2.0);
+    if (xd < 0) y = -y;
+    if (xd == 0) y = xd;
+    return (float)y;
+}
+
+static inline float op_sigmoid(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    return (float)(1.0 / (1.0 + exp_f64(t, clampd(-xd, -700.0, 700.0))));
+}
+
+static inline float op_erf(const tables_t *t, float x) {
+    if (x != x) return x;
+    double xd = x;
+    double z = finite64(xd) ? xd : (xd > 0 ? 10.0 : -10.0);
+    double ax = z < 0 ? -z : z;
+    double jd = clampd(rne(ax * 2.0), 0.0, (double)(t->erf_centres - 1));
+    int64_t j = (int64_t)jd;
+    double h = ax - jd * 0.5;
+    const double *tab = t->erf_t;
+    int64_t nc = t->erf_centres;
+    double acc = tab[t->erf_deg * nc + j];
+    for (int64_t k = t->erf_deg - 1; k >= 0; k--) {
+        acc = acc * h;
+        acc = acc + tab[k * nc + j];
+    }
+    double y = ax >= 4.0 ? 1.0 : acc;
+    if (z < 0) y = -y;
+    if (xd == 0) y = xd;
+    return (float)y;
+}
+
+#define UNARY(name)                                                                        \
+    void name##_f32(const float *x, float *out, int64_t n, const tables_t *t) {           \
+        for (int64_t i = 0; i < n; i++) out[i] = op_##name(t, x[i]);                       \
+    }
+UNARY(exp)
+UNARY(expm1)
+UNARY(log)
+UNARY(log1p)
+UNARY(tanh)
+UNARY(sigmoid)
+UNARY(erf)

@@ -1,0 +1,326 @@
+"""Fused CPU kernels of the exact primitives: one C call where the torch implementation takes dozens of operators.
+
+The kernels (`_kernels.c`, beside this file) compute the same bits as the torch implementations in this package,
+which stay the definition: integer arithmetic is exact, and the float code repeats the torch code's IEEE operations
+in the same order, compiled without FMA contraction or fast-math. `tests/exact/test_native.py` holds every kernel
+to the torch path bit for bit, on random inputs and on the awkward ones (subnormals, signed zeros, NaN, infinities,
+overflow, rounding ties). Exact mode is the same function with or without them; they only make it cheaper.
+
+The library is compiled once per source, flags and compiler, with the machine's C compiler (`$CC`, else `cc`),
+into `$POL_CACHE_DIR` (default `~/.cache/pol`) and loaded with ctypes. Where no compiler works, or with
+`POL_EXACT_NATIVE=0`, every primitive takes its torch path; `status()` says which and why.
+
+Each wrapper returns None when its kernel does not apply (a CUDA tensor, another dtype, the library missing, or a
+non-finite operand of a product), and the caller then takes the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "UNARY_OPS"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_kernels.c")
+BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-math-errno")
+UNARY_OPS = ("exp", "expm1", "log", "log1p", "tanh", "sigmoid", "erf")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    """Instruction-set flags for this CPU (x86-64 levels only; they change speed, never a result)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx2", "fma", "bmi2", "movbe"} <= flags:
+        return ("-march=x86-64-v3",)
+    if {"sse4_2", "popcnt"} <= flags:
+        return ("-march=x86-64-v2",)
+    return ()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("POL_CACHE_DIR") or Path.home() / ".cache" / "pol")
+
+
+def _build() -> ctypes.CDLL:
+    """Compile `_kernels.c` (once per source, flags and compiler) and load it. Raises OSError or
+    subprocess.SubprocessError when that is not possible."""
+    cc = os.environ.get("CC", "cc")
+    flags = (*BASE_FLAGS, *_cpu_flags())
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, flags, version, platform.machine())).encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lib = out_dir / f"pol_exact_kernels-{key}.so"
+    if not lib.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise OSError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+            os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return _declare(ctypes.CDLL(str(lib)))
+
+
+def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    dll.sum_rows_f32.argtypes = [p, i64, i64, i64, i64, p]
+    dll.sum_rows_f32.restype = ctypes.c_int
+    dll.sum_slots_f32.argtypes = [p, p, i64, i64, p]
+    dll.sum_slots_f32.restype = ctypes.c_int
+    dll.split_rows_f32.argtypes = [p, i64, i64, p, p]
+    dll.split_rows_f32.restype = i64
+    dll.split_cols_f32.argtypes = [p, i64, i64, i64, p, p, p]
+    dll.split_cols_f32.restype = i64
+    dll.combine_f32.argtypes = [p, i64, i64, i64, p, p, p]
+    dll.combine_f32.restype = None
+    dll.split_rows_i8.argtypes = [p, i64, i64, p, p]
+    dll.split_rows_i8.restype = i64
+    dll.split_cols_i8.argtypes = [p, i64, i64, i64, p, p, p]
+    dll.split_cols_i8.restype = i64
+    dll.combine_i8.argtypes = [p, i64, i64, p, p, p]
+    dll.combine_i8.restype = None
+    for op in UNARY_OPS:
+        fn = getattr(dll, f"{op}_f32")
+        fn.argtypes = [p, p, i64, p]
+        fn.restype = None
+    return dll
+
+
+_off = threading.local()
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block (this thread), every primitive takes its torch path: tests compare the two."""
+    before = getattr(_off, "on", False)
+    _off.on = True
+    try:
+        yield
+    finally:
+        _off.on = before
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; None (with the reason in `status()`) when unavailable."""
+    if getattr(_off, "on", False):
+        return None
+    if "dll" in _state:
+        return _state["dll"]  # type: ignore[return-value]
+    with _lock:
+        if "dll" not in _state:
+            dll: ctypes.CDLL | None = None
+            if os.environ.get("POL_EXACT_NATIVE", "1") == "0":
+                _state["why"] = "disabled by POL_EXACT_NATIVE=0"
+            else:
+                try:
+                    dll = _build()
+                    _state["why"] = "compiled kernels loaded"
+                except (OSError, subprocess.SubprocessError) as exc:
+                    _state["why"] = f"no compiled kernels ({exc}); exact mode takes its torch path"
+                    log.info("pol.exact.native: %s", _state["why"])
+            _state["dll"] = dll
+    return _state["dll"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded (building them on first call)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """One line: whether the compiled kernels are in use, and why not."""
+    _library()
+    return str(_state.get("why", ""))
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _cpu_f32(*xs: torch.Tensor) -> bool:
+    return all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs)
+
+
+def sum_rows(flat: torch.Tensor) -> torch.Tensor | None:
+    """Exact row sums of 2-D float32 `flat` (any strides), each rounded once; None where the kernel does not apply."""
+    dll = _library()
+    if dll is None or not _cpu_f32(flat) or flat.dim() != 2:
+        return None
+    outer, r = flat.shape
+    out = torch.empty(outer, dtype=torch.float32)
+    if outer and r:
+        so, si = flat.stride()
+        rc = dll.sum_rows_f32(_ptr(flat), outer, r, so, si, _ptr(out))
+        if rc != 0:
+            raise MemoryError("exact row sums: out of memory")
+    else:
+        out.zero_()
+    return out
+
+
+def sum_slots(x: torch.Tensor, target: torch.Tensor, num_targets: int) -> torch.Tensor | None:
+    """out[t] = exact sum of x[i] over target[i] == t, rounded once; None where the kernel does not apply.
+
+    Raises IndexError for a target outside [0, num_targets), as torch's index_add does."""
+    dll = _library()
+    if dll is None or not _cpu_f32(x) or target.device.type != "cpu":
+        return None
+    x = x.reshape(-1).contiguous()
+    target = target.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(num_targets, dtype=torch.float32)
+    rc = dll.sum_slots_f32(_ptr(x), _ptr(target), x.numel(), num_targets, _ptr(out))
+    if rc == -1:
+        raise IndexError(f"index out of range for {num_targets} slots")
+    if rc != 0:
+        raise MemoryError("exact slot sums: out of memory")
+    return out
+
+
+F64_MAX_K = 1 << 12
+"""The float64 form (one float64 GEMM) has partial sums below K * 2**40.001: exact up to K = 2**12."""
+INT8_MAX_K = 1 << 15
+"""The int8 form sums at most 4 limb pairs of |products| <= 2**12 per term in int32: no wrap up to K = 2**15."""
+
+
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """The defined exact product (see pol/exact/matmul.py) of float32 (M, K) @ (K, N), or (Z, M, K) @ (Z, K, N).
+
+    2-D: the definition's int8 digits split by the kernels, one `torch._int_mm` per diagonal s + t of limb pairs
+    (5 int8 GEMMs, no copies), combined by the kernels. Batched: the float64 form, one batched float64 GEMM.
+    Returns None where neither applies (K too long, a non-finite operand, not on the CPU, the library missing).
+    """
+    dll = _library()
+    if dll is None or not _cpu_f32(a, b) or a.dim() not in (2, 3) or 0 in a.shape or b.shape[-1] == 0:
+        return None
+    if a.dim() == 2 and a.shape[1] <= INT8_MAX_K:
+        return _product_int8(dll, a.contiguous(), b.contiguous())
+    if a.shape[-1] <= F64_MAX_K:
+        out = _product_f64(dll, a if a.dim() == 3 else a.unsqueeze(0), b if b.dim() == 3 else b.unsqueeze(0))
+        return out if out is None or a.dim() == 3 else out[0]
+    return None
+
+
+def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    m, k = a.shape
+    n = b.shape[1]
+    left = torch.empty((m, 4 * k), dtype=torch.int8)
+    right = torch.empty((4 * k, n), dtype=torch.int8)
+    ea = torch.empty(m, dtype=torch.int32)
+    eb = torch.empty(n, dtype=torch.int32)
+    if dll.split_rows_i8(_ptr(a), m, k, _ptr(left), _ptr(ea)):
+        return None
+    scratch = torch.empty(n, dtype=torch.float32)  # held by a name: a temporary would be freed before the call
+    if dll.split_cols_i8(_ptr(b), 1, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
+        return None
+    diag = torch.empty((5, m, n), dtype=torch.int32)
+    for d in range(5):  # pairs (s, d - s): left blocks s_lo..s_hi against right blocks 3-d+s_lo..3-d+s_hi
+        s_lo, s_hi = max(0, d - 3), min(d, 3)
+        torch._int_mm(left[:, s_lo * k : (s_hi + 1) * k], right[(3 - d + s_lo) * k : (4 - d + s_hi) * k], out=diag[d])
+    out = torch.empty((m, n), dtype=torch.float32)
+    dll.combine_i8(_ptr(diag), m, n, _ptr(ea), _ptr(eb), _ptr(out))
+    return out
+
+
+def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    a3, b3 = a.contiguous(), b.contiguous()
+    z, m, k = a3.shape
+    n = b3.shape[2]
+    left = torch.empty((z, m, 3 * k), dtype=torch.float64)
+    right = torch.empty((z, 3 * k, n), dtype=torch.float64)
+    ea = torch.empty((z, m), dtype=torch.int32)
+    eb = torch.empty((z, n), dtype=torch.int32)
+    if dll.split_rows_f32(_ptr(a3), z * m, k, _ptr(left), _ptr(ea)):
+        return None
+    scratch = torch.empty(n, dtype=torch.float32)
+    if dll.split_cols_f32(_ptr(b3), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
+        return None
+    v = torch.bmm(left, right).contiguous()
+    out = torch.empty((z, m, n), dtype=torch.float32)
+    dll.combine_f32(_ptr(v), z, m, n, _ptr(ea), _ptr(eb), _ptr(out))
+    return out
+
+
+@cache
+def _tables() -> tuple[ctypes.Array[ctypes.c_double], ...]:
+    """The coefficient tables of pol/exact/elementwise.py, as C arrays (the same constants both paths read)."""
+    from pol.exact import elementwise as ew
+
+    def arr(values: list[float]) -> ctypes.Array[ctypes.c_double]:
+        return (ctypes.c_double * len(values))(*values)
+
+    erf_rows = ew._erf_table()  # (centres, degree + 1)
+    erf_flat = [erf_rows[c][d] for d in range(ew.ERF_DEGREE + 1) for c in range(ew.ERF_CENTRES)]
+    return (
+        arr(ew._inv_factorials(ew.EXP_DEGREE)),
+        arr([0.0] + ew._inv_factorials(ew.EXPM1_DEGREE)[1:]),
+        arr([1.0 / (2 * i + 1) for i in range(ew.LOG_TERMS)]),
+        arr(erf_flat),
+    )
+
+
+class _Tables(ctypes.Structure):
+    _fields_ = [
+        ("exp_c", ctypes.c_void_p),
+        ("exp_deg", ctypes.c_int64),
+        ("expm1_c", ctypes.c_void_p),
+        ("expm1_deg", ctypes.c_int64),
+        ("log_c", ctypes.c_void_p),
+        ("log_terms", ctypes.c_int64),
+        ("erf_t", ctypes.c_void_p),
+        ("erf_deg", ctypes.c_int64),
+        ("erf_centres", ctypes.c_int64),
+    ]
+
+
+@cache
+def _table_struct() -> _Tables:
+    from pol.exact import elementwise as ew
+
+    exp_c, expm1_c, log_c, erf_t = _tables()
+    return _Tables(
+        ctypes.cast(exp_c, ctypes.c_void_p), ew.EXP_DEGREE,
+        ctypes.cast(expm1_c, ctypes.c_void_p), ew.EXPM1_DEGREE,
+        ctypes.cast(log_c, ctypes.c_void_p), ew.LOG_TERMS,
+        ctypes.cast(erf_t, ctypes.c_void_p), ew.ERF_DEGREE, ew.ERF_CENTRES,
+    )  # fmt: skip
+
+
+def unary(op: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The exact transcendental `op` (one of UNARY_OPS) of float32 `x`; None where the kernel does not apply."""
+    dll = _library()
+    if dll is None or not _cpu_f32(x):
+        return None
+    src = x.contiguous()
+    out = torch.empty_like(src)
+    getattr(dll, f"{op}_f32")(_ptr(src), _ptr(out), src.numel(), ctypes.byref(_table_struct()))
+    return out.view(x.shape) if out.shape == x.shape else out.reshape(x.shape)

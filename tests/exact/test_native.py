@@ -1,0 +1,224 @@
+"""The compiled kernels (pol/exact/native.py) against the torch path, bit for bit: same definition, same bits, on
+random inputs and on the awkward ones (subnormals, signed zeros, NaN, infinities, overflow, rounding ties)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pol.exact import elementwise, exact_index_add, exact_mm_reference, exact_scatter_add, exact_sum, native
+from pol.exact import matmul as mm
+from tests.exact.helpers import exact_sum_reference, f32, wide_rows
+
+SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1.17e-38, -3e-39, 3.4e38, -3.4e38,
+            88.72, 88.73, -103.9, -104.0, 0.5, -0.5, 4.0, 3.99, 20.0, 2.0**-20, -(2.0**-21), 1.0, -1.0]  # fmt: skip
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def torch_path(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    with native.disabled():
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels() -> None:
+    assert native.available(), native.status()
+
+
+def test_status_says_the_kernels_are_loaded_and_disabled_switches_them_off() -> None:
+    assert native.status() == "compiled kernels loaded"
+    with native.disabled():
+        assert not native.available()
+        assert native.sum_rows(torch.ones(2, 2)) is None
+    assert native.available()
+
+
+def test_environment_switch_turns_the_kernels_off() -> None:
+    code = "from pol.exact import native; print(native.available(), native.status())"
+    env = os.environ | {"POL_EXACT_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False disabled by POL_EXACT_NATIVE=0"
+
+
+def test_a_missing_compiler_falls_back_to_the_torch_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import torch; from pol.exact import native, exact_sum; print(native.available());"
+        "print(exact_sum(torch.tensor([1.0, 2.0**-30, -1.0])).item())"
+    )
+    env = os.environ | {"CC": "/nonexistent/cc", "POL_CACHE_DIR": str(tmp_path)}
+    env.pop("POL_EXACT_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", str(2.0**-30)]
+
+
+# --- transcendentals ------------------------------------------------------------------------------------------
+
+
+def _unary_inputs(seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    parts = [
+        rng.standard_normal(20000) * 4,
+        rng.standard_normal(5000) * np.exp2(rng.uniform(-140, 7, 5000)),  # down into the subnormals
+        rng.uniform(-120, 100, 5000),  # across exp's whole range, both cut-offs
+        np.array(SPECIALS),
+    ]
+    return f32(np.concatenate(parts))
+
+
+@pytest.mark.parametrize("op", native.UNARY_OPS)
+def test_transcendental_kernels_equal_the_torch_path(op: str) -> None:
+    fn = getattr(elementwise, f"exact_{op}")
+    x = _unary_inputs(sum(map(ord, op)))
+    for arg in (x, x.abs(), x[:30000].reshape(50, -1).t()):  # negative arguments of log too; a transposed layout
+        assert same_bits(fn(arg), torch_path(fn, arg)), op
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=64))
+def test_transcendental_kernels_equal_the_torch_path_on_any_float(values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    for op in native.UNARY_OPS:
+        fn = getattr(elementwise, f"exact_{op}")
+        assert same_bits(fn(x), torch_path(fn, x)), (op, values)
+
+
+# --- sums -----------------------------------------------------------------------------------------------------
+
+
+def _sum_cases() -> list[torch.Tensor]:
+    rng = np.random.default_rng(3)
+    big = np.float32(3.0e38)
+    return [
+        f32(wide_rows(rng, (33, 300), spread=60)),
+        f32(rng.standard_normal((7, 4097))),  # more terms than one normalisation interval, many times over
+        f32(np.array([[big, big, -big], [big, big, big], [-big, -big, 1.0], [1.0, 2.0**-24, 2.0**-24]])),
+        f32(np.array([[1e-45, 1e-45, -1e-45], [-0.0, -0.0, -0.0], [0.0, -0.0, 0.0], [1.0, -1.0, -0.0]])),
+        f32(np.array([[1.0, float("inf"), 2.0], [float("inf"), float("-inf"), 0.0], [float("nan"), 1.0, 1.0],
+                      [float("-inf"), -1.0, 3e38]])),  # fmt: skip
+        f32(np.array([[1.0 + 2.0**-23, 2.0**-24], [1.0, 2.0**-24], [1.0, 2.0**-24 + 2.0**-40], [16777215.0, 0.5]])),  # ties
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_row_sum_kernel_equals_the_torch_path_and_the_rational_sum(case: int) -> None:
+    x = _sum_cases()[case]
+    for dims in ([1], [0], None):
+        assert same_bits(exact_sum(x, dims), torch_path(exact_sum, x, dims)), dims
+    for row, got in zip(x.tolist(), exact_sum(x, [1]).tolist(), strict=True):
+        if all(np.isfinite(row)):  # (a rational has no signed zero: the sign rule is held to the torch path above)
+            ref = exact_sum_reference(row)
+            assert np.float32(got).tobytes() == np.float32(ref).tobytes() or got == ref == 0, row
+
+
+def test_row_sums_of_strided_views_and_empty_rows() -> None:
+    x = f32(wide_rows(np.random.default_rng(4), (40, 64), spread=30))
+    for view in (x.t(), x[::3], x.t()[::2, 1::5], x.unsqueeze(2).expand(40, 64, 3)):
+        for dims in ([0], [1], [0, 1]):
+            assert same_bits(exact_sum(view, dims), torch_path(exact_sum, view, dims))
+    empty = torch.zeros(5, 0)
+    assert same_bits(exact_sum(empty, [1]), torch.zeros(5))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=300))
+def test_row_sum_kernel_is_the_correctly_rounded_sum(values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    got, ref = exact_sum(x), exact_sum_reference(values)
+    assert np.float32(got.item()).tobytes() == np.float32(ref).tobytes() or got.item() == ref == 0
+    assert same_bits(got, torch_path(exact_sum, x))
+
+
+def test_slot_sums_equal_the_torch_path() -> None:
+    rng = np.random.default_rng(5)
+    base = f32(wide_rows(rng, (11, 6), spread=40))
+    src = f32(wide_rows(rng, (300, 6), spread=40))
+    index = torch.from_numpy(rng.integers(0, 11, 300))
+    assert same_bits(exact_index_add(base, 0, index, src), torch_path(exact_index_add, base, 0, index, src))
+    idx2 = torch.from_numpy(rng.integers(0, 6, (300, 6)))
+    assert same_bits(exact_scatter_add(base, 1, idx2[:11], src[:11]), torch_path(exact_scatter_add, base, 1, idx2[:11], src[:11]))
+    special = torch.tensor([float("inf"), -0.0, float("nan"), -0.0, 1.0])
+    slots = torch.tensor([0, 1, 2, 1, 0])
+    assert same_bits(native.sum_slots(special, slots, 4), torch_path(mm_free_slots, special, slots, 4))  # type: ignore[arg-type]
+
+
+def mm_free_slots(x: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    from pol.exact.reduce import sum_into_slots
+
+    return sum_into_slots(x, target, n)
+
+
+def test_slot_sum_out_of_range_index_is_refused_and_writes_nothing() -> None:
+    base = torch.ones(3, 2)
+    before = base.clone()
+    with pytest.raises(IndexError, match="out of range"):
+        native.sum_slots(torch.ones(4), torch.tensor([0, 1, 5, 2]), 3)
+    with pytest.raises(IndexError, match="out of range"):
+        native.sum_slots(torch.ones(2), torch.tensor([-1, 0]), 3)
+    assert torch.equal(base, before)
+
+
+# --- products -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 5, 2), (17, 8, 8), (40, 300, 24), (65, 129, 33), (8, 5000, 4)])
+def test_product_kernels_equal_the_reference(m: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(m + k + n)
+    for a, b in ((rng.standard_normal((m, k)), rng.standard_normal((k, n))), (wide_rows(rng, (m, k)), wide_rows(rng, (k, n)))):
+        ref = exact_mm_reference(f32(a), f32(b))
+        fused = native.product(f32(a), f32(b))
+        assert fused is not None and same_bits(fused, ref)
+        assert same_bits(fused, torch_path(mm.exact_mm, f32(a), f32(b)))
+
+
+def test_batched_product_kernel_equals_the_reference_per_batch_entry() -> None:
+    rng = np.random.default_rng(6)
+    a, b = f32(wide_rows(rng, (6, 9, 70))), f32(wide_rows(rng, (6, 70, 5)))
+    fused = native.product(a, b)
+    assert fused is not None
+    for i in range(6):
+        assert same_bits(fused[i], exact_mm_reference(a[i], b[i]))
+    assert native.product(f32(rng.standard_normal((2, 3, 5000))), f32(rng.standard_normal((2, 5000, 3)))) is None  # K > 2**12
+
+
+def test_product_kernels_on_extreme_rows_and_signed_zeros() -> None:
+    tiny, huge = 1e-45, 3.0e38
+    a = f32(np.array([[tiny, -tiny, 0.0, 1e-40], [huge, -huge, huge, 1.0], [-0.0, -0.0, -0.0, -0.0], [1.0, 2.0**-23, 0.5, -1.5]]))
+    b = f32(np.array([[1.0, -0.0, huge], [tiny, 2.0, 1.0], [-0.0, 3.0, -huge], [0.25, -1e-40, 2.0]]))
+    ref = exact_mm_reference(a, b)
+    for fused in (native.product(a, b), native.product(a.unsqueeze(0), b.unsqueeze(0))[0]):  # type: ignore[index]
+        assert same_bits(fused, ref)
+    assert same_bits(ref[2], torch.zeros(3))  # an all -0 row gives +0: V is an integer, and its zero is +0
+    assert same_bits(mm.exact_mm(a, b, "float64"), ref)
+
+
+def test_non_finite_operands_take_the_torch_path_and_follow_ieee() -> None:
+    a = torch.tensor([[1.0, float("inf")], [2.0, 3.0]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert native.product(a, b) is None
+    out = mm.exact_mm(a, b)
+    assert out[0, 0].item() == float("inf") and torch.isnan(out[0, 1])
+    assert same_bits(out[1], torch.tensor([5.0, 0.0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 40), st.integers(1, 24), st.integers(0, 2**32 - 1), st.floats(0, 60))
+def test_product_kernels_differential(m: int, k: int, n: int, seed: int, spread: float) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = f32(wide_rows(rng, (m, k), spread)), f32(wide_rows(rng, (k, n), spread))
+    ref = exact_mm_reference(a, b)
+    assert same_bits(native.product(a, b), ref)  # type: ignore[arg-type]
+    assert same_bits(native.product(a.unsqueeze(0), b.unsqueeze(0))[0], ref)  # type: ignore[index]
