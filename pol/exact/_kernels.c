@@ -110,25 +110,125 @@ static float acc_round(acc_t *a) {
     return f32_from(sign | ((uint32_t)biased << 23) | (uint32_t)(q - (1u << 23)));
 }
 
+/* The common case without branches: the signed value of a finite float32 x as v * 2**(32 * slot - 149), with
+ * |v| < 2**55 (a zero gives v = 0); *special = 1 for a non-finite x, whose row must then be summed again with
+ * acc_add: its value here is meaningless. */
+static inline int64_t finite_term(uint32_t u, uint32_t *slot) {
+    uint32_t biased = (u >> 23) & 0xFF;
+    uint32_t normal = biased != 0;
+    uint64_t m = (u & 0x7FFFFF) | ((uint64_t)normal << 23);
+    uint32_t k = biased - normal;
+    int64_t v = (int64_t)(m << (k & 31));
+    int64_t neg = -(int64_t)(u >> 31); /* 0 or -1 */
+    *slot = k >> 5;
+    return (v ^ neg) - neg;
+}
+
+static float row_sum(const float *row, int64_t R, int64_t s_inner) {
+    acc_t a;
+    memset(&a, 0, sizeof a);
+    int64_t negzero = 0;
+    uint32_t special = 0;
+    for (int64_t r0 = 0; r0 < R; r0 += NORM_EVERY) {
+        int64_t r1 = r0 + NORM_EVERY < R ? r0 + NORM_EVERY : R;
+        for (int64_t r = r0; r < r1; r++) {
+            uint32_t u = f32_bits(row[r * s_inner]), slot;
+            int64_t v = finite_term(u, &slot);
+            a.d[slot] += v;
+            negzero += u == 0x80000000u;
+            special |= (u & 0x7F800000u) == 0x7F800000u;
+        }
+        acc_normalize(&a);
+    }
+    if (special) { /* NaN or an infinity somewhere: the careful path decides what IEEE gives */
+        memset(&a, 0, sizeof a);
+        for (int64_t r = 0; r < R; r++) acc_add(&a, row[r * s_inner]);
+    } else {
+        a.terms = R;
+        a.negzero = negzero;
+    }
+    return acc_round(&a);
+}
+
+/* The narrow rule of reduce._narrow_rowsum_f64: an entry with biased exponent E (1 for subnormals) is a multiple
+ * of 2**(E - 150) below 2**(E - 126); if a row's nonzero entries span at most 29 - bitlen(R - 1) binades, every
+ * partial sum is an integer number of the row's smallest unit below 2**53 of them, so a float64 sum in ANY order
+ * (here 8 vector lanes) is exact, and one conversion rounds it once. Returns 0 when the rule does not hold. */
+static inline void narrow_term(float x, uint32_t *emax, uint32_t *emin, uint32_t *special, int64_t *negzero, double *sum) {
+    uint32_t u = f32_bits(x);
+    uint32_t b = (u >> 23) & 0xFF;
+    uint32_t e = b ? b : 1;
+    int nonzero = (u & 0x7FFFFFFFu) != 0;
+    uint32_t hi = nonzero ? e : 0, lo = nonzero ? e : 255;
+    *emax = hi > *emax ? hi : *emax;
+    *emin = lo < *emin ? lo : *emin;
+    *special |= b == 0xFF;
+    *negzero += u == 0x80000000u;
+    *sum = *sum + (double)x; /* used only where the narrow rule makes it exact */
+}
+
+static inline int narrow_budget(int64_t R) { return 29 - (R > 1 ? 64 - __builtin_clzll((uint64_t)(R - 1)) : 0); }
+
+static inline float narrow_result(uint32_t emax, uint32_t emin, uint32_t special, int64_t negzero, double sum, int64_t R,
+                                  int *ok) {
+    *ok = !special && (int)emax - (int)emin <= narrow_budget(R);
+    return sum != 0 ? (float)sum : (negzero == R ? -0.0f : 0.0f);
+}
+
+static int narrow_row_sum(const float *row, int64_t R, float *out) {
+    uint32_t emax[8] = {0}, emin[8] = {255, 255, 255, 255, 255, 255, 255, 255}, special[8] = {0};
+    int64_t negzero[8] = {0};
+    double sum[8] = {0};
+    int64_t r = 0;
+    for (; r + 8 <= R; r += 8) /* eight lanes, vectorised */
+        for (int l = 0; l < 8; l++) narrow_term(row[r + l], &emax[l], &emin[l], &special[l], &negzero[l], &sum[l]);
+    for (; r < R; r++) narrow_term(row[r], &emax[0], &emin[0], &special[0], &negzero[0], &sum[0]);
+    for (int l = 1; l < 8; l++) {
+        emax[0] = emax[l] > emax[0] ? emax[l] : emax[0];
+        emin[0] = emin[l] < emin[0] ? emin[l] : emin[0];
+        special[0] |= special[l];
+        negzero[0] += negzero[l];
+        sum[0] = sum[0] + sum[l];
+    }
+    int ok;
+    *out = narrow_result(emax[0], emin[0], special[0], negzero[0], sum[0], R, &ok);
+    return ok;
+}
+
 /* out[i] = exact sum of x[i * s_outer + r * s_inner] over r < R, rounded once */
 int sum_rows_f32(const float *x, int64_t outer, int64_t R, int64_t s_outer, int64_t s_inner, float *out) {
-    if (s_inner == 1 || outer == 1) {
-        for (int64_t i = 0; i < outer; i++) {
-            acc_t a;
-            memset(&a, 0, sizeof a);
-            const float *row = x + i * s_outer;
-            for (int64_t r = 0; r < R; r++) acc_add(&a, row[r * s_inner]);
-            out[i] = acc_round(&a);
-        }
+    if (outer < 8) { /* few rows: one at a time (vector lanes along the row where it is contiguous) */
+        for (int64_t i = 0; i < outer; i++)
+            if (s_inner != 1 || !narrow_row_sum(x + i * s_outer, R, &out[i])) out[i] = row_sum(x + i * s_outer, R, s_inner);
         return 0;
     }
-    acc_t *acc = calloc((size_t)outer, sizeof(acc_t)); /* walk memory in order: r outer, rows inner */
-    if (!acc) return -2;
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t i = 0; i < outer; i++) acc_add(&acc[i], x[i * s_outer + r * s_inner]);
-    for (int64_t i = 0; i < outer; i++) out[i] = acc_round(&acc[i]);
-    free(acc);
-    return 0;
+    /* many rows: r outer, rows inner (vector lanes across rows), the narrow rule per row */
+    uint32_t *emax = calloc((size_t)outer, sizeof(uint32_t)), *emin = malloc((size_t)outer * sizeof(uint32_t));
+    uint32_t *special = calloc((size_t)outer, sizeof(uint32_t));
+    int64_t *negzero = calloc((size_t)outer, sizeof(int64_t));
+    double *sum = calloc((size_t)outer, sizeof(double));
+    int rc = 0;
+    if (!emax || !emin || !special || !negzero || !sum) {
+        rc = -2;
+        goto done;
+    }
+    for (int64_t i = 0; i < outer; i++) emin[i] = 255;
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * s_inner;
+        for (int64_t i = 0; i < outer; i++) narrow_term(xr[i * s_outer], &emax[i], &emin[i], &special[i], &negzero[i], &sum[i]);
+    }
+    for (int64_t i = 0; i < outer; i++) {
+        int ok;
+        out[i] = narrow_result(emax[i], emin[i], special[i], negzero[i], sum[i], R, &ok);
+        if (!ok) out[i] = row_sum(x + i * s_outer, R, s_inner);
+    }
+done:
+    free(emax);
+    free(emin);
+    free(special);
+    free(negzero);
+    free(sum);
+    return rc;
 }
 
 /* out[t] = exact sum of x[i] over target[i] == t, rounded once; -1 if a target is outside [0, nslots) */
@@ -307,145 +407,162 @@ void combine_i8(const int32_t *diag, int64_t M, int64_t N, const int32_t *ea, co
 }
 
 /* ---------------------------------------------------------------- transcendentals (pol/exact/elementwise.py) */
-/* Each is the torch block function's sequence of float64 operations; NaN inputs return the input itself. */
+/* Each is the torch block function's sequence of float64 operations; a NaN input returns the input itself. The
+ * element functions are branch-free (selects, no early returns, no float-to-integer conversion of a value that may
+ * be NaN) with fixed polynomial degrees, so the compiler can vectorise the loops; vector lanes do the same IEEE
+ * operations as scalar code. native.py checks these degrees against pol/exact/elementwise.py before use. */
 
 #define INV_LN2 1.4426950408889634
 #define LN2_HI 6.93147180369123816490e-01
 #define LN2_LO 1.90821492927058770002e-10
 #define SQRT2 1.4142135623730951
+#define EXP_DEGREE 10
+#define EXPM1_DEGREE 12
+#define LOG_TERMS 8
+#define ERF_DEGREE 12
+#define ERF_CENTRES 9
 
-static inline double clampd(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); } /* NaN stays */
-
-static inline double horner(const double *c, int degree, double x) {
-    double acc = c[degree];
-    for (int i = degree - 1; i >= 0; i--) {
-        acc = acc * x;
-        acc = acc + c[i];
-    }
-    return acc;
+/* the constants above, for native.py to compare with pol/exact/elementwise.py */
+void kernel_constants(int64_t *out) {
+    out[0] = EXP_DEGREE;
+    out[1] = EXPM1_DEGREE;
+    out[2] = LOG_TERMS;
+    out[3] = ERF_DEGREE;
+    out[4] = ERF_CENTRES;
 }
 
+static inline double clampd(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); } /* NaN stays */
+static inline double absd(double x) { return x < 0 ? -x : x; } /* as torch's abs for the values used here */
+
+#define HORNER(c, degree, x, acc)                  \
+    do {                                           \
+        acc = (c)[degree];                         \
+        for (int i_ = (degree) - 1; i_ >= 0; i_--) { \
+            acc = acc * (x);                       \
+            acc = acc + (c)[i_];                   \
+        }                                          \
+    } while (0)
+
+/* 2**n for an integer-valued double n in [-1022, 1023], from bits: (n + 2**52 + 1023) holds n + 1023 in its low
+ * mantissa bits (both additions exact), shifted into the exponent field. Garbage, never undefined, for NaN. */
+static inline double pow2d(double n) { return f64_from(f64_bits((n + 0x1p52) + 1023.0) << 52); }
+
 typedef struct {
-    const double *exp_c;   /* 1/i!, i = 0..exp_deg */
-    int64_t exp_deg;
-    const double *expm1_c; /* 0, 1/1!, ..., 1/expm1_deg! */
-    int64_t expm1_deg;
-    const double *log_c;   /* 1/(2i+1), i < log_terms */
-    int64_t log_terms;
-    const double *erf_t;   /* (erf_deg + 1, erf_centres) row-major */
-    int64_t erf_deg, erf_centres;
+    const double *exp_c;   /* 1/i!, i = 0..EXP_DEGREE */
+    const double *expm1_c; /* 0, 1/1!, ..., 1/EXPM1_DEGREE! */
+    const double *log_c;   /* 1/(2i+1), i < LOG_TERMS */
+    const double *erf_t;   /* (ERF_DEGREE + 1, ERF_CENTRES) row-major */
 } tables_t;
 
 static inline double exp_f64(const tables_t *t, double x) {
     x = clampd(x, -700.0, 700.0);
     double n = rne(x * INV_LN2);
     double r = (x - n * LN2_HI) - n * LN2_LO;
-    return horner(t->exp_c, (int)t->exp_deg, r) * pow2((int64_t)n);
+    double p;
+    HORNER(t->exp_c, EXP_DEGREE, r, p);
+    return p * pow2d(n);
 }
 
 static inline double expm1_f64(const tables_t *t, double x) {
-    double small = horner(t->expm1_c, (int)t->expm1_deg, x);
-    double ax = x < 0 ? -x : x;
-    return ax < 0.5 ? small : exp_f64(t, x) - 1.0;
+    double small;
+    HORNER(t->expm1_c, EXPM1_DEGREE, x, small);
+    double big = exp_f64(t, x) - 1.0;
+    return absd(x) < 0.5 ? small : big;
 }
 
 static inline double log_f64(const tables_t *t, double x) { /* positive finite normal x */
     uint64_t bits = f64_bits(x);
-    int64_t e = (int64_t)((bits >> 52) & 0x7FF) - 1023;
+    uint64_t ebits = (bits >> 52) & 0x7FF;
     double m = f64_from((bits & ((1ull << 52) - 1)) | (1023ull << 52));
-    if (m > SQRT2) { m = m * 0.5; e = e + 1; }
-    double ed = (double)e;
+    int big = m > SQRT2;
+    m = big ? m * 0.5 : m;
+    /* e = biased - 1023 (+1), as a double: exact through the 2**52 trick, no integer-to-float conversion */
+    double ed = f64_from(0x4330000000000000ull | (ebits + (uint64_t)big)) - (0x1p52 + 1023.0);
     double f = m - 1.0;
     double s = f / (f + 2.0);
     double s2 = s * s;
-    double poly = horner(t->log_c, (int)t->log_terms - 1, s2);
+    double poly;
+    HORNER(t->log_c, LOG_TERMS - 1, s2, poly);
     return ed * LN2_HI + (ed * LN2_LO + (s + s) * poly);
 }
 
 static inline double log_special(double u, double y) {
-    if (u == 0) return -__builtin_inf();
-    if (u < 0) return __builtin_nan("");
-    if (u == __builtin_inf()) return u;
-    return y;
+    y = u == __builtin_inf() ? u : y;
+    y = u < 0 ? __builtin_nan("") : y;
+    return u == 0 ? -__builtin_inf() : y;
 }
 
 static inline int finite64(double x) { return x - x == 0; }
 
 static inline float op_exp(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
     double y = exp_f64(t, clampd(xd, -120.0, 100.0));
-    if (xd < -120.0) y = 0.0;
-    if (xd > 100.0) y = __builtin_inf();
-    return (float)y;
+    y = xd < -120.0 ? 0.0 : y;
+    y = xd > 100.0 ? __builtin_inf() : y;
+    return x != x ? x : (float)y;
 }
 
 static inline float op_expm1(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
     double y = expm1_f64(t, clampd(xd, -120.0, 100.0));
-    if (xd > 100.0) y = __builtin_inf();
-    return (float)y;
+    y = xd > 100.0 ? __builtin_inf() : y;
+    return x != x ? x : (float)y;
 }
 
 static inline float op_log(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
     double safe = (xd > 0 && finite64(xd)) ? xd : 1.0;
-    return (float)log_special(xd, log_f64(t, safe));
+    return x != x ? x : (float)log_special(xd, log_f64(t, safe));
 }
 
 static inline float op_log1p(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
     double u = xd + 1.0;
     double safe = (u > 0 && finite64(u)) ? u : 1.0;
-    double ax = xd < 0 ? -xd : xd;
-    double y = ax < 0x1p-20 ? xd - (xd * xd) * 0.5 : log_f64(t, safe);
-    return (float)log_special(u, y);
+    double tiny = xd - (xd * xd) * 0.5;
+    double y = absd(xd) < 0x1p-20 ? tiny : log_f64(t, safe);
+    return x != x ? x : (float)log_special(u, y);
 }
 
 static inline float op_tanh(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
-    double a = xd < 0 ? -xd : xd;
+    double a = absd(xd);
     a = a > 20.0 ? 20.0 : a;
     double tt = expm1_f64(t, a + a);
     double y = tt / (tt + 2.0);
-    if (xd < 0) y = -y;
-    if (xd == 0) y = xd;
-    return (float)y;
+    y = xd < 0 ? -y : y;
+    y = xd == 0 ? xd : y;
+    return x != x ? x : (float)y;
 }
 
 static inline float op_sigmoid(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
-    return (float)(1.0 / (1.0 + exp_f64(t, clampd(-xd, -700.0, 700.0))));
+    double y = 1.0 / (1.0 + exp_f64(t, clampd(-xd, -700.0, 700.0)));
+    return x != x ? x : (float)y;
 }
 
 static inline float op_erf(const tables_t *t, float x) {
-    if (x != x) return x;
     double xd = x;
     double z = finite64(xd) ? xd : (xd > 0 ? 10.0 : -10.0);
-    double ax = z < 0 ? -z : z;
-    double jd = clampd(rne(ax * 2.0), 0.0, (double)(t->erf_centres - 1));
-    int64_t j = (int64_t)jd;
+    double ax = absd(z);
+    double r = rne(ax * 2.0);
+    double jd = r <= (double)(ERF_CENTRES - 1) ? r : (double)(ERF_CENTRES - 1); /* clamp; NaN -> a valid index */
+    int32_t j = (int32_t)jd;
     double h = ax - jd * 0.5;
     const double *tab = t->erf_t;
-    int64_t nc = t->erf_centres;
-    double acc = tab[t->erf_deg * nc + j];
-    for (int64_t k = t->erf_deg - 1; k >= 0; k--) {
+    double acc = tab[ERF_DEGREE * ERF_CENTRES + j];
+    for (int k = ERF_DEGREE - 1; k >= 0; k--) {
         acc = acc * h;
-        acc = acc + tab[k * nc + j];
+        acc = acc + tab[k * ERF_CENTRES + j];
     }
     double y = ax >= 4.0 ? 1.0 : acc;
-    if (z < 0) y = -y;
-    if (xd == 0) y = xd;
-    return (float)y;
+    y = z < 0 ? -y : y;
+    y = xd == 0 ? xd : y;
+    return x != x ? x : (float)y;
 }
 
 #define UNARY(name)                                                                        \
-    void name##_f32(const float *x, float *out, int64_t n, const tables_t *t) {           \
+    void name##_f32(const float *restrict x, float *restrict out, int64_t n, const tables_t *t) { \
         for (int64_t i = 0; i < n; i++) out[i] = op_##name(t, x[i]);                       \
     }
 UNARY(exp)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -494,6 +495,7 @@ def _inplace_functional(func: OpOverload) -> OpOverload | None:
     return getattr(packet, func._overloadname, None)
 
 
+@cache
 def _is_composite(func: OpOverload) -> bool:
     """True for operators defined in terms of other aten operators (CompositeImplicitAutograd)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
@@ -546,15 +548,20 @@ def route_operator(mode: ExactMode, func: OpOverload, args: Sequence[Any], kwarg
 class ExactMode(TorchDispatchMode):
     """TorchDispatchMode that computes every operator exactly or refuses it (see the module docstring).
 
-    `seen` counts the operators routed through this instance (its own state; nothing global).
+    `seen` counts the operators routed through this instance by name (its own state; nothing global).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: Counter[str] = Counter()
+        self._seen: Counter[OpOverload] = Counter()
+
+    @property
+    def seen(self) -> Counter[str]:
+        """How often each operator (by name, e.g. "aten.mm.default") was routed through this mode."""
+        return Counter({str(op): n for op, n in self._seen.items()})
 
     def __torch_dispatch__(self, func: OpOverload, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        self.seen[str(func)] += 1
+        self._seen[func] += 1  # keyed by the overload itself: naming it costs more than the count
         return route_operator(self, func, args, kwargs or {})
 
 

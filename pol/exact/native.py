@@ -36,7 +36,11 @@ __all__ = ["available", "disabled", "status", "sum_rows", "sum_slots", "product"
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernels.c")
-BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-math-errno")
+BASE_FLAGS = (
+    "-O3", "-std=c11", "-fPIC", "-shared",
+    "-fno-fast-math", "-ffp-contract=off",  # IEEE: no reassociation, no FMA contraction
+    "-fno-math-errno", "-fno-trapping-math",  # no errno, no FP traps: lets loops vectorise, changes no value
+)  # fmt: skip
 UNARY_OPS = ("exp", "expm1", "log", "log1p", "tanh", "sigmoid", "erf")
 
 _lock = threading.Lock()
@@ -56,6 +60,8 @@ def _cpu_flags() -> tuple[str, ...]:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2", "movbe"} <= flags:
+        return ("-march=x86-64-v4",)
     if {"avx2", "fma", "bmi2", "movbe"} <= flags:
         return ("-march=x86-64-v3",)
     if {"sse4_2", "popcnt"} <= flags:
@@ -113,6 +119,9 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(dll, f"{op}_f32")
         fn.argtypes = [p, p, i64, p]
         fn.restype = None
+    dll.kernel_constants.argtypes = [p]
+    dll.kernel_constants.restype = None
+    _check_constants(dll)
     return dll
 
 
@@ -289,30 +298,23 @@ def _tables() -> tuple[ctypes.Array[ctypes.c_double], ...]:
 
 
 class _Tables(ctypes.Structure):
-    _fields_ = [
-        ("exp_c", ctypes.c_void_p),
-        ("exp_deg", ctypes.c_int64),
-        ("expm1_c", ctypes.c_void_p),
-        ("expm1_deg", ctypes.c_int64),
-        ("log_c", ctypes.c_void_p),
-        ("log_terms", ctypes.c_int64),
-        ("erf_t", ctypes.c_void_p),
-        ("erf_deg", ctypes.c_int64),
-        ("erf_centres", ctypes.c_int64),
-    ]
+    _fields_ = [("exp_c", ctypes.c_void_p), ("expm1_c", ctypes.c_void_p), ("log_c", ctypes.c_void_p), ("erf_t", ctypes.c_void_p)]
 
 
 @cache
 def _table_struct() -> _Tables:
+    return _Tables(*(ctypes.cast(t, ctypes.c_void_p) for t in _tables()))
+
+
+def _check_constants(dll: ctypes.CDLL) -> None:
+    """Raise OSError unless the kernels' polynomial degrees are those of pol/exact/elementwise.py."""
     from pol.exact import elementwise as ew
 
-    exp_c, expm1_c, log_c, erf_t = _tables()
-    return _Tables(
-        ctypes.cast(exp_c, ctypes.c_void_p), ew.EXP_DEGREE,
-        ctypes.cast(expm1_c, ctypes.c_void_p), ew.EXPM1_DEGREE,
-        ctypes.cast(log_c, ctypes.c_void_p), ew.LOG_TERMS,
-        ctypes.cast(erf_t, ctypes.c_void_p), ew.ERF_DEGREE, ew.ERF_CENTRES,
-    )  # fmt: skip
+    got = (ctypes.c_int64 * 5)()
+    dll.kernel_constants(got)
+    want = (ew.EXP_DEGREE, ew.EXPM1_DEGREE, ew.LOG_TERMS, ew.ERF_DEGREE, ew.ERF_CENTRES)
+    if tuple(got) != want:
+        raise OSError(f"kernel constants {tuple(got)} differ from pol.exact.elementwise's {want}")
 
 
 def unary(op: str, x: torch.Tensor) -> torch.Tensor | None:
