@@ -233,6 +233,10 @@ def train(
         "resumed_from": result.resumed_from,
         "seconds": round(elapsed, 3),
     }
+    if m.spec.numerics == "exact":  # the same bits either way; without the compiled kernels it is several times slower
+        from pol.exact import native
+
+        summary["exact_kernels"] = native.status()
     if as_json:
         print_json(summary)
         return
@@ -241,6 +245,8 @@ def train(
     out.print(f"commitment  {m.root}")
     out.print(f"trained     {m.spec.model.name} on {m.spec.data.name}, {m.spec.steps} steps, checkpoint every {m.spec.every} ({len(m.records)} checkpoints), {m.spec.numerics} numerics")
     out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{f', resumed at step {result.resumed_from}' if result.resumed_from is not None else ''})")
+    if "exact_kernels" in summary:
+        out.print(f"exact math  {summary['exact_kernels']}")
 
 
 def _train_faulty(spec: Any, out_path: Path, fault: str, device: str, force: bool, as_json: bool) -> None:

@@ -165,3 +165,14 @@ def test_graph_and_dispute_commands(tmp_path):
     assert honest.exit_code == 0 and "challenger loses" in honest.stdout
     assert runner.invoke(app, ["dispute"]).exit_code == 2
     assert runner.invoke(app, ["train", *tiny, "--out", str(tmp_path / "x"), "--fault", "nope"]).exit_code == 2
+
+
+def test_exact_training_reports_whether_the_compiled_kernels_ran(tmp_path):
+    out = tmp_path / "exact"
+    result = runner.invoke(app, ["train", *TINY, "--numerics", "exact", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["exact_kernels"] == "compiled kernels loaded"
+    human = runner.invoke(app, ["train", *TINY, "--numerics", "exact", "--out", str(out), "--force"])
+    assert "exact math  compiled kernels loaded" in human.output
+    native = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "native"), "--json"])
+    assert "exact_kernels" not in json.loads(native.output)
