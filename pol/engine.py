@@ -302,7 +302,12 @@ def one_step(
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
         # under a mode (pinpoint's capture) the update allocates its temporaries: a reused buffer would be a tensor
         # the step reads without computing it. Same bits either way.
-        apply_update(spec.optimizer, rt.params, grads, rt.opt_state, lr, rt.workspace if mode is None else None)
+        # exact numerics: AdamW as one compiled kernel per parameter (same bits), except under a capture, which
+        # must see the update's operators
+        apply_update(
+            spec.optimizer, rt.params, grads, rt.opt_state, lr, rt.workspace if mode is None else None,
+            exact_kernels=spec.numerics == "exact" and mode is None,
+        )  # fmt: skip
     rt.step = s + 1
     loss_value = loss_sum / size
     if not math.isfinite(loss_value):

@@ -59,12 +59,17 @@ def apply_update(
     state: MutableMapping[str, torch.Tensor],
     lr: float,
     workspace: torch.Tensor | None = None,
+    exact_kernels: bool = False,
 ) -> None:
     """One optimizer step, in place on `params` and `state`: torch.optim's SGD (momentum, no dampening) and AdamW
     (decoupled weight decay) formulas, with hyper-parameters from the spec and beta powers kept as state.
 
     `workspace` (see `make_workspace`) holds AdamW's temporary: without it each parameter's step allocates one,
     and a fresh large allocation costs more in page faults than the arithmetic does.
+
+    `exact_kernels` (exact numerics, outside a pinpoint capture): an AdamW parameter's step runs as one compiled
+    kernel (`pol.exact.native.adamw`) that computes the bits the exact dispatch mode gives this code, where it
+    applies; elsewhere this code runs as written.
     """
     if opt.name == "sgd":
         for name, p in params.items():
@@ -86,6 +91,8 @@ def apply_update(
         g = grads[name]
         m = state[f"optim/exp_avg/{name}"]
         v = state[f"optim/exp_avg_sq/{name}"]
+        if exact_kernels and _fused_adamw(opt, p, g, m, v, lr, bias2_sqrt, step_size):
+            continue
         if opt.weight_decay:
             p.mul_(1.0 - lr * opt.weight_decay)
         m.lerp_(g, 1.0 - opt.beta1)
@@ -94,3 +101,21 @@ def apply_update(
         denom = torch.sqrt(v, out=workspace[: v.numel()].view_as(v)) if fits else torch.sqrt(v)
         denom.div_(bias2_sqrt).add_(opt.eps)
         p.addcdiv_(m, denom, value=-step_size)
+
+
+def _fused_adamw(
+    opt: OptimSpec, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, bias2_sqrt: float, step_size: float
+) -> bool:
+    """The AdamW step below for one parameter as one compiled exact kernel; False where it does not apply."""
+    from pol.exact import native
+
+    return native.adamw(
+        p, g, m, v,
+        decay=1.0 - lr * opt.weight_decay if opt.weight_decay else None,
+        lerp_weight=1.0 - opt.beta1,
+        beta2=opt.beta2,
+        sq_weight=1.0 - opt.beta2,
+        bias2_sqrt=bias2_sqrt,
+        eps=opt.eps,
+        value=-step_size,
+    )  # fmt: skip

@@ -24,6 +24,7 @@ from pol.exact.elementwise import (
     exact_pow_scalar,
     exact_rsqrt,
     exact_sigmoid,
+    exact_sqrt,
     exact_tanh,
 )
 from pol.exact.matmul import exact_bmm, exact_mm, exact_mm_reference, int_mm_exact
@@ -55,5 +56,6 @@ __all__ = [
     "exact_sigmoid",
     "exact_erf",
     "exact_rsqrt",
+    "exact_sqrt",
     "exact_pow_scalar",
 ]

@@ -561,6 +561,24 @@ static inline float op_erf(const tables_t *t, float x) {
     return x != x ? x : (float)y;
 }
 
+/* IEEE sqrt: the hardware's square root instruction is correctly rounded (torch's CPU sqrt is not); a negative
+ * input gives the positive quiet NaN that torch's full_like(nan) writes, a NaN input is returned */
+static inline float op_sqrt(const tables_t *t, float x) {
+    (void)t;
+    float s = __builtin_sqrtf(x < 0 ? 0.0f : x);
+    return x != x ? x : (x < 0 ? f32_from(0x7FC00000u) : s);
+}
+
+static inline float op_rsqrt(const tables_t *t, float x) {
+    float s = op_sqrt(t, x);
+    double s0 = s, xd = x;
+    double s1 = (s0 + xd / s0) * 0.5;
+    float y = (float)(1.0 / s1);
+    y = x == __builtin_inff() ? 0.0f : y;
+    y = x == 0 ? 1.0f / x : y;
+    return s != s ? s : y;
+}
+
 #define UNARY(name)                                                                        \
     void name##_f32(const float *restrict x, float *restrict out, int64_t n, const tables_t *t) { \
         for (int64_t i = 0; i < n; i++) out[i] = op_##name(t, x[i]);                       \
@@ -572,3 +590,42 @@ UNARY(log1p)
 UNARY(tanh)
 UNARY(sigmoid)
 UNARY(erf)
+UNARY(sqrt)
+UNARY(rsqrt)
+
+/* ---------------------------------------------------------------- the AdamW update (pol/optim.py) */
+/* pol.optim.apply_update's AdamW step for one float32 parameter, as exact mode routes it: each torch operator it
+ * uses split into single IEEE roundings in the handlers' order (mul_ by a scalar; lerp_ as start + diff * w or
+ * end - diff * (1 - w); addcmul_ as x + (t1 * t2) * value; addcdiv_ as x + (t1 / t2) * value; a value of 1 skips
+ * its multiply). Scalars arrive already rounded to float32, as torch rounds a Python scalar for a float32 tensor. */
+typedef struct {
+    float decay;                 /* 1 - lr * weight_decay */
+    int32_t has_decay;
+    float w1, w1c;               /* lerp weight 1 - beta1, and 1 - weight */
+    int32_t w1_small;            /* |w1| < 0.5: start + diff * w1, else end - diff * w1c */
+    float beta2, w2;             /* v * beta2 + (g * g) * w2 */
+    int32_t w2_one;
+    float bias2_sqrt, eps, value; /* p + (m / (sqrt(v) / bias2_sqrt + eps)) * value */
+    int32_t value_one;
+} adamw_t;
+
+void adamw_f32(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
+               const adamw_t *h) {
+    for (int64_t i = 0; i < n; i++) {
+        float pi = p[i], gi = g[i], mi = m[i], vi = v[i];
+        if (h->has_decay) pi = pi * h->decay;
+        float diff = gi - mi;
+        mi = h->w1_small ? mi + diff * h->w1 : gi - diff * h->w1c;
+        vi = vi * h->beta2;
+        float sq = gi * gi;
+        vi = h->w2_one ? vi + sq : vi + sq * h->w2;
+        float d = __builtin_sqrtf(vi);
+        d = d / h->bias2_sqrt;
+        d = d + h->eps;
+        float q = mi / d;
+        pi = h->value_one ? pi + q : pi + q * h->value;
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}

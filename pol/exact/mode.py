@@ -5,7 +5,8 @@ Routing, in order (`route_operator`):
   2. an exact handler for the overload  -> products, reductions, transcendentals, convolution, pooling, scatter-adds,
                                            and the split of multi-rounding ops (add/sub with alpha, addcmul,
                                            addcdiv, lerp: one rounding per step, in a fixed order)
-  3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * / sqrt...)
+  3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * /...; not
+                                           sqrt: torch's CPU sqrt is not correctly rounded, so it has a handler)
   4. torch's own decomposition         -> the listed ones (softmax, layer norm, GELU, losses...) and any
                                            CompositeImplicitAutograd operator; the decomposition runs under this
                                            mode again, so its pieces are routed too
@@ -205,13 +206,11 @@ PASSTHROUGH_PACKETS = frozenset(
         # single IEEE rounding each (correctly rounded on every IEEE machine)
         "mul",
         "div",
-        "sqrt",
         "reciprocal",
         "fmod",
         "remainder",
         "mul_",
         "div_",
-        "sqrt_",
     )
 )
 
@@ -415,12 +414,16 @@ def _moments(packet: str, overload: str) -> Handler:
         dev = x - mean
         count = x.numel() // max(mean.numel(), 1)
         var = reduce.exact_sum(dev * dev, dim, keepdim) / max(count - correction, 0.0)
-        out = torch.sqrt(var) if packet.startswith("std") else var
+        out = elementwise.exact_sqrt(var) if packet.startswith("std") else var
         if packet.endswith("_mean"):
             return out, mean if keepdim else mean.reshape(out.shape)
         return out
 
     return handler
+
+
+def _sqrt_out(x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(elementwise.exact_sqrt(x))
 
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Handler:
@@ -447,6 +450,8 @@ EXACT_HANDLERS: dict[OpOverload, Handler] = {
     aten.sigmoid.default: _unary(elementwise.exact_sigmoid),
     aten.erf.default: _unary(elementwise.exact_erf),
     aten.rsqrt.default: _unary(elementwise.exact_rsqrt),
+    aten.sqrt.default: _unary(elementwise.exact_sqrt),
+    aten.sqrt.out: _sqrt_out,
     aten.pow.Tensor_Scalar: _pow,
     aten.addcmul.default: _addcmul,
     aten.addcdiv.default: _addcdiv,

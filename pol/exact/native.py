@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "UNARY_OPS"]
+__all__ = ["available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "adamw", "UNARY_OPS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ BASE_FLAGS = (
     "-fno-fast-math", "-ffp-contract=off",  # IEEE: no reassociation, no FMA contraction
     "-fno-math-errno", "-fno-trapping-math",  # no errno, no FP traps: lets loops vectorise, changes no value
 )  # fmt: skip
-UNARY_OPS = ("exp", "expm1", "log", "log1p", "tanh", "sigmoid", "erf")
+UNARY_OPS = ("exp", "expm1", "log", "log1p", "tanh", "sigmoid", "erf", "sqrt", "rsqrt")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -119,6 +119,8 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(dll, f"{op}_f32")
         fn.argtypes = [p, p, i64, p]
         fn.restype = None
+    dll.adamw_f32.argtypes = [p, p, p, p, i64, p]
+    dll.adamw_f32.restype = None
     dll.kernel_constants.argtypes = [p]
     dll.kernel_constants.restype = None
     _check_constants(dll)
@@ -326,3 +328,45 @@ def unary(op: str, x: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty_like(src)
     getattr(dll, f"{op}_f32")(_ptr(src), _ptr(out), src.numel(), ctypes.byref(_table_struct()))
     return out.view(x.shape) if out.shape == x.shape else out.reshape(x.shape)
+
+
+class _AdamW(ctypes.Structure):
+    _fields_ = [
+        ("decay", ctypes.c_float), ("has_decay", ctypes.c_int32),
+        ("w1", ctypes.c_float), ("w1c", ctypes.c_float), ("w1_small", ctypes.c_int32),
+        ("beta2", ctypes.c_float), ("w2", ctypes.c_float), ("w2_one", ctypes.c_int32),
+        ("bias2_sqrt", ctypes.c_float), ("eps", ctypes.c_float), ("value", ctypes.c_float), ("value_one", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+def adamw(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    decay: float | None,
+    lerp_weight: float,
+    beta2: float,
+    sq_weight: float,
+    bias2_sqrt: float,
+    eps: float,
+    value: float,
+) -> bool:
+    """pol.optim's AdamW step for one float32 CPU parameter in one pass, as exact mode routes it (same bits);
+    False, touching nothing, where the kernel does not apply. Python floats are rounded to float32 here, as torch
+    rounds a Python scalar used with a float32 tensor."""
+    dll = _library()
+    ts = (p, g, m, v)
+    if dll is None or not _cpu_f32(*ts) or not all(t.is_contiguous() and t.shape == p.shape for t in ts):
+        return False
+    h = _AdamW(
+        decay if decay is not None else 1.0, decay is not None,
+        lerp_weight, 1.0 - lerp_weight, abs(lerp_weight) < 0.5,
+        beta2, sq_weight, sq_weight == 1,
+        bias2_sqrt, eps, value, value == 1,
+    )  # fmt: skip
+    dll.adamw_f32(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.numel(), ctypes.byref(h))
+    for t in (p, m, v):  # written behind autograd's back: tell it, as an in-place torch op would
+        torch.autograd.graph.increment_version(t)
+    return True

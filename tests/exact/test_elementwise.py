@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pol.errors import UnsupportedOperator
 from pol.exact import (
@@ -18,6 +20,7 @@ from pol.exact import (
     exact_pow_scalar,
     exact_rsqrt,
     exact_sigmoid,
+    exact_sqrt,
     exact_tanh,
 )
 from tests.exact.helpers import ulps
@@ -78,3 +81,50 @@ def test_special_values() -> None:
 def test_non_float32_is_refused() -> None:
     with pytest.raises(UnsupportedOperator, match="aten.exp"):
         exact_exp(torch.ones(2, dtype=torch.float64))
+
+
+def _ieee_sqrt(x: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 sqrt: float64 holds enough bits (53 >= 2 * 24 + 2) for one rounding to suffice."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(x.astype(np.float64)).astype(np.float32)
+
+
+def test_sqrt_is_correctly_rounded_everywhere() -> None:
+    """torch's own CPU sqrt is not (it is off by an ulp on many inputs, differently per CPU capability): exact
+    mode computes its own."""
+    tiny = torch.from_numpy(np.arange(1, 5000, dtype=np.int32)).view(torch.float32)  # the smallest subnormals
+    big = torch.from_numpy(np.arange(0x7F7FFFFF - 5000, 0x7F800000, dtype=np.int32)).view(torch.float32)  # up to max
+    for x in (POS, WIDE.abs(), tiny, big, torch.tensor([1.0, 4.0, 2.0, 0.25, 2.0**-149, 2.0**127])):
+        assert torch.equal(exact_sqrt(x).view(torch.int32), torch.from_numpy(_ieee_sqrt(x.numpy())).view(torch.int32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(width=32, min_value=0.0, allow_infinity=True), min_size=1, max_size=32))
+def test_sqrt_is_correctly_rounded_for_any_float(values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    assert torch.equal(exact_sqrt(x).view(torch.int32), torch.from_numpy(_ieee_sqrt(x.numpy())).view(torch.int32))
+
+
+def test_sqrt_and_rsqrt_special_values() -> None:
+    inf, nan = float("inf"), float("nan")
+    s = exact_sqrt(torch.tensor([0.0, -0.0, inf, -1.0, -inf, nan, -1e-45]))
+    assert s[0] == 0 and not torch.signbit(s[0]) and torch.signbit(s[1]) and s[2] == inf
+    assert all(np.isnan(float(v)) for v in s[3:])
+    r = exact_rsqrt(torch.tensor([0.0, -0.0, inf, -4.0, nan, 4.0, 1e-45]))
+    assert r[0] == inf and r[1] == -inf and r[2] == 0 and np.isnan(float(r[3])) and np.isnan(float(r[4])) and r[5] == 0.5
+    assert float(r[6]) == pytest.approx(1 / math.sqrt(1.401298464324817e-45), rel=1e-7)
+
+
+def test_std_and_pow_half_use_the_correct_sqrt() -> None:
+    from pol.exact import exact_mode
+
+    x = WIDE[:4096].reshape(64, 64)
+    with exact_mode():
+        std = torch.std(x, dim=1)
+        var = torch.var(x, dim=1)
+        half = x.abs() ** 0.5
+        root = torch.sqrt(x.abs())
+        out = torch.empty_like(root)
+        torch.sqrt(x.abs(), out=out)
+    assert torch.equal(std, exact_sqrt(var)) and torch.equal(half, exact_sqrt(x.abs()))
+    assert torch.equal(root, exact_sqrt(x.abs())) and torch.equal(out, root)

@@ -222,3 +222,54 @@ def test_product_kernels_differential(m: int, k: int, n: int, seed: int, spread:
     ref = exact_mm_reference(a, b)
     assert same_bits(native.product(a, b), ref)  # type: ignore[arg-type]
     assert same_bits(native.product(a.unsqueeze(0), b.unsqueeze(0))[0], ref)  # type: ignore[index]
+
+
+# --- the AdamW update -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+        {"lr": 1e-2, "weight_decay": 0.0, "beta1": 0.3, "beta2": 0.0, "eps": 1e-3},  # lerp's other branch, value 1
+        {"lr": 0.5, "weight_decay": 0.01, "beta1": 0.0, "beta2": 0.5, "eps": 0.0},
+    ],
+)
+def test_fused_adamw_equals_the_routed_update_bit_for_bit(hyper: dict[str, float]) -> None:
+    from pol.exact import exact_mode
+    from pol.optim import apply_update, init_optimizer_state
+    from pol.spec import OptimSpec
+
+    opt = OptimSpec(name="adamw", **hyper)
+    rng = np.random.default_rng(7)
+    shapes = {"w": (33, 17), "b": (17,), "s": ()}
+    runs = []
+    for fused in (True, False):
+        params = {n: f32(wide_rows(rng, (1, max(1, int(np.prod(s)))), spread=10).reshape(s)) for n, s in shapes.items()}
+        rng = np.random.default_rng(7)  # the same draws for both runs
+        state = init_optimizer_state(opt, params)
+        for step in range(6):
+            grads = {n: f32(wide_rows(np.random.default_rng(step), (1, max(1, p.numel())), spread=20).reshape(p.shape))
+                     for n, p in params.items()}  # fmt: skip
+            grads["b"][3] = 0.0
+            grads["b"][4] = -0.0
+            with exact_mode():
+                apply_update(opt, params, grads, state, hyper["lr"] * (step + 1) / 6, exact_kernels=fused)
+        runs.append((params, state))
+    (p1, s1), (p2, s2) = runs
+    for name in p1:
+        assert same_bits(p1[name], p2[name]), name
+    for key in s1:
+        assert torch.equal(s1[key].view(torch.uint8) if s1[key].dim() else s1[key], s2[key].view(torch.uint8) if s2[key].dim() else s2[key]), key
+
+
+def test_fused_adamw_declines_what_it_cannot_do_and_touches_nothing() -> None:
+    p, g = torch.ones(4, 4), torch.ones(4, 4)
+    m, v = torch.zeros(4, 4), torch.zeros(4, 4)
+    kw = {"decay": None, "lerp_weight": 0.1, "beta2": 0.9, "sq_weight": 0.1, "bias2_sqrt": 1.0, "eps": 1e-8, "value": -1.0}
+    assert not native.adamw(p, g.double(), m, v, **kw)  # another dtype
+    assert not native.adamw(p, torch.ones(4, 8)[:, ::2], m, v, **kw)  # a strided gradient
+    assert torch.equal(p, torch.ones(4, 4)) and torch.equal(m, torch.zeros(4, 4))
+    version = p._version
+    assert native.adamw(p, g, m, v, **kw)
+    assert p._version > version and not torch.equal(p, torch.ones(4, 4))
