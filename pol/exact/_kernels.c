@@ -629,3 +629,117 @@ void adamw_f32(float *restrict p, const float *restrict g, float *restrict m, fl
         v[i] = vi;
     }
 }
+
+/* ---------------------------------------------------------------- layer norm (pol/exact/mode.py's handlers) */
+/* The handlers' sequence per row of n: mean = S(x) / n; var = S((x - mean)^2) / n; rstd = rsqrt(var + eps) (op_rsqrt);
+ * out = ((x - mean) * rstd) [* w] [+ b], where S is the exact sum rounded once and each other step one IEEE
+ * rounding. `scratch` holds n floats. */
+
+static float exact_row_sum(const float *row, int64_t n) {
+    float out;
+    return narrow_row_sum(row, n, &out) ? out : row_sum(row, n, 1);
+}
+
+void layer_norm_f32(const float *x, const float *w, const float *b, int64_t rows, int64_t n, float eps, float *out,
+                    float *mean, float *rstd, float *scratch) {
+    float nf = (float)n;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        float m = exact_row_sum(xr, n) / nf;
+        for (int64_t i = 0; i < n; i++) {
+            float d = xr[i] - m;
+            scratch[i] = d * d;
+        }
+        float var = exact_row_sum(scratch, n) / nf;
+        float s = op_rsqrt(0, var + eps);
+        for (int64_t i = 0; i < n; i++) {
+            float v = (xr[i] - m) * s;
+            if (w) v = v * w[i];
+            if (b) v = v + b[i];
+            o[i] = v;
+        }
+        mean[r] = m;
+        rstd[r] = s;
+    }
+}
+
+/* The backward handler's row part: x_hat = (x - mean) * rstd, g = go [* w], b = S(g), c2 = S(g * x_hat),
+ * dx = (rstd / n) * ((g * n - b) - x_hat * c2); and go * x_hat (for the weight's gradient, summed over rows by the
+ * caller) where `goxhat` is given. `scratch` holds 2n floats; dx may be NULL. */
+void layer_norm_bwd_f32(const float *go, const float *x, const float *mean, const float *rstd, const float *w,
+                        int64_t rows, int64_t n, float *dx, float *goxhat, float *scratch) {
+    float nf = (float)n;
+    float *g = scratch, *c1 = scratch + n;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gor = go + r * n, *xr = x + r * n;
+        float m = mean[r], s = rstd[r];
+        for (int64_t i = 0; i < n; i++) {
+            float xh = (xr[i] - m) * s;
+            float gi = w ? gor[i] * w[i] : gor[i];
+            g[i] = gi;
+            c1[i] = gi * xh;
+            if (goxhat) goxhat[r * n + i] = gor[i] * xh;
+        }
+        if (!dx) continue;
+        float bsum = exact_row_sum(g, n);
+        float c2 = exact_row_sum(c1, n);
+        float coef = s / nf;
+        for (int64_t i = 0; i < n; i++) {
+            float xh = (xr[i] - m) * s;
+            float inner = (g[i] * nf - bsum) - xh * c2;
+            dx[r * n + i] = coef * inner;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- softmax and GELU (pol/exact/mode.py's handlers) */
+/* Torch's decompositions written out per row / element, each step one IEEE rounding, exp and erf the exact ones,
+ * S the exact sum. softmax: m = max(x), e = exp(x - m), out = e / S(e); returns the number of rows holding a NaN
+ * (where the caller takes the torch path, whose max picks the NaN). backward: p = g * o, out = p - o * S(p). */
+int64_t softmax_f32(const float *x, int64_t rows, int64_t n, float *out, const tables_t *t) {
+    int64_t nan_rows = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        float m = -__builtin_inff();
+        int nan = 0;
+        for (int64_t i = 0; i < n; i++) {
+            nan |= xr[i] != xr[i];
+            m = xr[i] > m ? xr[i] : m;
+        }
+        if (nan) {
+            nan_rows++;
+            continue;
+        }
+        for (int64_t i = 0; i < n; i++) o[i] = op_exp(t, xr[i] - m);
+        float s = exact_row_sum(o, n);
+        for (int64_t i = 0; i < n; i++) o[i] = o[i] / s;
+    }
+    return nan_rows;
+}
+
+void softmax_bwd_f32(const float *g, const float *o, int64_t rows, int64_t n, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gr = g + r * n, *orow = o + r * n;
+        float *res = out + r * n;
+        for (int64_t i = 0; i < n; i++) res[i] = gr[i] * orow[i];
+        float s = exact_row_sum(res, n);
+        for (int64_t i = 0; i < n; i++) res[i] = res[i] - orow[i] * s;
+    }
+}
+
+/* GELU (erf form): (x * 0.5) * (1 + erf(x * alpha)); backward: g * (0.5 * (1 + erf(x * alpha)) + x * (beta *
+ * exp((x * x) * -0.5))), alpha and beta the decomposition's constants rounded to float32 (passed in). */
+void gelu_f32(const float *restrict x, float *restrict out, int64_t n, float alpha, const tables_t *t) {
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * 0.5f) * (1.0f + op_erf(t, x[i] * alpha));
+}
+
+void gelu_bwd_f32(const float *restrict g, const float *restrict x, float *restrict out, int64_t n, float alpha, float beta,
+                  const tables_t *t) {
+    for (int64_t i = 0; i < n; i++) {
+        float cdf = 0.5f * (1.0f + op_erf(t, x[i] * alpha));
+        float pdf = beta * op_exp(t, (x[i] * x[i]) * -0.5f);
+        out[i] = g[i] * (cdf + x[i] * pdf);
+    }
+}

@@ -3,11 +3,12 @@
 Routing, in order (`route_operator`):
   1. random draws                       -> UnsupportedOperator (draws come from the hardware-independent generator)
   2. an exact handler for the overload  -> products, reductions, transcendentals, convolution, pooling, scatter-adds,
-                                           and the split of multi-rounding ops (add/sub with alpha, addcmul,
+                                           layer norm, softmax and GELU (torch's decompositions written out, one
+                                           fused kernel per row or element), and the split of multi-rounding ops (add/sub with alpha, addcmul,
                                            addcdiv, lerp: one rounding per step, in a fixed order)
   3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * /...; not
                                            sqrt: torch's CPU sqrt is not correctly rounded, so it has a handler)
-  4. torch's own decomposition         -> the listed ones (softmax, layer norm, GELU, losses...) and any
+  4. torch's own decomposition         -> the listed ones (log-softmax, losses, other activations...) and any
                                            CompositeImplicitAutograd operator; the decomposition runs under this
                                            mode again, so its pieces are routed too
   5. in-place form `op_` of a routed op  -> computed out of place, then copied into `self`
@@ -30,7 +31,7 @@ import torch._decomp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pol.errors import UnsupportedOperator
-from pol.exact import conv, elementwise, matmul, reduce
+from pol.exact import conv, elementwise, matmul, native, reduce
 
 __all__ = ["ExactMode", "exact_mode", "route_operator", "supported_operators", "is_supported"]
 
@@ -216,14 +217,8 @@ PASSTHROUGH_PACKETS = frozenset(
 
 DECOMPOSED: frozenset[OpOverload] = frozenset(
     (
-        aten._softmax.default,
         aten._log_softmax.default,
-        aten._softmax_backward_data.default,
         aten._log_softmax_backward_data.default,
-        aten.native_layer_norm.default,
-        aten.native_layer_norm_backward.default,
-        aten.gelu.default,
-        aten.gelu_backward.default,
         aten.nll_loss_forward.default,
         aten.nll_loss_backward.default,
         aten.mse_loss.default,
@@ -422,6 +417,160 @@ def _moments(packet: str, overload: str) -> Handler:
     return handler
 
 
+def _layer_norm(
+    x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """native_layer_norm as torch's decomposition computes it (this is that arithmetic, written out so that it does
+    not depend on torch's version): mean = S(x) / n, var = S((x - mean)^2) / n with S the exact sum, rstd =
+    rsqrt(var + eps), out = ((x - mean) * rstd) * weight + bias; mean and rstd keep the reduced dims as size 1."""
+    x = x.contiguous()
+    axis = x.dim() - len(normalized_shape)
+    dims = list(range(axis, x.dim()))
+    n = 1
+    for d in normalized_shape:
+        n *= d
+    stat_shape = (*x.shape[:axis], *([1] * len(normalized_shape)))
+    w = weight.contiguous() if weight is not None else None
+    b = bias.contiguous() if bias is not None else None
+    fused = native.layer_norm(x, w, b, eps, n) if n > 0 else None
+    if fused is not None:
+        out, mean, rstd = fused
+        return out, mean.view(stat_shape), rstd.view(stat_shape)
+    mean = reduce.exact_sum(x, dims, keepdim=True) / n
+    dev = x - mean
+    var = reduce.exact_sum(dev * dev, dims, keepdim=True) / float(n)
+    rstd = elementwise.exact_rsqrt(var + eps)
+    out = (x - mean) * rstd
+    if w is not None:
+        out = out * w
+    if b is not None:
+        out = out + b
+    return out, mean, rstd
+
+
+def _layer_norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    normalized_shape: Sequence[int],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """native_layer_norm_backward as torch's decomposition computes it: x_hat = (x - mean) * rstd, g = grad * weight,
+    dx = (rstd / n) * ((g * n - S(g)) - x_hat * S(g * x_hat)), dweight = S_rows(grad * x_hat), dbias = S_rows(grad),
+    every S an exact sum rounded once."""
+    go, x = grad_out.contiguous(), x.contiguous()
+    w = weight.contiguous() if weight is not None else None
+    axis = x.dim() - len(normalized_shape)
+    inner, outer = list(range(axis, x.dim())), list(range(axis))
+    n, rows = 1, 1
+    for d in x.shape[axis:]:
+        n *= d
+    for d in x.shape[:axis]:
+        rows *= d
+    want_dx, want_dw, want_db = output_mask[0], output_mask[1] and w is not None, output_mask[2] and bias is not None
+    if n == 0 or rows == 0:
+        zeros = (x.new_zeros(x.shape), x.new_zeros(x.shape[axis:]), x.new_zeros(x.shape[axis:]))
+        return tuple(z if want else None for z, want in zip(zeros, (output_mask[0], output_mask[1], output_mask[2]), strict=True))  # type: ignore[return-value]
+    while mean.dim() < x.dim():
+        mean, rstd = mean.unsqueeze(-1), rstd.unsqueeze(-1)
+    fused = native.layer_norm_backward(go, x, mean.contiguous(), rstd.contiguous(), w, n, want_dx, want_dw and bool(outer))
+    if fused is not None:
+        d_input, goxhat = fused
+        x_hat = None
+    else:
+        x_hat = (x - mean) * rstd
+        g = go * w if w is not None else go
+        a = g * n
+        b = reduce.exact_sum(g, inner, True)
+        c2 = reduce.exact_sum(g * x_hat, inner, True)
+        c3 = x_hat * c2
+        d_input = (rstd / n) * (a - b - c3) if want_dx else None
+        goxhat = go * x_hat if want_dw else None
+    d_weight = d_bias = None
+    if want_dw:
+        if goxhat is None:  # the kernel skips it when there is no row to sum over
+            goxhat = go * ((x - mean) * rstd)
+        d_weight = reduce.exact_sum(goxhat, outer, False) if outer else goxhat
+    if want_db:
+        d_bias = reduce.exact_sum(go, outer, False) if outer else go.clone()
+    return (d_input if want_dx else None), d_weight, d_bias
+
+
+M_SQRT2 = 1.41421356237309504880  # torch's decompositions' constants (Python floats, rounded to float32 in use)
+M_SQRT1_2 = 0.70710678118654752440
+M_2_SQRTPI = 1.12837916709551257390
+
+
+def _softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    """aten._softmax as torch's decomposition computes it: m = amax, e = exp(x - m), e / S(e) (S exact)."""
+    if half_to_float:
+        raise UnsupportedOperator("aten._softmax", "half_to_float")
+    x = x.contiguous()
+    dim = dim % max(x.dim(), 1)
+    if x.dim() and dim == x.dim() - 1:
+        fused = native.softmax(x)
+        if fused is not None:
+            return fused
+    x_max = torch.amax(x, dim, keepdim=True) if x.dim() == 0 or x.shape[dim] > 0 else torch.full_like(x.sum(dim, keepdim=True), float("-inf"))
+    unnormalized = elementwise.exact_exp(x - x_max)
+    return unnormalized / reduce.exact_sum(unnormalized, [dim], keepdim=True)
+
+
+def _softmax_backward(grad: torch.Tensor, out: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
+    """aten._softmax_backward_data as torch's decomposition computes it: p = g * o, p - o * S(p)."""
+    dim = dim % max(out.dim(), 1)
+    if out.dim() and dim == out.dim() - 1:
+        fused = native.softmax_backward(grad.contiguous(), out.contiguous())
+        if fused is not None:
+            return fused
+    new_grad = grad * out
+    return (new_grad - out * reduce.exact_sum(new_grad, [dim], keepdim=True)).contiguous()
+
+
+def _gelu(a: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """aten.gelu as torch's decomposition computes it, with the exact erf and tanh."""
+    if approximate == "tanh":
+        k_beta = M_SQRT2 * M_2_SQRTPI * 0.5
+        inner = (a + (a * a * a) * 0.044715) * k_beta
+        return (a * 0.5) * (1 + elementwise.exact_tanh(inner))
+    if approximate != "none":
+        raise UnsupportedOperator("aten.gelu", f"approximate={approximate!r}")
+    fused = native.gelu(a.contiguous(), M_SQRT1_2)
+    if fused is not None:
+        return fused.view(a.shape)
+    return (a * 0.5) * (1 + elementwise.exact_erf(a * M_SQRT1_2))
+
+
+def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """aten.gelu_backward as torch's decomposition computes it, with the exact erf, exp and tanh."""
+    if approximate == "tanh":
+        k_beta = M_SQRT2 * M_2_SQRTPI * 0.5
+        k_kappa = 0.044715
+        x_sq = x * x
+        inner = (x + (x_sq * x) * k_kappa) * k_beta
+        tanh_inner = elementwise.exact_tanh(inner)
+        left = x * 0.5
+        right = 1 + tanh_inner
+        left_derivative = right * 0.5
+        tanh_derivative = 1 - tanh_inner * tanh_inner
+        inner_derivative = (1 + x_sq * (3 * k_kappa)) * k_beta
+        right_derivative = (left * tanh_derivative) * inner_derivative
+        return grad * (left_derivative + right_derivative)
+    if approximate != "none":
+        raise UnsupportedOperator("aten.gelu_backward", f"approximate={approximate!r}")
+    k_beta = M_2_SQRTPI * M_SQRT1_2 * 0.5
+    if grad.shape == x.shape:
+        fused = native.gelu_backward(grad.contiguous(), x.contiguous(), M_SQRT1_2, k_beta)
+        if fused is not None:
+            return fused
+    cdf = (1 + elementwise.exact_erf(x * M_SQRT1_2)) * 0.5
+    pdf = elementwise.exact_exp((x * x) * -0.5) * k_beta
+    return grad * (cdf + x * pdf)
+
+
 def _sqrt_out(x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(elementwise.exact_sqrt(x))
 
@@ -452,6 +601,12 @@ EXACT_HANDLERS: dict[OpOverload, Handler] = {
     aten.rsqrt.default: _unary(elementwise.exact_rsqrt),
     aten.sqrt.default: _unary(elementwise.exact_sqrt),
     aten.sqrt.out: _sqrt_out,
+    aten.native_layer_norm.default: _layer_norm,
+    aten._softmax.default: _softmax,
+    aten._softmax_backward_data.default: _softmax_backward,
+    aten.gelu.default: _gelu,
+    aten.gelu_backward.default: _gelu_backward,
+    aten.native_layer_norm_backward.default: _layer_norm_backward,
     aten.pow.Tensor_Scalar: _pow,
     aten.addcmul.default: _addcmul,
     aten.addcdiv.default: _addcdiv,

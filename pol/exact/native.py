@@ -31,7 +31,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "adamw", "UNARY_OPS"]
+__all__ = [
+    "available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "adamw", "layer_norm",
+    "layer_norm_backward", "softmax", "softmax_backward", "gelu", "gelu_backward", "UNARY_OPS",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,18 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(dll, f"{op}_f32")
         fn.argtypes = [p, p, i64, p]
         fn.restype = None
+    dll.layer_norm_f32.argtypes = [p, p, p, i64, i64, ctypes.c_float, p, p, p, p]
+    dll.layer_norm_f32.restype = None
+    dll.layer_norm_bwd_f32.argtypes = [p, p, p, p, p, i64, i64, p, p, p]
+    dll.layer_norm_bwd_f32.restype = None
+    dll.softmax_f32.argtypes = [p, i64, i64, p, p]
+    dll.softmax_f32.restype = i64
+    dll.softmax_bwd_f32.argtypes = [p, p, i64, i64, p]
+    dll.softmax_bwd_f32.restype = None
+    dll.gelu_f32.argtypes = [p, p, i64, ctypes.c_float, p]
+    dll.gelu_f32.restype = None
+    dll.gelu_bwd_f32.argtypes = [p, p, p, i64, ctypes.c_float, ctypes.c_float, p]
+    dll.gelu_bwd_f32.restype = None
     dll.adamw_f32.argtypes = [p, p, p, p, i64, p]
     dll.adamw_f32.restype = None
     dll.kernel_constants.argtypes = [p]
@@ -370,3 +385,101 @@ def adamw(
     for t in (p, m, v):  # written behind autograd's back: tell it, as an in-place torch op would
         torch.autograd.graph.increment_version(t)
     return True
+
+
+def _opt_ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Exact mode's layer norm over the last dims (n elements per row) of contiguous float32 `x`, one pass per row:
+    (out, mean, rstd), mean and rstd one per row (flat); None where it does not apply."""
+    dll = _library()
+    ts = [t for t in (x, weight, bias) if t is not None]
+    if dll is None or not _cpu_f32(*ts) or not all(t.is_contiguous() for t in ts) or x.numel() == 0:
+        return None
+    rows = x.numel() // n
+    out = torch.empty_like(x)
+    mean = torch.empty(rows, dtype=torch.float32)
+    rstd = torch.empty(rows, dtype=torch.float32)
+    scratch = torch.empty(n, dtype=torch.float32)
+    dll.layer_norm_f32(_ptr(x), _opt_ptr(weight), _opt_ptr(bias), rows, n, eps, _ptr(out), _ptr(mean), _ptr(rstd), _ptr(scratch))
+    return out, mean, rstd
+
+
+def layer_norm_backward(
+    go: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    n: int,
+    want_dx: bool,
+    want_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The row part of exact mode's layer-norm backward: (dx, go * x_hat), each None unless wanted; None where the
+    kernel does not apply."""
+    dll = _library()
+    ts = [t for t in (go, x, mean, rstd, weight) if t is not None]
+    if dll is None or not _cpu_f32(*ts) or not all(t.is_contiguous() for t in ts) or x.numel() == 0:
+        return None
+    rows = x.numel() // n
+    if mean.numel() != rows or rstd.numel() != rows:
+        return None
+    dx = torch.empty_like(x) if want_dx else None
+    goxhat = torch.empty_like(x) if want_dw else None
+    scratch = torch.empty(2 * n, dtype=torch.float32)
+    dll.layer_norm_bwd_f32(
+        _ptr(go), _ptr(x), _ptr(mean), _ptr(rstd), _opt_ptr(weight), rows, n, _opt_ptr(dx), _opt_ptr(goxhat), _ptr(scratch)
+    )
+    return dx, goxhat
+
+
+def _rows_ok(dll: ctypes.CDLL | None, *ts: torch.Tensor) -> bool:
+    return dll is not None and _cpu_f32(*ts) and all(t.is_contiguous() and t.shape == ts[0].shape for t in ts) and ts[0].numel() > 0
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor | None:
+    """Exact mode's softmax over the last dim of contiguous float32 `x`; None where the kernel does not apply
+    (including a NaN anywhere: the torch path decides which NaN)."""
+    dll = _library()
+    if not _rows_ok(dll, x) or x.dim() == 0:
+        return None
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    if dll.softmax_f32(_ptr(x), x.numel() // n, n, _ptr(out), ctypes.byref(_table_struct())):  # type: ignore[union-attr]
+        return None
+    return out
+
+
+def softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """Exact mode's softmax backward over the last dim (contiguous float32); None where it does not apply."""
+    dll = _library()
+    if not _rows_ok(dll, grad, out) or out.dim() == 0:
+        return None
+    n = out.shape[-1]
+    res = torch.empty_like(out)
+    dll.softmax_bwd_f32(_ptr(grad), _ptr(out), out.numel() // n, n, _ptr(res))  # type: ignore[union-attr]
+    return res
+
+
+def gelu(x: torch.Tensor, alpha: float) -> torch.Tensor | None:
+    """Exact mode's GELU (erf form) of contiguous float32 `x`; None where the kernel does not apply."""
+    dll = _library()
+    if not _rows_ok(dll, x):
+        return None
+    out = torch.empty_like(x)
+    dll.gelu_f32(_ptr(x), _ptr(out), x.numel(), alpha, ctypes.byref(_table_struct()))  # type: ignore[union-attr]
+    return out
+
+
+def gelu_backward(grad: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor | None:
+    """Exact mode's GELU backward (erf form); None where the kernel does not apply."""
+    dll = _library()
+    if not _rows_ok(dll, grad, x):
+        return None
+    out = torch.empty_like(x)
+    dll.gelu_bwd_f32(_ptr(grad), _ptr(x), _ptr(out), x.numel(), alpha, beta, ctypes.byref(_table_struct()))  # type: ignore[union-attr]
+    return out

@@ -1,0 +1,103 @@
+"""Layer norm's exact handlers (pol/exact/mode.py) are torch's decomposition of native_layer_norm and its backward,
+bit for bit: held here to that decomposition run under the exact mode, on the compiled kernels and the torch path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch._decomp
+
+from pol.exact import exact_mode
+from tests.exact.helpers import f32, wide_rows
+
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and the torch path alike
+
+aten = torch.ops.aten
+FWD, BWD = aten.native_layer_norm.default, aten.native_layer_norm_backward.default
+
+
+def _bits_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+@pytest.mark.parametrize("shape,norm", [((4, 5, 8), (8,)), ((3, 64), (64,)), ((2, 3, 4, 5), (4, 5)), ((7, 1), (1,)), ((300,), (300,))])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_layer_norm_handlers_equal_the_decomposition(shape: tuple[int, ...], norm: tuple[int, ...], affine: str) -> None:
+    rng = np.random.default_rng(len(shape) * 10 + len(affine))
+    x = f32(wide_rows(rng, (1, int(np.prod(shape))), spread=8).reshape(shape))
+    w = f32(rng.standard_normal(norm)) if affine in ("both", "weight") else None
+    b = f32(rng.standard_normal(norm)) if affine in ("both", "bias") else None
+    go = f32(wide_rows(rng, (1, int(np.prod(shape))), spread=8).reshape(shape))
+    with exact_mode():
+        new = FWD(x, list(norm), w, b, 1e-5)
+        old = torch._decomp.decomposition_table[FWD](x, list(norm), w, b, 1e-5)
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            got = BWD(go, x, list(norm), new[1], new[2], w, b, mask)
+            want = torch._decomp.decomposition_table[BWD](go, x, list(norm), old[1], old[2], w, b, mask)
+            assert all(_bits_equal(g, h) for g, h in zip(got, want, strict=True)), (mask, affine)
+    assert all(_bits_equal(g, h) for g, h in zip(new, old, strict=True))
+
+
+def test_layer_norm_trains_through_the_module_and_autograd() -> None:
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(16)
+    x = torch.randn(8, 16, requires_grad=True)
+    with exact_mode() as mode:
+        y = ln(x)
+        (y * y).sum().backward()
+    assert "aten.native_layer_norm.default" in mode.seen and "aten.native_layer_norm_backward.default" in mode.seen
+    assert x.grad is not None and ln.weight.grad is not None and ln.bias.grad is not None
+    assert torch.allclose(y, torch.nn.functional.layer_norm(x, (16,), ln.weight, ln.bias), atol=1e-5)
+
+
+def test_constant_rows_and_special_values() -> None:
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, -0.0, 0.0, 0.0], [1.0, float("inf"), 2.0, 3.0], [1e-45, 0.0, -1e-45, 1e-45]])
+    with exact_mode():
+        new = FWD(x, [4], None, None, 1e-5)
+        old = torch._decomp.decomposition_table[FWD](x, [4], None, None, 1e-5)
+    assert all(_bits_equal(g, h) for g, h in zip(new, old, strict=True))
+
+
+SM, SMB = aten._softmax.default, aten._softmax_backward_data.default
+GELU, GELUB = aten.gelu.default, aten.gelu_backward.default
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 5, 8), -1), ((64, 32), 1), ((6, 7), 0), ((3, 4, 5), 1), ((9,), 0)])
+def test_softmax_handlers_equal_the_decomposition(shape: tuple[int, ...], dim: int) -> None:
+    rng = np.random.default_rng(sum(shape))
+    x = f32(rng.standard_normal(shape) * 5)
+    if len(shape) == 2:
+        x[0, :3] = float("-inf")  # masked entries, as causal attention has
+    g = f32(wide_rows(rng, (1, int(np.prod(shape))), spread=6).reshape(shape))
+    with exact_mode():
+        new = SM(x, dim, False)
+        old = torch._decomp.decomposition_table[SM](x, dim, False)
+        new_b = SMB(g, new, dim, torch.float32)
+        old_b = torch._decomp.decomposition_table[SMB](g, old, dim, torch.float32)
+    assert _bits_equal(new, old) and _bits_equal(new_b, old_b)
+
+
+def test_softmax_rows_with_nan_or_all_masked() -> None:
+    x = torch.tensor([[1.0, float("nan"), 2.0], [float("-inf")] * 3, [float("inf"), 0.0, 1.0], [-0.0, 0.0, -0.0]])
+    with exact_mode():
+        new = SM(x, -1, False)
+        old = torch._decomp.decomposition_table[SM](x, -1, False)
+    assert torch.equal(new.isnan(), old.isnan()) and torch.equal(torch.nan_to_num(new), torch.nan_to_num(old))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_handlers_equal_the_decomposition(approximate: str) -> None:
+    rng = np.random.default_rng(3)
+    x = torch.cat([f32(rng.standard_normal(5000) * 4), torch.tensor([0.0, -0.0, 1e-45, -1e-40, 9.0, -9.0, 30.0, -30.0])])
+    g = f32(wide_rows(rng, (1, x.numel()), spread=6).reshape(-1))
+    with exact_mode():
+        new = GELU(x, approximate=approximate)
+        old = torch._decomp.decomposition_table[GELU](x, approximate=approximate)
+        new_b = GELUB(g, x, approximate=approximate)
+        old_b = torch._decomp.decomposition_table[GELUB](g, x, approximate=approximate)
+    assert _bits_equal(new, old) and _bits_equal(new_b, old_b)
+    with exact_mode():  # a non-contiguous input takes the same definition
+        assert _bits_equal(GELU(x.reshape(2, -1).t(), approximate=approximate), new.reshape(2, -1).t())
