@@ -392,16 +392,20 @@ static inline double round_odd_i64(int64_t v) {
     return f;
 }
 
-/* out (M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag (5, M, N) int32 */
-void combine_i8(const int32_t *diag, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out) {
+/* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag
+ * (batch, 5, M, N) int32 */
+void combine_i8(const int32_t *diag, int64_t batch, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out) {
     int64_t mn = M * N;
-    for (int64_t i = 0; i < M; i++) {
-        double pa = pow2((int64_t)ea[i] - 40);
-        for (int64_t j = 0; j < N; j++) {
-            int64_t o = i * N + j;
-            int64_t v = diag[o];
-            for (int d = 1; d < 5; d++) v = v * 128 + diag[d * mn + o];
-            out[o] = (float)((round_odd_i64(v) * pa) * pow2(eb[j]));
+    for (int64_t z = 0; z < batch; z++) {
+        const int32_t *dz = diag + z * 5 * mn;
+        for (int64_t i = 0; i < M; i++) {
+            double pa = pow2((int64_t)ea[z * M + i] - 40);
+            for (int64_t j = 0; j < N; j++) {
+                int64_t o = i * N + j;
+                int64_t v = dz[o];
+                for (int d = 1; d < 5; d++) v = v * 128 + dz[d * mn + o];
+                out[z * mn + o] = (float)((round_odd_i64(v) * pa) * pow2(eb[z * N + j]));
+            }
         }
     }
 }

@@ -116,7 +116,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.split_rows_i8.restype = i64
     dll.split_cols_i8.argtypes = [p, i64, i64, i64, p, p, p]
     dll.split_cols_i8.restype = i64
-    dll.combine_i8.argtypes = [p, i64, i64, p, p, p]
+    dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p]
     dll.combine_i8.restype = None
     for op in UNARY_OPS:
         fn = getattr(dll, f"{op}_f32")
@@ -241,39 +241,45 @@ INT8_MAX_K = 1 << 15
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """The defined exact product (see pol/exact/matmul.py) of float32 (M, K) @ (K, N), or (Z, M, K) @ (Z, K, N).
 
-    2-D: the definition's int8 digits split by the kernels, one `torch._int_mm` per diagonal s + t of limb pairs
-    (5 int8 GEMMs, no copies), combined by the kernels. Batched: the float64 form, one batched float64 GEMM.
+    The int8 form: the definition's int8 digits split by the kernels, one `torch._int_mm` per diagonal s + t of
+    limb pairs (5 int8 GEMMs per product, no copies), combined by the kernels: 2-D products, and batched ones with
+    K > 2**12. The float64 form, one batched float64 GEMM, for the other batched products (attention).
     Returns None where neither applies (K too long, a non-finite operand, not on the CPU, the library missing).
     """
     dll = _library()
     if dll is None or not _cpu_f32(a, b) or a.dim() not in (2, 3) or 0 in a.shape or b.shape[-1] == 0:
         return None
-    if a.dim() == 2 and a.shape[1] <= INT8_MAX_K:
-        return _product_int8(dll, a.contiguous(), b.contiguous())
-    if a.shape[-1] <= F64_MAX_K:
+    k = a.shape[-1]
+    if k <= INT8_MAX_K and (a.dim() == 2 or k > F64_MAX_K):  # batched: 5 GEMM calls per entry cost more (measured)
+        a3 = (a if a.dim() == 3 else a.unsqueeze(0)).contiguous()
+        b3 = (b if b.dim() == 3 else b.unsqueeze(0)).contiguous()
+        out = _product_int8(dll, a3, b3)
+    elif k <= F64_MAX_K:
         out = _product_f64(dll, a if a.dim() == 3 else a.unsqueeze(0), b if b.dim() == 3 else b.unsqueeze(0))
-        return out if out is None or a.dim() == 3 else out[0]
-    return None
+    else:
+        return None
+    return out if out is None or a.dim() == 3 else out[0]
 
 
 def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    m, k = a.shape
-    n = b.shape[1]
-    left = torch.empty((m, 4 * k), dtype=torch.int8)
-    right = torch.empty((4 * k, n), dtype=torch.int8)
-    ea = torch.empty(m, dtype=torch.int32)
-    eb = torch.empty(n, dtype=torch.int32)
-    if dll.split_rows_i8(_ptr(a), m, k, _ptr(left), _ptr(ea)):
+    z, m, k = a.shape
+    n = b.shape[2]
+    left = torch.empty((z, m, 4 * k), dtype=torch.int8)
+    right = torch.empty((z, 4 * k, n), dtype=torch.int8)
+    ea = torch.empty((z, m), dtype=torch.int32)
+    eb = torch.empty((z, n), dtype=torch.int32)
+    if dll.split_rows_i8(_ptr(a), z * m, k, _ptr(left), _ptr(ea)):
         return None
     scratch = torch.empty(n, dtype=torch.float32)  # held by a name: a temporary would be freed before the call
-    if dll.split_cols_i8(_ptr(b), 1, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
+    if dll.split_cols_i8(_ptr(b), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
         return None
-    diag = torch.empty((5, m, n), dtype=torch.int32)
-    for d in range(5):  # pairs (s, d - s): left blocks s_lo..s_hi against right blocks 3-d+s_lo..3-d+s_hi
-        s_lo, s_hi = max(0, d - 3), min(d, 3)
-        torch._int_mm(left[:, s_lo * k : (s_hi + 1) * k], right[(3 - d + s_lo) * k : (4 - d + s_hi) * k], out=diag[d])
-    out = torch.empty((m, n), dtype=torch.float32)
-    dll.combine_i8(_ptr(diag), m, n, _ptr(ea), _ptr(eb), _ptr(out))
+    diag = torch.empty((z, 5, m, n), dtype=torch.int32)
+    for i in range(z):
+        for d in range(5):  # pairs (s, d - s): left blocks s_lo..s_hi against right blocks 3-d+s_lo..3-d+s_hi
+            s_lo, s_hi = max(0, d - 3), min(d, 3)
+            torch._int_mm(left[i, :, s_lo * k : (s_hi + 1) * k], right[i, (3 - d + s_lo) * k : (4 - d + s_hi) * k], out=diag[i, d])
+    out = torch.empty((z, m, n), dtype=torch.float32)
+    dll.combine_i8(_ptr(diag), z, m, n, _ptr(ea), _ptr(eb), _ptr(out))
     return out
 
 
