@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,14 +69,36 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def limb_gemms(n: int) -> Callable[[], None]:
+    """The exact product's int8 GEMMs alone (5 `_int_mm` calls covering the 13 limb pairs), on random digits."""
+    left = torch.randint(-64, 65, (n, 4 * n), dtype=torch.int8)
+    right = torch.randint(-64, 65, (4 * n, n), dtype=torch.int8)
+    diag = torch.empty((5, n, n), dtype=torch.int32)
+
+    def run() -> None:
+        for d in range(5):
+            lo, hi = max(0, d - 3), min(d, 3)
+            torch._int_mm(left[:, lo * n : (hi + 1) * n], right[(3 - d + lo) * n : (4 - d + hi) * n], out=diag[d])
+
+    return run
+
+
 def bench_products(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         t_native = median_time(lambda a=a, b=b: a @ b, repeats)
         t_exact = median_time(lambda a=a, b=b: exact_mm(a, b), repeats)
+        t_limbs = median_time(limb_gemms(n), repeats)
         rows.append(
-            {"what": f"mm {n}x{n}x{n}", "native_ms": t_native * 1e3, "exact_ms": t_exact * 1e3, "ratio": t_exact / t_native}
+            {
+                "what": f"mm {n}x{n}x{n}",
+                "native_ms": t_native * 1e3,
+                "exact_ms": t_exact * 1e3,
+                "ratio": t_exact / t_native,
+                "limb_gemms_ms": t_limbs * 1e3,
+                "limb_gemms_ratio": t_limbs / t_native,
+            }
         )
     return rows
 
@@ -94,10 +117,18 @@ def _one_step(rt) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - start
 
 
+class PassThrough(TorchDispatchMode):
+    """A dispatch mode that runs every operator natively: what routing alone costs, before any exact arithmetic."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return func(*args, **(kwargs or {}))
+
+
 def step_times(model: str, batch: int, rounds: int, torch_path: bool) -> dict[str, Any]:
-    """Native, exact (and exact on the torch path) steps interleaved round by round: best times and the median of
-    the per-round ratios (rounds share the machine's drift)."""
+    """Native, exact, native under a pass-through dispatch mode (and exact on the torch path) steps interleaved
+    round by round: best times and the median of the per-round ratios (rounds share the machine's drift)."""
     rts = {"native": _runtime(model, "native", batch), "exact": _runtime(model, "exact", batch)}
+    rts["dispatch"] = _runtime(model, "native", batch)
     if torch_path:
         with native.disabled():
             rts["exact_torch"] = _runtime(model, "exact", batch)
@@ -107,6 +138,9 @@ def step_times(model: str, batch: int, rounds: int, torch_path: bool) -> dict[st
             if k == "exact_torch":
                 with native.disabled():
                     times[k].append(_one_step(rt))
+            elif k == "dispatch":
+                with PassThrough():
+                    times[k].append(_one_step(rt))
             else:
                 times[k].append(_one_step(rt))
     row: dict[str, Any] = {"what": f"train step {model} (batch {batch})"}
@@ -114,6 +148,7 @@ def step_times(model: str, batch: int, rounds: int, torch_path: bool) -> dict[st
         row[f"{k}_ms"] = min(ts) * 1e3
     row["ratio"] = min(times["exact"]) / min(times["native"])
     row["paired_ratio"] = statistics.median(e / n for e, n in zip(times["exact"], times["native"], strict=True))
+    row["dispatch_ratio"] = min(times["dispatch"]) / min(times["native"])
     if torch_path:
         row["torch_path_ratio"] = min(times["exact_torch"]) / min(times["native"])
     return row
@@ -183,12 +218,15 @@ def main() -> None:
     profiles = {m: profile_step(m, b, a.repeats) for m, b in (("transformer", 16), ("transformer-256", 32))}
     split = split_independence_cost(16, 1 << 20, a.repeats)
     rows = products + steps
-    table = f"Compiled kernels: {native.status()}.\n\n## Exact vs native (CPU, one run)\n\n" + markdown_table(
-        products, ["what", "native_ms", "exact_ms", "ratio"]
-    )
-    table += "\n\n## Training steps (best of interleaved rounds; torch path = exact without the compiled kernels)\n\n"
+    table = f"Compiled kernels: {native.status()}.\n\n## Exact vs native products (CPU, one run)\n\n"
+    table += "limb_gemms: the exact product's 5 int8 GEMMs (13 limb pairs) alone.\n\n"
+    table += markdown_table(products, ["what", "native_ms", "exact_ms", "ratio", "limb_gemms_ms", "limb_gemms_ratio"])
+    table += "\n\n## Training steps (best of interleaved rounds)\n\n"
+    table += "dispatch: native kernels under a pass-through dispatch mode (routing alone); torch path: exact without "
+    table += "the compiled kernels.\n\n"
     table += markdown_table(
-        steps, ["what", "native_ms", "exact_ms", "ratio", "paired_ratio", "exact_torch_ms", "torch_path_ratio"]
+        steps,
+        ["what", "native_ms", "exact_ms", "ratio", "paired_ratio", "dispatch_ratio", "exact_torch_ms", "torch_path_ratio"],
     )
     for m, prof in profiles.items():
         total = sum(prof.values())
