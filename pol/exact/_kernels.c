@@ -250,32 +250,42 @@ int sum_slots_f32(const float *x, const int64_t *target, int64_t n, int64_t nslo
  * and the kept limb pairs (s + t <= 4) give V = sum_k hi_a Q_b + lo_a hi_b + A2_a A2_b: one float64 GEMM of
  * [hi | lo | A2] (M, 3K) by [Q; hi; A2] (3K, N) whose partial sums are integers below K * 2**40.001 <= 2**53. */
 
-/* e = smallest exponent above every |x| of a row (K contiguous floats); returns the count of non-finite ones */
+/* e = smallest exponent above every |x| of a row (K contiguous floats); returns 1 if one is not finite. The
+ * magnitudes are compared as integers (for non-negative floats the bit patterns order as the values do, and
+ * every non-finite one lies above every finite one), which vectorises. */
 static int64_t row_exponent(const float *row, int64_t K, int32_t *e) {
-    float mx = 0.0f;
-    int64_t bad = 0;
+    const uint32_t *u = (const uint32_t *)row;
+    uint32_t mx = 0;
     for (int64_t k = 0; k < K; k++) {
-        uint32_t u = f32_bits(row[k]);
-        bad += f32_nonfinite(u);
-        float ax = f32_from(u & 0x7FFFFFFFu);
-        mx = ax > mx ? ax : mx;
+        uint32_t ab = u[k] & 0x7FFFFFFFu;
+        mx = ab > mx ? ab : mx;
     }
-    *e = exponent_above(mx);
-    return bad;
+    *e = exponent_above(f32_from(mx));
+    return mx >= 0x7F800000u;
 }
 
 /* the same per column of a (K, N) matrix, read in memory order; `colmax` is scratch of N floats */
 static int64_t col_exponents(const float *b, int64_t K, int64_t N, float *colmax, int32_t *e) {
-    int64_t bad = 0;
-    for (int64_t j = 0; j < N; j++) colmax[j] = 0.0f;
+    uint32_t *mx = (uint32_t *)colmax;
+    const uint32_t *u = (const uint32_t *)b;
+    for (int64_t j = 0; j < N; j++) mx[j] = 0;
     for (int64_t k = 0; k < K; k++)
         for (int64_t j = 0; j < N; j++) {
-            uint32_t u = f32_bits(b[k * N + j]);
-            bad += f32_nonfinite(u);
-            float ax = f32_from(u & 0x7FFFFFFFu);
-            colmax[j] = ax > colmax[j] ? ax : colmax[j];
+            uint32_t ab = u[k * N + j] & 0x7FFFFFFFu;
+            mx[j] = ab > mx[j] ? ab : mx[j];
         }
-    for (int64_t j = 0; j < N; j++) e[j] = exponent_above(colmax[j]);
+    int64_t bad = 0;
+    for (int64_t j = 0; j < N; j++) {
+        bad |= mx[j] >= 0x7F800000u;
+        e[j] = exponent_above(f32_from(mx[j]));
+    }
+    return bad;
+}
+
+/* column exponents (col_exponents) and the column scales 2**(27 - e) the splits multiply by */
+static int64_t col_scales(const float *b, int64_t K, int64_t N, float *colmax, int32_t *e, double *scale) {
+    int64_t bad = col_exponents(b, K, N, colmax, e);
+    for (int64_t j = 0; j < N; j++) scale[j] = pow2(27 - (bad ? 0 : e[j]));
     return bad;
 }
 
@@ -301,15 +311,16 @@ int64_t split_rows_f32(const float *a, int64_t rows, int64_t K, double *left, in
 
 /* columns of b (batch, K, N): right (batch, 3K, N) = [Q; hi; A2], e (batch, N); `colmax` is scratch (N floats) */
 int64_t split_cols_f32(const float *b, int64_t batch, int64_t K, int64_t N, double *right, int32_t *e, float *colmax) {
-    for (int64_t z = 0; z < batch; z++) {
+    double *scale = malloc((size_t)(N > 0 ? N : 1) * sizeof(double));
+    if (!scale) return -2;
+    int64_t bad = 0;
+    for (int64_t z = 0; z < batch && !bad; z++) {
         const float *bz = b + z * K * N;
         double *q = right + z * 3 * K * N, *hi = q + K * N, *a2 = hi + K * N;
-        int32_t *ez = e + z * N;
-        int64_t bad = col_exponents(bz, K, N, colmax, ez);
-        if (bad) return bad;
-        for (int64_t k = 0; k < K; k++)
+        bad = col_scales(bz, K, N, colmax, e + z * N, scale);
+        for (int64_t k = 0; k < K && !bad; k++)
             for (int64_t j = 0; j < N; j++) {
-                double y = (double)bz[k * N + j] * pow2(27 - ez[j]);
+                double y = (double)bz[k * N + j] * scale[j];
                 double h = rne(y * 0x1p-14);
                 double r = y - h * 0x1p14;
                 q[k * N + j] = rne(y);
@@ -317,7 +328,8 @@ int64_t split_cols_f32(const float *b, int64_t batch, int64_t K, int64_t N, doub
                 a2[k * N + j] = rne(r * 0x1p-7);
             }
     }
-    return 0;
+    free(scale);
+    return bad;
 }
 
 /* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb): two exact scalings, one rounding. V is an integer, so a
@@ -363,20 +375,23 @@ int64_t split_rows_i8(const float *a, int64_t rows, int64_t K, int8_t *left, int
     return 0;
 }
 
+/* `colmax` is scratch of N floats */
 int64_t split_cols_i8(const float *b, int64_t batch, int64_t K, int64_t N, int8_t *right, int32_t *e, float *colmax) {
-    for (int64_t z = 0; z < batch; z++) {
+    double *scale = malloc((size_t)(N > 0 ? N : 1) * sizeof(double));
+    if (!scale) return -2;
+    int64_t bad = 0;
+    for (int64_t z = 0; z < batch && !bad; z++) {
         const float *bz = b + z * K * N;
         int8_t *rz = right + z * 4 * K * N; /* blocks B_3, B_2, B_1, B_0 */
-        int32_t *ez = e + z * N;
-        int64_t bad = col_exponents(bz, K, N, colmax, ez);
-        if (bad) return bad;
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t j = 0; j < N; j++) {
-                int64_t o = k * N + j;
-                digits4((double)bz[o] * pow2(27 - ez[j]), rz + 3 * K * N + o, rz + 2 * K * N + o, rz + K * N + o, rz + o);
-            }
+        bad = col_scales(bz, K, N, colmax, e + z * N, scale);
+        for (int64_t k = 0; k < K && !bad; k++) {
+            const float *brow = bz + k * N;
+            int8_t *r3 = rz + 3 * K * N + k * N, *r2 = rz + 2 * K * N + k * N, *r1 = rz + K * N + k * N, *r0 = rz + k * N;
+            for (int64_t j = 0; j < N; j++) digits4((double)brow[j] * scale[j], r3 + j, r2 + j, r1 + j, r0 + j);
+        }
     }
-    return 0;
+    free(scale);
+    return bad;
 }
 
 /* int64 -> double rounded to odd: exact when it fits, else the neighbour with an odd last bit (|v| < 2**62) */
@@ -393,18 +408,28 @@ static inline double round_odd_i64(int64_t v) {
 }
 
 /* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag
- * (batch, 5, M, N) int32 */
-void combine_i8(const int32_t *diag, int64_t batch, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out) {
+ * (batch, 5, M, N) int32. `narrow` (K <= 2**12, so |V| < 2**53): V converts to double exactly, and the loop
+ * vectorises; otherwise round-to-odd keeps the one rounding. Both give the same bits where both apply. */
+void combine_i8(const int32_t *diag, int64_t batch, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out,
+                int64_t narrow) {
     int64_t mn = M * N;
     for (int64_t z = 0; z < batch; z++) {
-        const int32_t *dz = diag + z * 5 * mn;
+        const int32_t *d0 = diag + z * 5 * mn, *d1 = d0 + mn, *d2 = d1 + mn, *d3 = d2 + mn, *d4 = d3 + mn;
+        const int32_t *ebz = eb + z * N;
         for (int64_t i = 0; i < M; i++) {
             double pa = pow2((int64_t)ea[z * M + i] - 40);
-            for (int64_t j = 0; j < N; j++) {
-                int64_t o = i * N + j;
-                int64_t v = dz[o];
-                for (int d = 1; d < 5; d++) v = v * 128 + dz[d * mn + o];
-                out[z * mn + o] = (float)((round_odd_i64(v) * pa) * pow2(eb[z * N + j]));
+            float *o = out + z * mn + i * N;
+            int64_t r = i * N;
+            if (narrow) {
+                for (int64_t j = 0; j < N; j++) {
+                    int64_t v = (((((int64_t)d0[r + j] * 128 + d1[r + j]) * 128 + d2[r + j]) * 128 + d3[r + j]) * 128) + d4[r + j];
+                    o[j] = (float)(((double)v * pa) * pow2(ebz[j]));
+                }
+            } else {
+                for (int64_t j = 0; j < N; j++) {
+                    int64_t v = (((((int64_t)d0[r + j] * 128 + d1[r + j]) * 128 + d2[r + j]) * 128 + d3[r + j]) * 128) + d4[r + j];
+                    o[j] = (float)((round_odd_i64(v) * pa) * pow2(ebz[j]));
+                }
             }
         }
     }

@@ -116,7 +116,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.split_rows_i8.restype = i64
     dll.split_cols_i8.argtypes = [p, i64, i64, i64, p, p, p]
     dll.split_cols_i8.restype = i64
-    dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p]
+    dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p, i64]
     dll.combine_i8.restype = None
     for op in UNARY_OPS:
         fn = getattr(dll, f"{op}_f32")
@@ -279,7 +279,7 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
             s_lo, s_hi = max(0, d - 3), min(d, 3)
             torch._int_mm(left[i, :, s_lo * k : (s_hi + 1) * k], right[i, (3 - d + s_lo) * k : (4 - d + s_hi) * k], out=diag[i, d])
     out = torch.empty((z, m, n), dtype=torch.float32)
-    dll.combine_i8(_ptr(diag), z, m, n, _ptr(ea), _ptr(eb), _ptr(out))
+    dll.combine_i8(_ptr(diag), z, m, n, _ptr(ea), _ptr(eb), _ptr(out), k <= F64_MAX_K)
     return out
 
 
