@@ -608,6 +608,8 @@ static inline float op_rsqrt(const tables_t *t, float x) {
     return s != s ? s : y;
 }
 
+static inline float op_erf_scalar(const tables_t *t, float x) { return op_erf(t, x); }
+
 #define UNARY(name)                                                                        \
     void name##_f32(const float *restrict x, float *restrict out, int64_t n, const tables_t *t) { \
         for (int64_t i = 0; i < n; i++) out[i] = op_##name(t, x[i]);                       \
@@ -618,7 +620,7 @@ UNARY(log)
 UNARY(log1p)
 UNARY(tanh)
 UNARY(sigmoid)
-UNARY(erf)
+UNARY(erf_scalar)
 UNARY(sqrt)
 UNARY(rsqrt)
 
@@ -772,3 +774,49 @@ void gelu_bwd_f32(const float *restrict g, const float *restrict x, float *restr
         out[i] = g[i] * (cdf + x[i] * pdf);
     }
 }
+
+/* erf over 8 lanes with AVX-512: the scalar op_erf's operations, lane by lane (IEEE multiply, add, round, min,
+ * compare-select; no FMA), with the coefficient lookup done by register permutes instead of gathers: for each
+ * degree, the 9 centres' coefficients sit in two registers and _mm512_permutex2var_pd picks each lane's. The
+ * scalar loop handles the tail, and machines without AVX-512 run the scalar loop throughout (same bits). */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+void erf_f32(const float *x, float *out, int64_t n, const tables_t *t) {
+    __m512d lo[ERF_DEGREE + 1], hi[ERF_DEGREE + 1];
+    for (int k = 0; k <= ERF_DEGREE; k++) {
+        lo[k] = _mm512_loadu_pd(t->erf_t + k * ERF_CENTRES);          /* centres 0..7 */
+        hi[k] = _mm512_set1_pd(t->erf_t[k * ERF_CENTRES + 8]);         /* centre 8 */
+    }
+    const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+    const __m512d two = _mm512_set1_pd(2.0), top = _mm512_set1_pd((double)(ERF_CENTRES - 1)), four = _mm512_set1_pd(4.0);
+    const __m512d ten = _mm512_set1_pd(10.0), mten = _mm512_set1_pd(-10.0), sign = _mm512_set1_pd(-0.0);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xf = _mm256_loadu_ps(x + i);
+        __m512d xd = _mm512_cvtps_pd(xf);
+        __mmask8 finite = _mm512_cmp_pd_mask(_mm512_sub_pd(xd, xd), zero, _CMP_EQ_OQ);
+        __mmask8 pos = _mm512_cmp_pd_mask(xd, zero, _CMP_GT_OQ);
+        __m512d z = _mm512_mask_blend_pd(finite, _mm512_mask_blend_pd(pos, mten, ten), xd);
+        __m512d ax = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(z, zero, _CMP_LT_OQ), z, _mm512_xor_pd(z, sign)); /* -z */
+        __m512d r = _mm512_roundscale_pd(_mm512_mul_pd(ax, two), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512d jd = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(r, top, _CMP_LE_OQ), top, r); /* clamp; NaN -> top */
+        __m512i j = _mm512_cvttpd_epi64(jd);
+        __m512d h = _mm512_sub_pd(ax, _mm512_mul_pd(jd, half));
+        __m512d acc = _mm512_permutex2var_pd(lo[ERF_DEGREE], j, hi[ERF_DEGREE]);
+        for (int k = ERF_DEGREE - 1; k >= 0; k--) {
+            acc = _mm512_mul_pd(acc, h);
+            acc = _mm512_add_pd(acc, _mm512_permutex2var_pd(lo[k], j, hi[k]));
+        }
+        __m512d y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(ax, four, _CMP_GE_OQ), acc, one);
+        y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(z, zero, _CMP_LT_OQ), y, _mm512_xor_pd(y, sign));
+        y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(xd, zero, _CMP_EQ_OQ), y, xd);
+        __m256 yf = _mm512_cvtpd_ps(y);
+        __mmask8 nan = _mm256_cmp_ps_mask(xf, xf, _CMP_UNORD_Q);
+        _mm256_storeu_ps(out + i, _mm256_mask_blend_ps(nan, yf, xf));
+    }
+    erf_scalar_f32(x + i, out + i, n - i, t);
+}
+#else
+void erf_f32(const float *x, float *out, int64_t n, const tables_t *t) { erf_scalar_f32(x, out, n, t); }
+#endif
