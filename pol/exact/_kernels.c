@@ -762,16 +762,33 @@ void softmax_bwd_f32(const float *g, const float *o, int64_t rows, int64_t n, fl
 
 /* GELU (erf form): (x * 0.5) * (1 + erf(x * alpha)); backward: g * (0.5 * (1 + erf(x * alpha)) + x * (beta *
  * exp((x * x) * -0.5))), alpha and beta the decomposition's constants rounded to float32 (passed in). */
+void erf_f32(const float *x, float *out, int64_t n, const tables_t *t);
+
+#define GELU_CHUNK 1024 /* erf runs over a chunk at a time (its vector form), the rest lane by lane */
+
 void gelu_f32(const float *restrict x, float *restrict out, int64_t n, float alpha, const tables_t *t) {
-    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * 0.5f) * (1.0f + op_erf(t, x[i] * alpha));
+    float arg[GELU_CHUNK], e[GELU_CHUNK];
+    for (int64_t i0 = 0; i0 < n; i0 += GELU_CHUNK) {
+        int64_t m = n - i0 < GELU_CHUNK ? n - i0 : GELU_CHUNK;
+        for (int64_t i = 0; i < m; i++) arg[i] = x[i0 + i] * alpha;
+        erf_f32(arg, e, m, t);
+        for (int64_t i = 0; i < m; i++) out[i0 + i] = (x[i0 + i] * 0.5f) * (1.0f + e[i]);
+    }
 }
 
 void gelu_bwd_f32(const float *restrict g, const float *restrict x, float *restrict out, int64_t n, float alpha, float beta,
                   const tables_t *t) {
-    for (int64_t i = 0; i < n; i++) {
-        float cdf = 0.5f * (1.0f + op_erf(t, x[i] * alpha));
-        float pdf = beta * op_exp(t, (x[i] * x[i]) * -0.5f);
-        out[i] = g[i] * (cdf + x[i] * pdf);
+    float arg[GELU_CHUNK], e[GELU_CHUNK];
+    for (int64_t i0 = 0; i0 < n; i0 += GELU_CHUNK) {
+        int64_t m = n - i0 < GELU_CHUNK ? n - i0 : GELU_CHUNK;
+        for (int64_t i = 0; i < m; i++) arg[i] = x[i0 + i] * alpha;
+        erf_f32(arg, e, m, t);
+        for (int64_t i = 0; i < m; i++) {
+            float xi = x[i0 + i];
+            float cdf = 0.5f * (1.0f + e[i]);
+            float pdf = beta * op_exp(t, (xi * xi) * -0.5f);
+            out[i0 + i] = g[i0 + i] * (cdf + xi * pdf);
+        }
     }
 }
 
