@@ -76,12 +76,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("POL_CACHE_DIR") or Path.home() / ".cache" / "pol")
 
 
-def _build() -> ctypes.CDLL:
-    """Compile `_kernels.c` (once per source, flags and compiler) and load it. Raises OSError or
-    subprocess.SubprocessError when that is not possible."""
-    cc = os.environ.get("CC", "cc")
-    flags = (*BASE_FLAGS, *_cpu_flags())
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+def _compile(cc: str, flags: tuple[str, ...], version: str) -> Path:
+    """The library built with `flags`, from the cache or compiled now. Raises OSError when the compiler fails."""
     key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, flags, version, platform.machine())).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -97,6 +93,22 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return lib
+
+
+def _build() -> ctypes.CDLL:
+    """Compile `_kernels.c` (once per source, flags and compiler) and load it: for this CPU's instruction-set level,
+    else (an older compiler that does not know the level) without one. Raises OSError or subprocess.SubprocessError
+    when neither is possible."""
+    cc = os.environ.get("CC", "cc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    cpu = _cpu_flags()
+    try:
+        lib = _compile(cc, (*BASE_FLAGS, *cpu), version)
+    except OSError:
+        if not cpu:
+            raise
+        lib = _compile(cc, BASE_FLAGS, version)
     return _declare(ctypes.CDLL(str(lib)))
 
 

@@ -152,10 +152,10 @@ def test_slot_sums_equal_the_torch_path() -> None:
     assert same_bits(exact_scatter_add(base, 1, idx2[:11], src[:11]), torch_path(exact_scatter_add, base, 1, idx2[:11], src[:11]))
     special = torch.tensor([float("inf"), -0.0, float("nan"), -0.0, 1.0])
     slots = torch.tensor([0, 1, 2, 1, 0])
-    assert same_bits(native.sum_slots(special, slots, 4), torch_path(mm_free_slots, special, slots, 4))  # type: ignore[arg-type]
+    assert same_bits(native.sum_slots(special, slots, 4), torch_path(slot_sums, special, slots, 4))  # type: ignore[arg-type]
 
 
-def mm_free_slots(x: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+def slot_sums(x: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
     from pol.exact.reduce import sum_into_slots
 
     return sum_into_slots(x, target, n)
@@ -275,3 +275,11 @@ def test_fused_adamw_declines_what_it_cannot_do_and_touches_nothing() -> None:
     version = p._version
     assert native.adamw(p, g, m, v, **kw)
     assert p._version > version and not torch.equal(p, torch.ones(4, 4))
+
+
+def test_a_compiler_that_rejects_the_cpu_level_still_builds_the_kernels(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("POL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: ("-march=no-such-level",))
+    dll = native._build()  # the first attempt fails on the unknown level, the second builds without it
+    assert dll.kernel_constants is not None
+    assert len(list(tmp_path.glob("pol_exact_kernels-*.so"))) == 1
