@@ -837,3 +837,53 @@ void erf_f32(const float *x, float *out, int64_t n, const tables_t *t) {
 #else
 void erf_f32(const float *x, float *out, int64_t n, const tables_t *t) { erf_scalar_f32(x, out, n, t); }
 #endif
+
+/* V (batch, M, N) = left (batch, M, KK) @ right (batch, KK, N) for the float64 product form, with AVX-512 where N is
+ * a multiple of 8: four rows by up to sixteen columns of accumulators in registers. Every product and partial sum
+ * is an integer below 2**53, so fused multiply-adds and this summation order give exactly the integer any GEMM
+ * gives. Returns -1 (the caller uses torch.bmm) without AVX-512 or for other N. For attention's small products,
+ * where a library's batched GEMM spends more time on set-up than on arithmetic. */
+#if defined(__AVX512F__)
+static inline void gemm_rows(const double *l, int64_t KK, const double *r, int64_t N, double *v, int rows, int64_t j0,
+                             int nv) {
+    __m512d acc[4][2];
+    for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 2; b++) acc[a][b] = _mm512_setzero_pd();
+    for (int64_t k = 0; k < KK; k++) {
+        __m512d b0 = _mm512_loadu_pd(r + k * N + j0);
+        __m512d b1 = nv > 1 ? _mm512_loadu_pd(r + k * N + j0 + 8) : b0;
+        for (int a = 0; a < rows; a++) {
+            __m512d x = _mm512_set1_pd(l[a * KK + k]);
+            acc[a][0] = _mm512_fmadd_pd(x, b0, acc[a][0]);
+            if (nv > 1) acc[a][1] = _mm512_fmadd_pd(x, b1, acc[a][1]);
+        }
+    }
+    for (int a = 0; a < rows; a++) {
+        _mm512_storeu_pd(v + a * N + j0, acc[a][0]);
+        if (nv > 1) _mm512_storeu_pd(v + a * N + j0 + 8, acc[a][1]);
+    }
+}
+
+int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64_t batch, int64_t M, int64_t KK,
+                       int64_t N) {
+    if (N % 8 != 0) return -1;
+    for (int64_t z = 0; z < batch; z++) {
+        const double *lz = left + z * M * KK, *rz = right + z * KK * N;
+        double *vz = v + z * M * N;
+        for (int64_t i = 0; i < M; i += 4) {
+            int rows = M - i < 4 ? (int)(M - i) : 4;
+            for (int64_t j = 0; j < N; j += 16) {
+                int nv = N - j >= 16 ? 2 : 1;
+                gemm_rows(lz + i * KK, KK, rz, N, vz + i * N, rows, j, nv);
+            }
+        }
+    }
+    return 0;
+}
+#else
+int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64_t batch, int64_t M, int64_t KK,
+                       int64_t N) {
+    (void)left, (void)right, (void)v, (void)batch, (void)M, (void)KK, (void)N;
+    return -1;
+}
+#endif

@@ -128,6 +128,8 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.split_rows_i8.restype = i64
     dll.split_cols_i8.argtypes = [p, i64, i64, i64, p, p, p]
     dll.split_cols_i8.restype = i64
+    dll.gemm_f64_exact.argtypes = [p, p, p, i64, i64, i64, i64]
+    dll.gemm_f64_exact.restype = i64
     dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p, i64]
     dll.combine_i8.restype = None
     for op in UNARY_OPS:
@@ -308,7 +310,9 @@ def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     scratch = torch.empty(n, dtype=torch.float32)
     if dll.split_cols_f32(_ptr(b3), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
         return None
-    v = torch.bmm(left, right).contiguous()
+    v = torch.empty((z, m, n), dtype=torch.float64)
+    if dll.gemm_f64_exact(_ptr(left), _ptr(right), _ptr(v), z, m, 3 * k, n) != 0:  # no AVX-512, or N % 8 != 0
+        v = torch.bmm(left, right).contiguous()
     out = torch.empty((z, m, n), dtype=torch.float32)
     dll.combine_f32(_ptr(v), z, m, n, _ptr(ea), _ptr(eb), _ptr(out))
     return out

@@ -283,3 +283,14 @@ def test_a_compiler_that_rejects_the_cpu_level_still_builds_the_kernels(tmp_path
     dll = native._build()  # the first attempt fails on the unknown level, the second builds without it
     assert dll.kernel_constants is not None
     assert len(list(tmp_path.glob("pol_exact_kernels-*.so"))) == 1
+
+
+@pytest.mark.parametrize("z,m,k,n", [(64, 32, 32, 16), (5, 7, 33, 24), (3, 1, 5, 8), (2, 9, 4096, 32), (4, 6, 3, 12)])
+def test_batched_float64_form_equals_the_reference_for_every_column_count(z: int, m: int, k: int, n: int) -> None:
+    """The float64 form's own GEMM (AVX-512, N a multiple of 8, row tails) and torch.bmm (other N) both give V."""
+    rng = np.random.default_rng(z * m + k + n)
+    a, b = f32(wide_rows(rng, (z * m, k), spread=30).reshape(z, m, k)), f32(wide_rows(rng, (z * k, n), spread=30).reshape(z, k, n))
+    fused = native.product(a, b)
+    assert fused is not None
+    for i in range(z):
+        assert same_bits(fused[i], exact_mm_reference(a[i], b[i]))
