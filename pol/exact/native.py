@@ -275,6 +275,10 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return out if out is None or a.dim() == 3 else out[0]
 
 
+_DIAGONALS = tuple((max(0, d - 3), min(d, 3) + 1, 3 - d + max(0, d - 3), 4 - d + min(d, 3)) for d in range(5))
+"""Per diagonal d = s + t: left blocks [l0, l1) (digits A_s) against right blocks [r0, r1) (B_3..B_0 reversed)."""
+
+
 def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     z, m, k = a.shape
     n = b.shape[2]
@@ -288,10 +292,9 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
     if dll.split_cols_i8(_ptr(b), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
         return None
     diag = torch.empty((z, 5, m, n), dtype=torch.int32)
-    for i in range(z):
-        for d in range(5):  # pairs (s, d - s): left blocks s_lo..s_hi against right blocks 3-d+s_lo..3-d+s_hi
-            s_lo, s_hi = max(0, d - 3), min(d, 3)
-            torch._int_mm(left[i, :, s_lo * k : (s_hi + 1) * k], right[i, (3 - d + s_lo) * k : (4 - d + s_hi) * k], out=diag[i, d])
+    for li, ri, di in zip(left, right, diag, strict=True):
+        for d, (l0, l1, r0, r1) in enumerate(_DIAGONALS):  # limb pairs (s, d - s) of diagonal d, side by side along K
+            torch._int_mm(li[:, l0 * k : l1 * k], ri[r0 * k : r1 * k], out=di[d])
     out = torch.empty((z, m, n), dtype=torch.float32)
     dll.combine_i8(_ptr(diag), z, m, n, _ptr(ea), _ptr(eb), _ptr(out), k <= F64_MAX_K)
     return out
