@@ -7,8 +7,9 @@
  * own precision (no x87 excess precision). Coefficient tables come from Python (computed there with `decimal`), so
  * both paths read the same constants. tests/exact/test_native.py holds each kernel to the torch path bit for bit.
  *
- * Return values: 0 on success; a positive count of non-finite inputs where a caller must take the torch path
- * (products); -1 for an index out of range (slot sums).
+ * Return values: 0 on success; positive where an operand is not finite and the caller must take the torch path
+ * (products, softmax); -1 for an index out of range (slot sums) or an unsupported shape (gemm_f64_exact); -2 when
+ * out of memory.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,7 +23,6 @@ static inline uint64_t f64_bits(double x) { uint64_t u; memcpy(&u, &x, 8); retur
 static inline double f64_from(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
 static inline double pow2(int64_t e) { return f64_from((uint64_t)(e + 1023) << 52); } /* e in [-1022, 1023] */
 static inline int f32_nonfinite(uint32_t u) { return ((u >> 23) & 0xFF) == 0xFF; }
-static inline int is_nan64(double x) { return x != x; }
 static inline double rne(double x) { return __builtin_rint(x); } /* round half to even (default rounding mode) */
 
 /* smallest e with |x| < 2**e, 0 for x == 0; x finite (subnormals included), as frexp_exponent_f32 */
@@ -110,9 +110,9 @@ static float acc_round(acc_t *a) {
     return f32_from(sign | ((uint32_t)biased << 23) | (uint32_t)(q - (1u << 23)));
 }
 
-/* The common case without branches: the signed value of a finite float32 x as v * 2**(32 * slot - 149), with
- * |v| < 2**55 (a zero gives v = 0); *special = 1 for a non-finite x, whose row must then be summed again with
- * acc_add: its value here is meaningless. */
+/* The common case without branches: the signed value of a finite float32 (bits u) as v * 2**(32 * slot - 149),
+ * with |v| < 2**55 (a zero gives v = 0). For a non-finite u the result is meaningless: callers flag such rows and
+ * sum them again with acc_add. */
 static inline int64_t finite_term(uint32_t u, uint32_t *slot) {
     uint32_t biased = (u >> 23) & 0xFF;
     uint32_t normal = biased != 0;

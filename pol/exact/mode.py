@@ -479,7 +479,6 @@ def _layer_norm_backward(
     fused = native.layer_norm_backward(go, x, mean.contiguous(), rstd.contiguous(), w, n, want_dx, want_dw and bool(outer))
     if fused is not None:
         d_input, goxhat = fused
-        x_hat = None
     else:
         x_hat = (x - mean) * rstd
         g = go * w if w is not None else go
@@ -514,7 +513,9 @@ def _softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
         fused = native.softmax(x)
         if fused is not None:
             return fused
-    x_max = torch.amax(x, dim, keepdim=True) if x.dim() == 0 or x.shape[dim] > 0 else torch.full_like(x.sum(dim, keepdim=True), float("-inf"))
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    x_max = torch.amax(x, dim, keepdim=True)
     unnormalized = elementwise.exact_exp(x - x_max)
     return unnormalized / reduce.exact_sum(unnormalized, [dim], keepdim=True)
 

@@ -101,3 +101,10 @@ def test_gelu_handlers_equal_the_decomposition(approximate: str) -> None:
     assert _bits_equal(new, old) and _bits_equal(new_b, old_b)
     with exact_mode():  # a non-contiguous input takes the same definition
         assert _bits_equal(GELU(x.reshape(2, -1).t(), approximate=approximate), new.reshape(2, -1).t())
+
+
+def test_softmax_of_empty_tensors_keeps_their_shape() -> None:
+    with exact_mode():
+        for shape in ((3, 0), (0, 4)):
+            out = torch.softmax(torch.zeros(shape), -1)
+            assert out.shape == shape
