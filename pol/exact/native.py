@@ -24,7 +24,8 @@ import platform
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -211,6 +212,31 @@ def _cpu_f32(*xs: torch.Tensor) -> bool:
     return all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs)
 
 
+PARALLEL_MIN = 1 << 17
+"""Work (items times their cost) below which one thread does it: a pool hand-off costs tens of microseconds."""
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _parallel(total: int, cost: int, run: Callable[[int, int], int | None]) -> list[int | None]:
+    """run(lo, hi) over [0, total) split into up to torch.get_num_threads() ranges, the first on this thread.
+
+    The kernels release the GIL (ctypes) and every item they take is computed on its own (a row, an element, a
+    batch entry), so the split changes no bit. Returns each range's return value."""
+    global _pool, _pool_size
+    chunks = min(torch.get_num_threads(), total, max(1, total * cost // PARALLEL_MIN))
+    if chunks <= 1:
+        return [run(0, total)]
+    with _pool_lock:
+        if _pool is None or _pool_size < chunks:  # grows with torch's thread count
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=chunks, thread_name_prefix="pol-exact"), chunks
+        pool = _pool
+    step = -(-total // chunks)
+    futures = [pool.submit(run, lo, min(total, lo + step)) for lo in range(step, total, step)]
+    return [run(0, step), *(f.result() for f in futures)]
+
+
 def sum_rows(flat: torch.Tensor) -> torch.Tensor | None:
     """Exact row sums of 2-D float32 `flat` (any strides), each rounded once; None where the kernel does not apply."""
     dll = _library()
@@ -220,8 +246,9 @@ def sum_rows(flat: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(outer, dtype=torch.float32)
     if outer and r:
         so, si = flat.stride()
-        rc = dll.sum_rows_f32(_ptr(flat), outer, r, so, si, _ptr(out))
-        if rc != 0:
+        px, po = _ptr(flat), _ptr(out)
+        rcs = _parallel(outer, r, lambda lo, hi: dll.sum_rows_f32(px + 4 * lo * so, hi - lo, r, so, si, po + 4 * lo))
+        if any(rcs):
             raise MemoryError("exact row sums: out of memory")
     else:
         out.zero_()
@@ -286,7 +313,8 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
     right = torch.empty((z, 4 * k, n), dtype=torch.int8)
     ea = torch.empty((z, m), dtype=torch.int32)
     eb = torch.empty((z, n), dtype=torch.int32)
-    if dll.split_rows_i8(_ptr(a), z * m, k, _ptr(left), _ptr(ea)):
+    pa, pl, pe = _ptr(a), _ptr(left), _ptr(ea)
+    if any(_parallel(z * m, k, lambda lo, hi: dll.split_rows_i8(pa + 4 * lo * k, hi - lo, k, pl + lo * 4 * k, pe + 4 * lo))):
         return None
     scratch = torch.empty(n, dtype=torch.float32)  # held by a name: a temporary would be freed before the call
     if dll.split_cols_i8(_ptr(b), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
@@ -308,13 +336,19 @@ def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     right = torch.empty((z, 3 * k, n), dtype=torch.float64)
     ea = torch.empty((z, m), dtype=torch.int32)
     eb = torch.empty((z, n), dtype=torch.int32)
-    if dll.split_rows_f32(_ptr(a3), z * m, k, _ptr(left), _ptr(ea)):
+    pa, pl, pe = _ptr(a3), _ptr(left), _ptr(ea)
+    if any(_parallel(z * m, k, lambda lo, hi: dll.split_rows_f32(pa + 4 * lo * k, hi - lo, k, pl + 8 * lo * 3 * k, pe + 4 * lo))):
         return None
     scratch = torch.empty(n, dtype=torch.float32)
     if dll.split_cols_f32(_ptr(b3), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
         return None
     v = torch.empty((z, m, n), dtype=torch.float64)
-    if dll.gemm_f64_exact(_ptr(left), _ptr(right), _ptr(v), z, m, 3 * k, n) != 0:  # no AVX-512, or N % 8 != 0
+    kk, pr, pv = 3 * k, _ptr(right), _ptr(v)
+
+    def gemm(lo: int, hi: int) -> int:
+        return dll.gemm_f64_exact(pl + 8 * lo * m * kk, pr + 8 * lo * kk * n, pv + 8 * lo * m * n, hi - lo, m, kk, n)
+
+    if any(_parallel(z, m * kk * n, gemm)):  # no AVX-512, N % 8 != 0 or too large for its blocking
         v = torch.bmm(left, right).contiguous()
     out = torch.empty((z, m, n), dtype=torch.float32)
     dll.combine_f32(_ptr(v), z, m, n, _ptr(ea), _ptr(eb), _ptr(out))
@@ -366,7 +400,8 @@ def unary(op: str, x: torch.Tensor) -> torch.Tensor | None:
         return None
     src = x.contiguous()
     out = torch.empty_like(src)
-    getattr(dll, f"{op}_f32")(_ptr(src), _ptr(out), src.numel(), ctypes.byref(_table_struct()))
+    fn, px, po, tables = getattr(dll, f"{op}_f32"), _ptr(src), _ptr(out), ctypes.byref(_table_struct())
+    _parallel(src.numel(), 8, lambda lo, hi: fn(px + 4 * lo, po + 4 * lo, hi - lo, tables))
     return out.view(x.shape) if out.shape == x.shape else out.reshape(x.shape)
 
 
@@ -406,7 +441,8 @@ def adamw(
         beta2, sq_weight, sq_weight == 1,
         bias2_sqrt, eps, value, value == 1,
     )  # fmt: skip
-    dll.adamw_f32(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.numel(), ctypes.byref(h))
+    pp, pg, pm, pv, ph = _ptr(p), _ptr(g), _ptr(m), _ptr(v), ctypes.byref(h)
+    _parallel(p.numel(), 4, lambda lo, hi: dll.adamw_f32(pp + 4 * lo, pg + 4 * lo, pm + 4 * lo, pv + 4 * lo, hi - lo, ph))
     for t in (p, m, v):  # written behind autograd's back: tell it, as an in-place torch op would
         torch.autograd.graph.increment_version(t)
     return True
@@ -429,8 +465,13 @@ def layer_norm(
     out = torch.empty_like(x)
     mean = torch.empty(rows, dtype=torch.float32)
     rstd = torch.empty(rows, dtype=torch.float32)
-    scratch = torch.empty(n, dtype=torch.float32)
-    dll.layer_norm_f32(_ptr(x), _opt_ptr(weight), _opt_ptr(bias), rows, n, eps, _ptr(out), _ptr(mean), _ptr(rstd), _ptr(scratch))
+    px, pw, pb, po, pm, pr = _ptr(x), _opt_ptr(weight), _opt_ptr(bias), _ptr(out), _ptr(mean), _ptr(rstd)
+
+    def rows_of(lo: int, hi: int) -> None:
+        scratch = torch.empty(n, dtype=torch.float32)
+        dll.layer_norm_f32(px + 4 * lo * n, pw, pb, hi - lo, n, eps, po + 4 * lo * n, pm + 4 * lo, pr + 4 * lo, _ptr(scratch))
+
+    _parallel(rows, n, rows_of)
     return out, mean, rstd
 
 
@@ -455,10 +496,18 @@ def layer_norm_backward(
         return None
     dx = torch.empty_like(x) if want_dx else None
     goxhat = torch.empty_like(x) if want_dw else None
-    scratch = torch.empty(2 * n, dtype=torch.float32)
-    dll.layer_norm_bwd_f32(
-        _ptr(go), _ptr(x), _ptr(mean), _ptr(rstd), _opt_ptr(weight), rows, n, _opt_ptr(dx), _opt_ptr(goxhat), _ptr(scratch)
-    )
+    pg, px, pm, pr, pw = _ptr(go), _ptr(x), _ptr(mean), _ptr(rstd), _opt_ptr(weight)
+    pdx, pgx = _opt_ptr(dx), _opt_ptr(goxhat)
+
+    def rows_of(lo: int, hi: int) -> None:
+        scratch = torch.empty(2 * n, dtype=torch.float32)
+        off = 4 * lo * n
+        dll.layer_norm_bwd_f32(
+            pg + off, px + off, pm + 4 * lo, pr + 4 * lo, pw, hi - lo, n,
+            None if pdx is None else pdx + off, None if pgx is None else pgx + off, _ptr(scratch),
+        )  # fmt: skip
+
+    _parallel(rows, n, rows_of)
     return dx, goxhat
 
 
@@ -474,7 +523,8 @@ def softmax(x: torch.Tensor) -> torch.Tensor | None:
         return None
     n = x.shape[-1]
     out = torch.empty_like(x)
-    if dll.softmax_f32(_ptr(x), x.numel() // n, n, _ptr(out), ctypes.byref(_table_struct())):  # type: ignore[union-attr]
+    px, po, tables = _ptr(x), _ptr(out), ctypes.byref(_table_struct())
+    if any(_parallel(x.numel() // n, 8 * n, lambda lo, hi: dll.softmax_f32(px + 4 * lo * n, hi - lo, n, po + 4 * lo * n, tables))):  # type: ignore[union-attr]
         return None
     return out
 
@@ -486,7 +536,8 @@ def softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor | No
         return None
     n = out.shape[-1]
     res = torch.empty_like(out)
-    dll.softmax_bwd_f32(_ptr(grad), _ptr(out), out.numel() // n, n, _ptr(res))  # type: ignore[union-attr]
+    pg, po, pr = _ptr(grad), _ptr(out), _ptr(res)
+    _parallel(out.numel() // n, n, lambda lo, hi: dll.softmax_bwd_f32(pg + 4 * lo * n, po + 4 * lo * n, hi - lo, n, pr + 4 * lo * n))  # type: ignore[union-attr]
     return res
 
 
@@ -496,7 +547,8 @@ def gelu(x: torch.Tensor, alpha: float) -> torch.Tensor | None:
     if not _rows_ok(dll, x):
         return None
     out = torch.empty_like(x)
-    dll.gelu_f32(_ptr(x), _ptr(out), x.numel(), alpha, ctypes.byref(_table_struct()))  # type: ignore[union-attr]
+    px, po, tables = _ptr(x), _ptr(out), ctypes.byref(_table_struct())
+    _parallel(x.numel(), 8, lambda lo, hi: dll.gelu_f32(px + 4 * lo, po + 4 * lo, hi - lo, alpha, tables))  # type: ignore[union-attr]
     return out
 
 
@@ -506,5 +558,6 @@ def gelu_backward(grad: torch.Tensor, x: torch.Tensor, alpha: float, beta: float
     if not _rows_ok(dll, grad, x):
         return None
     out = torch.empty_like(x)
-    dll.gelu_bwd_f32(_ptr(grad), _ptr(x), _ptr(out), x.numel(), alpha, beta, ctypes.byref(_table_struct()))  # type: ignore[union-attr]
+    pg, px, po, tables = _ptr(grad), _ptr(x), _ptr(out), ctypes.byref(_table_struct())
+    _parallel(x.numel(), 12, lambda lo, hi: dll.gelu_bwd_f32(pg + 4 * lo, px + 4 * lo, po + 4 * lo, hi - lo, alpha, beta, tables))  # type: ignore[union-attr]
     return out

@@ -294,3 +294,41 @@ def test_batched_float64_form_equals_the_reference_for_every_column_count(z: int
     assert fused is not None
     for i in range(z):
         assert same_bits(fused[i], exact_mm_reference(a[i], b[i]))
+
+
+def test_splitting_work_across_threads_changes_no_bit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every kernel that runs on the thread pool gives the same bits split in many ranges as in one."""
+    from pol.exact import exact_mode
+
+    rng = np.random.default_rng(11)
+    x = f32(wide_rows(rng, (37, 64), spread=20))
+    a3, b3 = f32(rng.standard_normal((5, 9, 16))), f32(rng.standard_normal((5, 16, 24)))
+    w, b = f32(rng.standard_normal(64)), f32(rng.standard_normal(64))
+    aten = torch.ops.aten
+
+    def run() -> list[torch.Tensor]:
+        with exact_mode():
+            ln, mean, rstd = aten.native_layer_norm.default(x, [64], w, b, 1e-5)
+            outs = [
+                native.unary("erf", x), native.unary("exp", x), exact_sum(x, [0]), exact_sum(x, [1]),
+                native.product(x, x.t().contiguous()), native.product(a3, b3), ln, mean, rstd,
+                *aten.native_layer_norm_backward.default(x, x, [64], mean, rstd, w, b, [True, True, True]),
+                aten._softmax.default(x, -1, False), aten._softmax_backward_data.default(x, x, -1, torch.float32),
+                aten.gelu.default(x), aten.gelu_backward.default(x, x),
+            ]  # fmt: skip
+        p, g, m, v = x.clone(), x * 0.5, torch.zeros_like(x), torch.zeros_like(x)
+        kw = {"decay": 0.9, "lerp_weight": 0.1, "beta2": 0.99, "sq_weight": 0.01, "bias2_sqrt": 0.3, "eps": 1e-8, "value": -0.01}
+        assert native.adamw(p, g, m, v, **kw)
+        return [*outs, p, m, v]
+
+    whole = run()
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        split = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(whole) == len(split)
+    for i, (u, s) in enumerate(zip(whole, split, strict=True)):
+        assert same_bits(u, s), i
