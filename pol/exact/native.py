@@ -186,7 +186,7 @@ def _library() -> ctypes.CDLL | None:
                 try:
                     dll = _build()
                     _state["why"] = "compiled kernels loaded"
-                except (OSError, subprocess.SubprocessError) as exc:
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home directory
                     _state["why"] = f"no compiled kernels ({exc}); exact mode takes its torch path"
                     log.info("pol.exact.native: %s", _state["why"])
             _state["dll"] = dll

@@ -332,3 +332,14 @@ def test_splitting_work_across_threads_changes_no_bit(monkeypatch) -> None:  # t
     assert len(whole) == len(split)
     for i, (u, s) in enumerate(zip(whole, split, strict=True)):
         assert same_bits(u, s), i
+
+
+def test_no_home_directory_falls_back_to_the_torch_path(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_home() -> None:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native, "_cache_dir", no_home)
+    monkeypatch.setattr(native, "_state", {})  # a fresh process's state; the real one comes back after the test
+    assert not native.available()
+    assert "home directory" in native.status() and "torch path" in native.status()
+    assert native.sum_rows(torch.ones(2, 3)) is None
