@@ -306,19 +306,33 @@ _DIAGONALS = tuple((max(0, d - 3), min(d, 3) + 1, 3 - d + max(0, d - 3), 4 - d +
 """Per diagonal d = s + t: left blocks [l0, l1) (digits A_s) against right blocks [r0, r1) (B_3..B_0 reversed)."""
 
 
+def _split(
+    rows_fn: Callable[..., int], cols_fn: Callable[..., int], a: torch.Tensor, b: torch.Tensor, width: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Split contiguous (Z, M, K) @ (Z, K, N) operands into a product form's pieces: left (Z, M, width * K), right
+    (Z, width * K, N), row and column exponents; rows in parallel. None when an operand is not finite."""
+    z, m, k = a.shape
+    n = b.shape[2]
+    left = torch.empty((z, m, width * k), dtype=dtype)
+    right = torch.empty((z, width * k, n), dtype=dtype)
+    ea = torch.empty((z, m), dtype=torch.int32)
+    eb = torch.empty((z, n), dtype=torch.int32)
+    pa, pl, pe, row_bytes = _ptr(a), _ptr(left), _ptr(ea), width * k * left.element_size()
+    if any(_parallel(z * m, k, lambda lo, hi: rows_fn(pa + 4 * lo * k, hi - lo, k, pl + lo * row_bytes, pe + 4 * lo))):
+        return None
+    scratch = torch.empty(n, dtype=torch.float32)  # held by a name: a temporary would be freed before the call
+    if cols_fn(_ptr(b), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
+        return None
+    return left, right, ea, eb
+
+
 def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     z, m, k = a.shape
     n = b.shape[2]
-    left = torch.empty((z, m, 4 * k), dtype=torch.int8)
-    right = torch.empty((z, 4 * k, n), dtype=torch.int8)
-    ea = torch.empty((z, m), dtype=torch.int32)
-    eb = torch.empty((z, n), dtype=torch.int32)
-    pa, pl, pe = _ptr(a), _ptr(left), _ptr(ea)
-    if any(_parallel(z * m, k, lambda lo, hi: dll.split_rows_i8(pa + 4 * lo * k, hi - lo, k, pl + lo * 4 * k, pe + 4 * lo))):
+    split = _split(dll.split_rows_i8, dll.split_cols_i8, a, b, 4, torch.int8)
+    if split is None:
         return None
-    scratch = torch.empty(n, dtype=torch.float32)  # held by a name: a temporary would be freed before the call
-    if dll.split_cols_i8(_ptr(b), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
-        return None
+    left, right, ea, eb = split
     diag = torch.empty((z, 5, m, n), dtype=torch.int32)
     for li, ri, di in zip(left, right, diag, strict=True):
         for d, (l0, l1, r0, r1) in enumerate(_DIAGONALS):  # limb pairs (s, d - s) of diagonal d, side by side along K
@@ -329,21 +343,14 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    a3, b3 = a.contiguous(), b.contiguous()
-    z, m, k = a3.shape
-    n = b3.shape[2]
-    left = torch.empty((z, m, 3 * k), dtype=torch.float64)
-    right = torch.empty((z, 3 * k, n), dtype=torch.float64)
-    ea = torch.empty((z, m), dtype=torch.int32)
-    eb = torch.empty((z, n), dtype=torch.int32)
-    pa, pl, pe = _ptr(a3), _ptr(left), _ptr(ea)
-    if any(_parallel(z * m, k, lambda lo, hi: dll.split_rows_f32(pa + 4 * lo * k, hi - lo, k, pl + 8 * lo * 3 * k, pe + 4 * lo))):
+    z, m, k = a.shape
+    n = b.shape[2]
+    split = _split(dll.split_rows_f32, dll.split_cols_f32, a.contiguous(), b.contiguous(), 3, torch.float64)
+    if split is None:
         return None
-    scratch = torch.empty(n, dtype=torch.float32)
-    if dll.split_cols_f32(_ptr(b3), z, k, n, _ptr(right), _ptr(eb), _ptr(scratch)):
-        return None
+    left, right, ea, eb = split
     v = torch.empty((z, m, n), dtype=torch.float64)
-    kk, pr, pv = 3 * k, _ptr(right), _ptr(v)
+    kk, pl, pr, pv = 3 * k, _ptr(left), _ptr(right), _ptr(v)
 
     def gemm(lo: int, hi: int) -> int:
         return dll.gemm_f64_exact(pl + 8 * lo * m * kk, pr + 8 * lo * kk * n, pv + 8 * lo * m * n, hi - lo, m, kk, n)
