@@ -175,23 +175,49 @@ static inline float narrow_result(uint32_t emax, uint32_t emin, uint32_t special
     return sum != 0 ? (float)sum : (negzero == R ? -0.0f : 0.0f);
 }
 
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
+static inline v8u v8u_select(v8u mask, v8u a, v8u b) { return (a & mask) | (b & ~mask); }
+
+/* Eight lanes in GCC vector types (lowered to whatever SIMD the target has), so the row loop vectorises on every
+ * x86-64 level: per lane the largest and smallest biased exponent of the nonzero entries, a NaN/inf flag, the count
+ * of -0.0 entries and the float64 sum. Rows of 2**32 or more entries (lane counts could wrap) take row_sum. */
 static int narrow_row_sum(const float *row, int64_t R, float *out) {
-    uint32_t emax[8] = {0}, emin[8] = {255, 255, 255, 255, 255, 255, 255, 255}, special[8] = {0};
-    int64_t negzero[8] = {0};
-    double sum[8] = {0};
+    if (R >= ((int64_t)1 << 32)) return 0;
+    const v8u zero = {0}, ff = zero + 0xFFu;
+    v8u emax = zero, emin = ff, special = zero, negzero = zero;
+    v8d sum = {0};
     int64_t r = 0;
-    for (; r + 8 <= R; r += 8) /* eight lanes, vectorised */
-        for (int l = 0; l < 8; l++) narrow_term(row[r + l], &emax[l], &emin[l], &special[l], &negzero[l], &sum[l]);
-    for (; r < R; r++) narrow_term(row[r], &emax[0], &emin[0], &special[0], &negzero[0], &sum[0]);
-    for (int l = 1; l < 8; l++) {
-        emax[0] = emax[l] > emax[0] ? emax[l] : emax[0];
-        emin[0] = emin[l] < emin[0] ? emin[l] : emin[0];
-        special[0] |= special[l];
-        negzero[0] += negzero[l];
-        sum[0] = sum[0] + sum[l];
+    for (; r + 8 <= R; r += 8) {
+        v8u u;
+        v8f f;
+        memcpy(&u, row + r, sizeof u);
+        memcpy(&f, row + r, sizeof f);
+        v8u b = (u >> 23) & 0xFFu;
+        v8u e = b - (v8u)(b == zero);              /* subnormals count as biased exponent 1 */
+        v8u nonzero = (v8u)((u & 0x7FFFFFFFu) != zero);
+        v8u hi = e & nonzero, lo = v8u_select(nonzero, e, ff);
+        emax = v8u_select((v8u)(hi > emax), hi, emax);
+        emin = v8u_select((v8u)(lo < emin), lo, emin);
+        special |= (v8u)(b == ff);
+        negzero -= (v8u)(u == (zero + 0x80000000u)); /* a true comparison is all ones: -(-1) counts one */
+        sum += __builtin_convertvector(f, v8d);
+    }
+    uint32_t emax0 = 0, emin0 = 255, special0 = 0;
+    int64_t negzero0 = 0;
+    double sum0 = 0;
+    for (; r < R; r++) narrow_term(row[r], &emax0, &emin0, &special0, &negzero0, &sum0);
+    for (int l = 0; l < 8; l++) {
+        emax0 = emax[l] > emax0 ? emax[l] : emax0;
+        emin0 = emin[l] < emin0 ? emin[l] : emin0;
+        special0 |= special[l];
+        negzero0 += negzero[l];
+        sum0 = sum0 + sum[l];
     }
     int ok;
-    *out = narrow_result(emax[0], emin[0], special[0], negzero[0], sum[0], R, &ok);
+    *out = narrow_result(emax0, emin0, special0, negzero0, sum0, R, &ok);
     return ok;
 }
 
@@ -231,16 +257,54 @@ done:
     return rc;
 }
 
-/* out[t] = exact sum of x[i] over target[i] == t, rounded once; -1 if a target is outside [0, nslots) */
+/* out[t] = exact sum of x[i] over target[i] == t, rounded once; -1 if a target is outside [0, nslots). First the
+ * narrow rule per slot (one float64 sum each, exact where the slot's terms span few binades); only the slots where
+ * it does not hold are summed again in a superaccumulator. A slot without terms is +0. */
 int sum_slots_f32(const float *x, const int64_t *target, int64_t n, int64_t nslots, float *out) {
     for (int64_t i = 0; i < n; i++)
         if (target[i] < 0 || target[i] >= nslots) return -1;
-    acc_t *acc = calloc((size_t)(nslots > 0 ? nslots : 1), sizeof(acc_t));
-    if (!acc) return -2;
-    for (int64_t i = 0; i < n; i++) acc_add(&acc[target[i]], x[i]);
-    for (int64_t t = 0; t < nslots; t++) out[t] = acc_round(&acc[t]);
+    size_t m = (size_t)(nslots > 0 ? nslots : 1);
+    uint32_t *emax = calloc(m, sizeof(uint32_t)), *emin = malloc(m * sizeof(uint32_t)), *special = calloc(m, sizeof(uint32_t));
+    int64_t *negzero = calloc(m, sizeof(int64_t)), *count = calloc(m, sizeof(int64_t));
+    double *sum = calloc(m, sizeof(double));
+    acc_t *acc = NULL;
+    int rc = 0, wide = 0;
+    if (!emax || !emin || !special || !negzero || !count || !sum) {
+        rc = -2;
+        goto done;
+    }
+    for (int64_t t = 0; t < nslots; t++) emin[t] = 255;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t t = target[i];
+        narrow_term(x[i], &emax[t], &emin[t], &special[t], &negzero[t], &sum[t]);
+        count[t]++;
+    }
+    for (int64_t t = 0; t < nslots; t++) {
+        int ok = 1;
+        out[t] = count[t] ? narrow_result(emax[t], emin[t], special[t], negzero[t], sum[t], count[t], &ok) : 0.0f;
+        special[t] = !ok; /* from here on: this slot needs the superaccumulator */
+        wide |= !ok;
+    }
+    if (wide) {
+        acc = calloc(m, sizeof(acc_t));
+        if (!acc) {
+            rc = -2;
+            goto done;
+        }
+        for (int64_t i = 0; i < n; i++)
+            if (special[target[i]]) acc_add(&acc[target[i]], x[i]);
+        for (int64_t t = 0; t < nslots; t++)
+            if (special[t]) out[t] = acc_round(&acc[t]);
+    }
+done:
+    free(emax);
+    free(emin);
+    free(special);
+    free(negzero);
+    free(count);
+    free(sum);
     free(acc);
-    return 0;
+    return rc;
 }
 
 /* ---------------------------------------------------------------- exact products (pol/exact/matmul.py) */
@@ -724,6 +788,35 @@ void layer_norm_bwd_f32(const float *go, const float *x, const float *mean, cons
     }
 }
 
+/* max of a row (which of two equal zeros is unspecified: callers only subtract it, and x - (+0) == x - (-0) for
+ * every x but a zero, whose exp is 1 either way) and whether it holds a NaN; eight lanes, vectorised */
+static float row_max(const float *x, int64_t n, int *nan) {
+    typedef int32_t v8i __attribute__((vector_size(32)));
+    const v8f zero = {0};
+    v8f m = zero - __builtin_inff();
+    v8i bad = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f v;
+        memcpy(&v, x + i, sizeof v);
+        v8i gt = v > m;
+        bad |= v != v;
+        m = (v8f)(((v8i)v & gt) | ((v8i)m & ~gt));
+    }
+    float best = -__builtin_inff();
+    int any = 0;
+    for (int l = 0; l < 8; l++) {
+        best = m[l] > best ? m[l] : best;
+        any |= bad[l] != 0;
+    }
+    for (; i < n; i++) {
+        any |= x[i] != x[i];
+        best = x[i] > best ? x[i] : best;
+    }
+    *nan = any;
+    return best;
+}
+
 /* ---------------------------------------------------------------- softmax and GELU (pol/exact/mode.py's handlers) */
 /* Torch's decompositions written out per row / element, each step one IEEE rounding, exp and erf the exact ones,
  * S the exact sum. softmax: m = max(x), e = exp(x - m), out = e / S(e); returns the number of rows holding a NaN
@@ -733,12 +826,8 @@ int64_t softmax_f32(const float *x, int64_t rows, int64_t n, float *out, const t
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * n;
         float *o = out + r * n;
-        float m = -__builtin_inff();
-        int nan = 0;
-        for (int64_t i = 0; i < n; i++) {
-            nan |= xr[i] != xr[i];
-            m = xr[i] > m ? xr[i] : m;
-        }
+        int nan;
+        float m = row_max(xr, n, &nan);
         if (nan) {
             nan_rows++;
             continue;
@@ -757,6 +846,36 @@ void softmax_bwd_f32(const float *g, const float *o, int64_t rows, int64_t n, fl
         for (int64_t i = 0; i < n; i++) res[i] = gr[i] * orow[i];
         float s = exact_row_sum(res, n);
         for (int64_t i = 0; i < n; i++) res[i] = res[i] - orow[i] * s;
+    }
+}
+
+/* log-softmax as torch's decomposition: m = max(x), d = x - m, out = d - log(S(exp(d))); backward: g - exp(o) * S(g).
+ * The forward returns the number of rows holding a NaN or with an infinite maximum (the caller takes the torch
+ * path, which decides the NaNs). */
+int64_t log_softmax_f32(const float *x, int64_t rows, int64_t n, float *out, const tables_t *t) {
+    int64_t odd_rows = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        int nan;
+        float m = row_max(xr, n, &nan);
+        if (nan || m == __builtin_inff() || m == -__builtin_inff()) {
+            odd_rows++;
+            continue;
+        }
+        for (int64_t i = 0; i < n; i++) o[i] = op_exp(t, xr[i] - m);
+        float lse = op_log(t, exact_row_sum(o, n));
+        for (int64_t i = 0; i < n; i++) o[i] = (xr[i] - m) - lse;
+    }
+    return odd_rows;
+}
+
+void log_softmax_bwd_f32(const float *g, const float *o, int64_t rows, int64_t n, float *out, const tables_t *t) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gr = g + r * n, *orow = o + r * n;
+        float *res = out + r * n;
+        float s = exact_row_sum(gr, n);
+        for (int64_t i = 0; i < n; i++) res[i] = gr[i] - op_exp(t, orow[i]) * s;
     }
 }
 

@@ -3,12 +3,13 @@
 Routing, in order (`route_operator`):
   1. random draws                       -> UnsupportedOperator (draws come from the hardware-independent generator)
   2. an exact handler for the overload  -> products, reductions, transcendentals, convolution, pooling, scatter-adds,
-                                           layer norm, softmax and GELU (torch's decompositions written out, one
-                                           fused kernel per row or element), and the split of multi-rounding ops (add/sub with alpha, addcmul,
-                                           addcdiv, lerp: one rounding per step, in a fixed order)
+                                           layer norm, softmax, log-softmax, GELU, NLL loss and embedding backward
+                                           (torch's decompositions written out, one fused kernel per row or element
+                                           where it pays), and the split of multi-rounding ops (add/sub with alpha,
+                                           addcmul, addcdiv, lerp: one rounding per step, in a fixed order)
   3. pass-through                       -> data movement, comparisons and single-rounding IEEE ops (+ - * /...; not
                                            sqrt: torch's CPU sqrt is not correctly rounded, so it has a handler)
-  4. torch's own decomposition         -> the listed ones (log-softmax, losses, other activations...) and any
+  4. torch's own decomposition         -> the listed ones (other losses and activations...) and any
                                            CompositeImplicitAutograd operator; the decomposition runs under this
                                            mode again, so its pieces are routed too
   5. in-place form `op_` of a routed op  -> computed out of place, then copied into `self`
@@ -217,13 +218,8 @@ PASSTHROUGH_PACKETS = frozenset(
 
 DECOMPOSED: frozenset[OpOverload] = frozenset(
     (
-        aten._log_softmax.default,
-        aten._log_softmax_backward_data.default,
-        aten.nll_loss_forward.default,
-        aten.nll_loss_backward.default,
         aten.mse_loss.default,
         aten.mse_loss_backward.default,
-        aten.embedding_dense_backward.default,
         aten.logsumexp.default,
         aten.linalg_vector_norm.default,
         aten.baddbmm.default,
@@ -572,6 +568,116 @@ def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str = "none
     return grad * (cdf + x * pdf)
 
 
+def _log_softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    """aten._log_softmax as torch's decomposition computes it: d = x - amax(x), d - log(S(exp(d))) (S exact)."""
+    if half_to_float:
+        raise UnsupportedOperator("aten._log_softmax", "half_to_float")
+    if x.dim() == 0:
+        return _log_softmax(x.reshape(1), 0, False).reshape(())
+    x = x.contiguous()
+    dim = dim % x.dim()
+    if dim == x.dim() - 1:
+        fused = native.log_softmax(x)
+        if fused is not None:
+            return fused
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    shifted = x - torch.amax(x, dim, keepdim=True)
+    return shifted - elementwise.exact_log(reduce.exact_sum(elementwise.exact_exp(shifted), [dim], keepdim=True))
+
+
+def _log_softmax_backward(grad: torch.Tensor, out: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
+    """aten._log_softmax_backward_data as torch's decomposition computes it: g - exp(o) * S(g)."""
+    if input_dtype != torch.float32:
+        raise UnsupportedOperator("aten._log_softmax_backward_data", f"input dtype {input_dtype}")
+    dim = dim % max(out.dim(), 1)
+    if out.dim() and dim == out.dim() - 1 and grad.shape == out.shape:
+        fused = native.log_softmax_backward(grad.contiguous(), out.contiguous())
+        if fused is not None:
+            return fused
+    return grad - elementwise.exact_exp(out) * reduce.exact_sum(grad, [dim] if out.dim() else None, keepdim=out.dim() > 0)
+
+
+MEAN, SUM = 1, 2  # torch's Reduction enum (NONE is 0)
+
+
+def _nll_loss_forward(
+    x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """aten.nll_loss_forward as torch's decomposition computes it, its sums exact: -x[target] (0 where ignored),
+    summed (or averaged over the total weight, itself an exact sum)."""
+    channel_dim = 1 if x.dim() >= 2 else 0
+    w = None
+    if weight is not None:
+        shape = [1] * x.dim()
+        shape[channel_dim] = weight.shape[0]
+        w = weight.view(shape) if x.dim() > 1 else weight
+        x = x * w
+    keep = target != ignore_index
+    safe = torch.where(keep, target, 0).unsqueeze(channel_dim)
+    result = torch.where(keep, -torch.gather(x, channel_dim, safe).squeeze(channel_dim), 0)
+    if reduction not in (MEAN, SUM) and x.dim() > 1:
+        return result, x.new_full((), 0.0)
+    if w is not None:
+        picked = torch.gather(w.expand(x.shape), channel_dim, safe).squeeze(channel_dim)
+        total = reduce.exact_sum(torch.where(keep, picked, 0), None)
+    else:
+        total = keep.sum().to(x)
+    if reduction == SUM:
+        result = reduce.exact_sum(result, None)
+    elif reduction == MEAN:
+        result = reduce.exact_sum(result, None) / total
+    return result, total
+
+
+def _nll_loss_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: int,
+    ignore_index: int,
+    total_weight: torch.Tensor,
+) -> torch.Tensor:
+    """aten.nll_loss_backward as torch's decomposition computes it (single roundings only): -1 at the target,
+    times the incoming gradient (divided by the total weight for a mean, times the class weight)."""
+    channel_dim = 0 if x.dim() < 2 else 1
+    if reduction == MEAN:
+        grad_output = grad_output / total_weight
+    if x.dim() == 1 and target.dim() > 0:
+        target = target[0]
+    target = target.unsqueeze(channel_dim)
+    keep = target != ignore_index
+    grad_input = torch.zeros_like(x).scatter(channel_dim, torch.where(keep, target, 0), -1.0)
+    if grad_input.dim() > grad_output.dim() > 0:
+        grad_output = grad_output.unsqueeze(channel_dim)
+    if weight is not None:
+        shape = [1] * x.dim()
+        shape[channel_dim] = weight.shape[0]
+        grad_output = grad_output * weight.reshape(shape)
+    return grad_input * torch.where(keep, grad_output, 0)
+
+
+def _embedding_dense_backward(
+    grad: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int, scale_grad_by_freq: bool
+) -> torch.Tensor:
+    """aten.embedding_dense_backward as torch's decomposition computes it: the rows of `grad` added into a zero
+    table at their indices (out-of-range and padding indices skipped), each slot one exact sum rounded once; with
+    scale_grad_by_freq each row first divided by its index's count."""
+    idx = indices.to(torch.int64)
+    valid = (idx >= 0) & (idx < num_weights)
+    if scale_grad_by_freq:
+        counts = torch.bincount(idx[valid], minlength=num_weights)
+        grad = grad / torch.where(valid, counts[idx.clamp(0, max(num_weights - 1, 0))], 1).unsqueeze(-1)
+    keep = (valid & (idx != padding_idx)).reshape(-1)
+    row_shape = tuple(grad.shape[idx.dim() :])
+    rows = grad.reshape(idx.numel(), *row_shape)
+    flat = idx.reshape(-1)
+    if not bool(keep.all()):
+        rows, flat = rows[keep], flat[keep]
+    return reduce.exact_index_add(grad.new_zeros((num_weights, *row_shape)), 0, flat, rows)
+
+
 def _sqrt_out(x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(elementwise.exact_sqrt(x))
 
@@ -607,6 +713,11 @@ EXACT_HANDLERS: dict[OpOverload, Handler] = {
     aten._softmax_backward_data.default: _softmax_backward,
     aten.gelu.default: _gelu,
     aten.gelu_backward.default: _gelu_backward,
+    aten._log_softmax.default: _log_softmax,
+    aten._log_softmax_backward_data.default: _log_softmax_backward,
+    aten.nll_loss_forward.default: _nll_loss_forward,
+    aten.nll_loss_backward.default: _nll_loss_backward,
+    aten.embedding_dense_backward.default: _embedding_dense_backward,
     aten.native_layer_norm_backward.default: _layer_norm_backward,
     aten.pow.Tensor_Scalar: _pow,
     aten.addcmul.default: _addcmul,

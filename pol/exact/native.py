@@ -29,12 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = [
     "available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "adamw", "layer_norm",
-    "layer_norm_backward", "softmax", "softmax_backward", "gelu", "gelu_backward", "UNARY_OPS",
+    "layer_norm_backward", "softmax", "softmax_backward", "log_softmax", "log_softmax_backward", "gelu", "gelu_backward",
+    "UNARY_OPS",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,10 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.softmax_f32.restype = i64
     dll.softmax_bwd_f32.argtypes = [p, p, i64, i64, p]
     dll.softmax_bwd_f32.restype = None
+    dll.log_softmax_f32.argtypes = [p, i64, i64, p, p]
+    dll.log_softmax_f32.restype = i64
+    dll.log_softmax_bwd_f32.argtypes = [p, p, i64, i64, p, p]
+    dll.log_softmax_bwd_f32.restype = None
     dll.gelu_f32.argtypes = [p, p, i64, ctypes.c_float, p]
     dll.gelu_f32.restype = None
     dll.gelu_bwd_f32.argtypes = [p, p, p, i64, ctypes.c_float, ctypes.c_float, p]
@@ -292,14 +298,18 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         return None
     k = a.shape[-1]
     if k <= INT8_MAX_K and (a.dim() == 2 or k > F64_MAX_K):  # batched: 5 GEMM calls per entry cost more (measured)
-        a3 = (a if a.dim() == 3 else a.unsqueeze(0)).contiguous()
-        b3 = (b if b.dim() == 3 else b.unsqueeze(0)).contiguous()
-        out = _product_int8(dll, a3, b3)
+        out = _product_int8(dll, _batch_of_one(a), _batch_of_one(b))
     elif k <= F64_MAX_K:
-        out = _product_f64(dll, a if a.dim() == 3 else a.unsqueeze(0), b if b.dim() == 3 else b.unsqueeze(0))
+        out = _product_f64(dll, _batch_of_one(a), _batch_of_one(b))
     else:
         return None
     return out if out is None or a.dim() == 3 else out[0]
+
+
+def _batch_of_one(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous (Z, M, K) from a 2-D or 3-D operand. A 2-D one is made contiguous BEFORE the batch dim is added:
+    torch copies a transposed (1, M, K) view about 4x slower than the (M, K) one (252 against 67 us at 512 x 256)."""
+    return x.contiguous() if x.dim() == 3 else x.contiguous().unsqueeze(0)
 
 
 _DIAGONALS = tuple((max(0, d - 3), min(d, 3) + 1, 3 - d + max(0, d - 3), 4 - d + min(d, 3)) for d in range(5))
@@ -345,7 +355,7 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
 def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     z, m, k = a.shape
     n = b.shape[2]
-    split = _split(dll.split_rows_f32, dll.split_cols_f32, a.contiguous(), b.contiguous(), 3, torch.float64)
+    split = _split(dll.split_rows_f32, dll.split_cols_f32, a, b, 3, torch.float64)
     if split is None:
         return None
     left, right, ea, eb = split
@@ -522,30 +532,53 @@ def _rows_ok(dll: ctypes.CDLL | None, *ts: torch.Tensor) -> bool:
     return dll is not None and _cpu_f32(*ts) and all(t.is_contiguous() and t.shape == ts[0].shape for t in ts) and ts[0].numel() > 0
 
 
-def softmax(x: torch.Tensor) -> torch.Tensor | None:
-    """Exact mode's softmax over the last dim of contiguous float32 `x`; None where the kernel does not apply
-    (including a NaN anywhere: the torch path decides which NaN)."""
+def _rows_forward(kernel: str, x: torch.Tensor) -> torch.Tensor | None:
+    """A row-wise kernel(x_rows, rows, n, out_rows, tables) over the last dim of contiguous float32 `x`, returning
+    how many rows it left to the torch path; None where it does not apply or left any."""
     dll = _library()
     if not _rows_ok(dll, x) or x.dim() == 0:
         return None
+    fn = getattr(dll, kernel)
     n = x.shape[-1]
     out = torch.empty_like(x)
     px, po, tables = _ptr(x), _ptr(out), ctypes.byref(_table_struct())
-    if any(_parallel(x.numel() // n, 8 * n, lambda lo, hi: dll.softmax_f32(px + 4 * lo * n, hi - lo, n, po + 4 * lo * n, tables))):  # type: ignore[union-attr]
+    return None if any(_parallel(x.numel() // n, 8 * n, lambda lo, hi: fn(px + 4 * lo * n, hi - lo, n, po + 4 * lo * n, tables))) else out
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor | None:
+    """Exact mode's softmax over the last dim of contiguous float32 `x`; None where the kernel does not apply
+    (including a NaN anywhere: the torch path decides which NaN)."""
+    return _rows_forward("softmax_f32", x)
+
+
+def _rows_backward(kernel: str, grad: torch.Tensor, out: torch.Tensor, *extra: Any) -> torch.Tensor | None:
+    """A row-wise backward kernel(grad_rows, out_rows, rows, n, result_rows, *extra) over the last dim of contiguous
+    float32 tensors of one shape; None where it does not apply."""
+    dll = _library()
+    if not _rows_ok(dll, grad, out) or out.dim() == 0:
         return None
-    return out
+    fn = getattr(dll, kernel)
+    n = out.shape[-1]
+    res = torch.empty_like(out)
+    pg, po, pr = _ptr(grad), _ptr(out), _ptr(res)
+    _parallel(out.numel() // n, 8 * n, lambda lo, hi: fn(pg + 4 * lo * n, po + 4 * lo * n, hi - lo, n, pr + 4 * lo * n, *extra))
+    return res
 
 
 def softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
     """Exact mode's softmax backward over the last dim (contiguous float32); None where it does not apply."""
-    dll = _library()
-    if not _rows_ok(dll, grad, out) or out.dim() == 0:
-        return None
-    n = out.shape[-1]
-    res = torch.empty_like(out)
-    pg, po, pr = _ptr(grad), _ptr(out), _ptr(res)
-    _parallel(out.numel() // n, n, lambda lo, hi: dll.softmax_bwd_f32(pg + 4 * lo * n, po + 4 * lo * n, hi - lo, n, pr + 4 * lo * n))  # type: ignore[union-attr]
-    return res
+    return _rows_backward("softmax_bwd_f32", grad, out)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor | None:
+    """Exact mode's log-softmax over the last dim of contiguous float32 `x`; None where the kernel does not apply
+    (a NaN or an infinite maximum in some row: the torch path decides those)."""
+    return _rows_forward("log_softmax_f32", x)
+
+
+def log_softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """Exact mode's log-softmax backward over the last dim (contiguous float32); None where it does not apply."""
+    return _rows_backward("log_softmax_bwd_f32", grad, out, ctypes.byref(_table_struct()))
 
 
 def gelu(x: torch.Tensor, alpha: float) -> torch.Tensor | None:

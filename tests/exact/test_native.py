@@ -102,7 +102,7 @@ def test_transcendental_kernels_equal_the_torch_path_on_any_float(values: list[f
 def _sum_cases() -> list[torch.Tensor]:
     rng = np.random.default_rng(3)
     big = np.float32(3.0e38)
-    return [
+    cases = [
         f32(wide_rows(rng, (33, 300), spread=60)),
         f32(rng.standard_normal((7, 4097))),  # more terms than one normalisation interval, many times over
         f32(np.array([[big, big, -big], [big, big, big], [-big, -big, 1.0], [1.0, 2.0**-24, 2.0**-24]])),
@@ -111,9 +111,15 @@ def _sum_cases() -> list[torch.Tensor]:
                       [float("-inf"), -1.0, 3e38]])),  # fmt: skip
         f32(np.array([[1.0 + 2.0**-23, 2.0**-24], [1.0, 2.0**-24], [1.0, 2.0**-24 + 2.0**-40], [16777215.0, 0.5]])),  # ties
     ]
+    # rows of 8 or more (the kernel's vector lanes) holding the special cases above in every lane and in the tail;
+    # fewer than 8 rows, so each row is summed on its own
+    long = [np.tile(c.numpy(), (1, 7)) for c in cases[2:5]]
+    cases += [f32(np.stack([rng.permutation(row) for row in c])) for c in long]
+    cases.append(f32(np.where(rng.random((5, 40)) < 0.5, -0.0, rng.standard_normal((5, 40)) * 2.0**-140)))
+    return cases
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(10))
 def test_row_sum_kernel_equals_the_torch_path_and_the_rational_sum(case: int) -> None:
     x = _sum_cases()[case]
     for dims in ([1], [0], None):
@@ -150,6 +156,11 @@ def test_slot_sums_equal_the_torch_path() -> None:
     assert same_bits(exact_index_add(base, 0, index, src), torch_path(exact_index_add, base, 0, index, src))
     idx2 = torch.from_numpy(rng.integers(0, 6, (300, 6)))
     assert same_bits(exact_scatter_add(base, 1, idx2[:11], src[:11]), torch_path(exact_scatter_add, base, 1, idx2[:11], src[:11]))
+    # slots whose terms span few binades (one float64 sum each) beside wide ones (the superaccumulator), some empty
+    mixed = f32(np.where(rng.random((400, 5)) < 0.1, wide_rows(rng, (400, 5), spread=60), rng.standard_normal((400, 5))))
+    index = torch.from_numpy(rng.integers(0, 40, 400))
+    zeros = torch.zeros(45, 5)
+    assert same_bits(exact_index_add(zeros, 0, index, mixed), torch_path(exact_index_add, zeros, 0, index, mixed))
     special = torch.tensor([float("inf"), -0.0, float("nan"), -0.0, 1.0])
     slots = torch.tensor([0, 1, 2, 1, 0])
     assert same_bits(native.sum_slots(special, slots, 4), torch_path(slot_sums, special, slots, 4))  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
-"""Layer norm's exact handlers (pol/exact/mode.py) are torch's decomposition of native_layer_norm and its backward,
-bit for bit: held here to that decomposition run under the exact mode, on the compiled kernels and the torch path."""
+"""The exact handlers written out from torch's decompositions (pol/exact/mode.py: layer norm, softmax, log-softmax,
+GELU, NLL loss, embedding backward) are those decompositions bit for bit: held here to each decomposition run under
+the exact mode, on the compiled kernels and the torch path."""
 
 from __future__ import annotations
 
@@ -108,3 +109,73 @@ def test_softmax_of_empty_tensors_keeps_their_shape() -> None:
         for shape in ((3, 0), (0, 4)):
             out = torch.softmax(torch.zeros(shape), -1)
             assert out.shape == shape
+
+
+LSM, LSMB = aten._log_softmax.default, aten._log_softmax_backward_data.default
+
+
+@pytest.mark.parametrize("shape,dim", [((512, 32), -1), ((4, 5, 8), 1), ((6, 7), 0), ((9,), 0), ((3, 1), -1)])
+def test_log_softmax_handlers_equal_the_decomposition(shape: tuple[int, ...], dim: int) -> None:
+    rng = np.random.default_rng(sum(shape) + 7)
+    x = f32(rng.standard_normal(shape) * 8)
+    if len(shape) == 2 and shape[1] > 3:
+        x[0, :3] = float("-inf")  # some masked entries, the row's maximum still finite
+    g = f32(wide_rows(rng, (1, int(np.prod(shape))), spread=6).reshape(shape))
+    with exact_mode():
+        new = LSM(x, dim, False)
+        old = torch._decomp.decomposition_table[LSM](x, dim, False)
+        new_b = LSMB(g, new, dim, torch.float32)
+        old_b = torch._decomp.decomposition_table[LSMB](g, old, dim, torch.float32)
+    assert _bits_equal(new, old) and _bits_equal(new_b, old_b)
+
+
+def test_log_softmax_rows_with_nan_infinity_or_all_masked_take_the_definition() -> None:
+    x = torch.tensor([[1.0, float("nan"), 2.0], [float("-inf")] * 3, [float("inf"), 0.0, 1.0], [-0.0, 0.0, 3.0]])
+    with exact_mode():
+        new = LSM(x, -1, False)
+        old = torch._decomp.decomposition_table[LSM](x, -1, False)
+        scalar = LSM(torch.tensor(2.5), 0, False)
+    assert _bits_equal(new, old)
+    assert scalar.shape == () and scalar.item() == 0.0
+
+
+NLL, NLLB = aten.nll_loss_forward.default, aten.nll_loss_backward.default
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+def test_nll_loss_handlers_equal_the_decomposition(reduction: int, weighted: bool, batched: bool) -> None:
+    rng = np.random.default_rng(reduction * 4 + weighted * 2 + batched)
+    x = f32(wide_rows(rng, (1, 40 * 7), spread=10).reshape(40, 7))
+    target = torch.from_numpy(rng.integers(0, 7, 40))
+    target[::5] = 3  # the ignored class: where-masked terms and a smaller total weight
+    weight = f32(rng.random(7) + 0.5) if weighted else None
+    if not batched:
+        x, target = x[0], target[1]
+    with exact_mode():
+        new = NLL(x, target, weight, reduction, 3)
+        old = torch._decomp.decomposition_table[NLL](x, target, weight, reduction, 3)
+        go = torch.ones_like(new[0]) * 0.75
+        new_b = NLLB(go, x, target, weight, reduction, 3, new[1])
+        old_b = torch._decomp.decomposition_table[NLLB](go, x, target, weight, reduction, 3, old[1])
+    assert all(_bits_equal(a, b) for a, b in zip(new, old, strict=True)) and _bits_equal(new_b, old_b)
+
+
+EMB = aten.embedding_dense_backward.default
+
+
+@pytest.mark.parametrize("padding_idx", [-1, 2])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+@pytest.mark.parametrize("index_shape", [(16, 32), (50,)])
+def test_embedding_backward_handler_equals_the_decomposition(padding_idx: int, scale_grad_by_freq: bool, index_shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(padding_idx + 3 * scale_grad_by_freq + len(index_shape))
+    indices = torch.from_numpy(rng.integers(0, 9, index_shape))
+    n = int(np.prod(index_shape))
+    grad = f32(wide_rows(rng, (n, 6), spread=30).reshape(*index_shape, 6))
+    grad[..., 0] = -0.0  # a column of negative zeros: the zero table's +0 decides the sign
+    with exact_mode():
+        new = EMB(grad, indices, 11, padding_idx, scale_grad_by_freq)  # rows 9 and 10 receive nothing
+        old = torch._decomp.decomposition_table[EMB](grad, indices, 11, padding_idx, scale_grad_by_freq)
+    assert _bits_equal(new, old)
+    assert new.shape == (11, 6)
