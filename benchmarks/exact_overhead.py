@@ -163,29 +163,29 @@ def family(op: str) -> str:
 
 
 def profile_step(model: str, batch: int, steps: int) -> dict[str, float]:
-    """Seconds per exact step by operator family (outermost routed operator only), plus the unrouted remainder."""
+    """Seconds per exact step by operator family (outermost dispatched operator only), plus the remainder."""
     rt = _runtime(model, "exact", batch)
     spent: dict[str, float] = defaultdict(float)
-    original = exact_mode_module.route_operator
+    original = exact_mode_module.ExactMode.__torch_dispatch__
     depth = [0]
 
-    def timed(mode, func, args, kwargs):  # type: ignore[no-untyped-def]
+    def timed(mode, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         depth[0] += 1
         start = time.perf_counter()
         try:
-            return original(mode, func, args, kwargs)
+            return original(mode, func, types, args, kwargs)
         finally:
             depth[0] -= 1
             if depth[0] == 0:
                 spent[family(str(func))] += time.perf_counter() - start
 
-    exact_mode_module.route_operator = timed
+    exact_mode_module.ExactMode.__torch_dispatch__ = timed  # type: ignore[method-assign]
     try:
         start = time.perf_counter()
         run_steps(rt, rt.step + steps)
         total = time.perf_counter() - start
     finally:
-        exact_mode_module.route_operator = original
+        exact_mode_module.ExactMode.__torch_dispatch__ = original  # type: ignore[method-assign]
     out = {k: v / steps for k, v in spent.items()}
     out["outside the mode (python, autograd, data)"] = total / steps - sum(out.values())
     return out

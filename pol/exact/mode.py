@@ -817,6 +817,22 @@ def route_operator(mode: ExactMode, func: OpOverload, args: Sequence[Any], kwarg
     raise UnsupportedOperator(str(func))
 
 
+_DIRECT: dict[int, tuple[OpOverload, Handler | None]] = {}
+"""Per operator, what `route_operator` would run without needing the mode: its guarded handler, or the C++ op itself
+for pass-through; None where routing needs more (a decomposition under the mode, an in-place form, a refusal).
+Keyed by id (hashing an OpOverload runs Python code); each entry holds its operator, so no id is ever reused."""
+
+
+def _direct(func: OpOverload) -> Handler | None:
+    packet = func.overloadpacket.__name__
+    if packet in RANDOM_PACKETS:
+        return None
+    handler = _GUARDED.get(func)
+    if handler is not None:
+        return handler
+    return func._op if packet in PASSTHROUGH_PACKETS else None
+
+
 class ExactMode(TorchDispatchMode):
     """TorchDispatchMode that computes every operator exactly or refuses it (see the module docstring).
 
@@ -825,15 +841,32 @@ class ExactMode(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: Counter[OpOverload] = Counter()
+        self._seen: dict[int, int] = {}
+        self._ops: dict[int, OpOverload] = {}
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No dynamo-disable wrapper around __torch_dispatch__ (about 1.2 us per operator): pol never compiles,
+        and exact mode refuses to run under torch.compile's tracing anyway (its handlers call C kernels)."""
+        return False
 
     @property
     def seen(self) -> Counter[str]:
         """How often each operator (by name, e.g. "aten.mm.default") was routed through this mode."""
-        return Counter({str(op): n for op, n in self._seen.items()})
+        return Counter({str(self._ops[key]): n for key, n in self._seen.items()})
 
     def __torch_dispatch__(self, func: OpOverload, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        self._seen[func] += 1  # keyed by the overload itself: naming it costs more than the count
+        key = id(func)
+        count = self._seen.get(key)
+        if count is None:
+            self._ops[key] = func
+            if key not in _DIRECT:
+                _DIRECT[key] = (func, _direct(func))
+            count = 0
+        self._seen[key] = count + 1
+        direct = _DIRECT[key][1]
+        if direct is not None:
+            return direct(*args, **(kwargs or {}))
         return route_operator(self, func, args, kwargs or {})
 
 
