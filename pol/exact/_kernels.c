@@ -474,6 +474,11 @@ static inline double round_odd_i64(int64_t v) {
 /* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag
  * (batch, 5, M, N) int32. `narrow` (K <= 2**12, so |V| < 2**53): V converts to double exactly, and the loop
  * vectorises; otherwise round-to-odd keeps the one rounding. Both give the same bits where both apply. */
+/* one output of the int8 form: V = the diagonals' Horner sum, float32(V * 2**(ea - 40) * 2**eb) with pa = 2**(ea - 40) */
+static inline int64_t horner5(int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4) {
+    return ((((d0 * 128 + d1) * 128 + d2) * 128 + d3) * 128) + d4;
+}
+
 void combine_i8(const int32_t *diag, int64_t batch, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out,
                 int64_t narrow) {
     int64_t mn = M * N;
@@ -486,12 +491,12 @@ void combine_i8(const int32_t *diag, int64_t batch, int64_t M, int64_t N, const 
             int64_t r = i * N;
             if (narrow) {
                 for (int64_t j = 0; j < N; j++) {
-                    int64_t v = (((((int64_t)d0[r + j] * 128 + d1[r + j]) * 128 + d2[r + j]) * 128 + d3[r + j]) * 128) + d4[r + j];
+                    int64_t v = horner5(d0[r + j], d1[r + j], d2[r + j], d3[r + j], d4[r + j]);
                     o[j] = (float)(((double)v * pa) * pow2(ebz[j]));
                 }
             } else {
                 for (int64_t j = 0; j < N; j++) {
-                    int64_t v = (((((int64_t)d0[r + j] * 128 + d1[r + j]) * 128 + d2[r + j]) * 128 + d3[r + j]) * 128) + d4[r + j];
+                    int64_t v = horner5(d0[r + j], d1[r + j], d2[r + j], d3[r + j], d4[r + j]);
                     o[j] = (float)((round_odd_i64(v) * pa) * pow2(ebz[j]));
                 }
             }
@@ -1005,6 +1010,104 @@ int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64
 int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64_t batch, int64_t M, int64_t KK,
                        int64_t N) {
     (void)left, (void)right, (void)v, (void)batch, (void)M, (void)KK, (void)N;
+    return -1;
+}
+#endif
+
+/* ---------------------------------------------------------------- the int8 form in one pass, with AVX-512 VNNI */
+/* The same V and the same rounding as the int8 form (5 `_int_mm` calls and combine_i8), but each 4 x 16 tile of the
+ * output keeps its five diagonal sums in registers: vpdpbusd multiplies unsigned bytes by signed bytes and adds
+ * groups of four into int32 without saturation, so the right operand's digits go in as B_t + 64 (0..128) and each
+ * diagonal then subtracts 64 * (the row's sum of the A_s digits it used). Every step is integer arithmetic: |a
+ * diagonal| <= 4 pairs * K * 128 * 64 < 2**31 for K <= 2**15. `left` and `right` are split_rows_i8's and
+ * split_cols_i8's layouts for one batch entry; rows [i0, i1). Returns -1 (the caller runs the GEMMs itself) where
+ * the kernels were built without VNNI or K is not a multiple of 4, -2 when out of memory. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+static void pack_panel(const int8_t *right, int64_t K, int64_t N, int64_t j0, int64_t nj, uint8_t *panel) {
+    int64_t K4 = K / 4;
+    for (int t = 0; t < 4; t++) {
+        const int8_t *bt = right + (3 - t) * K * N; /* blocks are B_3, B_2, B_1, B_0 */
+        uint8_t *pt = panel + t * K4 * 64;
+        for (int64_t k4 = 0; k4 < K4; k4++)
+            for (int64_t j = 0; j < 16; j++)
+                for (int q = 0; q < 4; q++)
+                    pt[k4 * 64 + j * 4 + q] = j < nj ? (uint8_t)(bt[(4 * k4 + q) * N + j0 + j] + 64) : 64;
+    }
+}
+
+static void tile_4x16(const int8_t *const rows[4], int64_t K, const uint8_t *panel, int32_t tile[5][4][16]) {
+    int64_t K4 = K / 4;
+    __m512i acc[5][4];
+    for (int d = 0; d < 5; d++)
+        for (int r = 0; r < 4; r++) acc[d][r] = _mm512_setzero_si512();
+    for (int64_t k4 = 0; k4 < K4; k4++) {
+        __m512i b[4];
+        for (int t = 0; t < 4; t++) b[t] = _mm512_loadu_si512(panel + (t * K4 + k4) * 64);
+        for (int r = 0; r < 4; r++)
+            for (int sd = 0; sd < 4; sd++) {
+                int32_t w;
+                memcpy(&w, rows[r] + sd * K + 4 * k4, 4);
+                __m512i a = _mm512_set1_epi32(w);
+                for (int t = 0; t < 4 && sd + t <= 4; t++) acc[sd + t][r] = _mm512_dpbusd_epi32(acc[sd + t][r], b[t], a);
+            }
+    }
+    for (int d = 0; d < 5; d++)
+        for (int r = 0; r < 4; r++) _mm512_storeu_si512(tile[d][r], acc[d][r]);
+}
+
+int64_t product_i8_vnni(const int8_t *left, const int8_t *right, int64_t M, int64_t K, int64_t N, const int32_t *ea,
+                        const int32_t *eb, float *out, int64_t i0, int64_t i1, int64_t narrow) {
+    if (K % 4 != 0 || K == 0) return -1;
+    int64_t K4 = K / 4;
+    uint8_t *panel = malloc((size_t)(4 * K4 * 64));
+    int8_t *zero = calloc((size_t)(4 * K), 1);
+    int32_t *corr = malloc((size_t)((i1 - i0 > 0 ? i1 - i0 : 1) * 5) * sizeof(int32_t));
+    if (!panel || !zero || !corr) {
+        free(panel), free(zero), free(corr);
+        return -2;
+    }
+    for (int64_t i = i0; i < i1; i++) { /* 64 * the digit sums each diagonal of row i used */
+        int32_t rs[4];
+        for (int sd = 0; sd < 4; sd++) {
+            int32_t acc = 0;
+            for (int64_t k = 0; k < K; k++) acc += left[i * 4 * K + sd * K + k];
+            rs[sd] = acc;
+        }
+        for (int d = 0; d < 5; d++) {
+            int32_t c = 0;
+            for (int sd = 0; sd < 4; sd++)
+                if (d - sd >= 0 && d - sd <= 3) c += rs[sd];
+            corr[(i - i0) * 5 + d] = 64 * c;
+        }
+    }
+    int32_t tile[5][4][16];
+    for (int64_t j0 = 0; j0 < N; j0 += 16) {
+        int64_t nj = N - j0 < 16 ? N - j0 : 16;
+        pack_panel(right, K, N, j0, nj, panel);
+        for (int64_t i = i0; i < i1; i += 4) {
+            const int8_t *rows[4];
+            for (int r = 0; r < 4; r++) rows[r] = i + r < i1 ? left + (i + r) * 4 * K : zero;
+            tile_4x16(rows, K, panel, tile);
+            for (int r = 0; r < 4 && i + r < i1; r++) {
+                const int32_t *c = corr + (i + r - i0) * 5;
+                double pa = pow2((int64_t)ea[i + r] - 40);
+                float *o = out + (i + r) * N + j0;
+                for (int64_t j = 0; j < nj; j++) {
+                    int64_t v = horner5(tile[0][r][j] - c[0], tile[1][r][j] - c[1], tile[2][r][j] - c[2],
+                                        tile[3][r][j] - c[3], tile[4][r][j] - c[4]);
+                    o[j] = narrow ? (float)(((double)v * pa) * pow2(eb[j0 + j]))
+                                  : (float)((round_odd_i64(v) * pa) * pow2(eb[j0 + j]));
+                }
+            }
+        }
+    }
+    free(panel), free(zero), free(corr);
+    return 0;
+}
+#else
+int64_t product_i8_vnni(const int8_t *left, const int8_t *right, int64_t M, int64_t K, int64_t N, const int32_t *ea,
+                        const int32_t *eb, float *out, int64_t i0, int64_t i1, int64_t narrow) {
+    (void)left, (void)right, (void)M, (void)K, (void)N, (void)ea, (void)eb, (void)out, (void)i0, (void)i1, (void)narrow;
     return -1;
 }
 #endif

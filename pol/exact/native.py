@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "available", "disabled", "status", "sum_rows", "sum_slots", "product", "unary", "adamw", "layer_norm",
+    "available", "disabled", "status", "vnni", "sum_rows", "sum_slots", "product", "unary", "adamw", "layer_norm",
     "layer_norm_backward", "softmax", "softmax_backward", "log_softmax", "log_softmax_backward", "gelu", "gelu_backward",
     "UNARY_OPS",
 ]  # fmt: skip
@@ -67,7 +67,7 @@ def _cpu_flags() -> tuple[str, ...]:
             flags = set(line.split(":", 1)[1].split())
             break
     if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2", "movbe"} <= flags:
-        return ("-march=x86-64-v4",)
+        return ("-march=x86-64-v4", "-mavx512vnni") if "avx512_vnni" in flags else ("-march=x86-64-v4",)
     if {"avx2", "fma", "bmi2", "movbe"} <= flags:
         return ("-march=x86-64-v3",)
     if {"sse4_2", "popcnt"} <= flags:
@@ -135,6 +135,8 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.gemm_f64_exact.restype = i64
     dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p, i64]
     dll.combine_i8.restype = None
+    dll.product_i8_vnni.argtypes = [p, p, i64, i64, i64, p, p, p, i64, i64, i64]
+    dll.product_i8_vnni.restype = i64
     for op in UNARY_OPS:
         fn = getattr(dll, f"{op}_f32")
         fn.argtypes = [p, p, i64, p]
@@ -208,6 +210,22 @@ def status() -> str:
     """One line: whether the compiled kernels are in use, and why not."""
     _library()
     return str(_state.get("why", ""))
+
+
+@cache
+def vnni() -> bool:
+    """True when the kernels were built with AVX-512 VNNI, so 2-D int8-form products run in one pass
+    (product_i8_vnni) instead of five `_int_mm` calls and a combine; the same bits either way."""
+    dll = _library()
+    if dll is None:
+        return False
+    left, right = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
+    e, out = torch.zeros(1, dtype=torch.int32), torch.empty(1)
+    return dll.product_i8_vnni(_ptr(left), _ptr(right), 1, 4, 1, _ptr(e), _ptr(e), _ptr(out), 0, 1, 1) == 0
+
+
+use_vnni = True
+"""Tests switch this off to hold the one-pass VNNI product to the `_int_mm` one."""
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -343,12 +361,20 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
     if split is None:
         return None
     left, right, ea, eb = split
+    out = torch.empty((z, m, n), dtype=torch.float32)
+    narrow = k <= F64_MAX_K
+    if use_vnni and z == 1 and k % 4 == 0 and vnni():  # one pass, no int32 diagonals in memory
+        pl, pr, pea, peb, po = _ptr(left), _ptr(right), _ptr(ea), _ptr(eb), _ptr(out)
+        rcs = _parallel(-(-m // 4), 13 * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, 4 * lo, min(m, 4 * hi), narrow))
+        if not any(rcs):
+            return out
+        if -2 in rcs:
+            raise MemoryError("exact product: out of memory")
     diag = torch.empty((z, 5, m, n), dtype=torch.int32)
     for li, ri, di in zip(left, right, diag, strict=True):
         for d, (l0, l1, r0, r1) in enumerate(_DIAGONALS):  # limb pairs (s, d - s) of diagonal d, side by side along K
             torch._int_mm(li[:, l0 * k : l1 * k], ri[r0 * k : r1 * k], out=di[d])
-    out = torch.empty((z, m, n), dtype=torch.float32)
-    dll.combine_i8(_ptr(diag), z, m, n, _ptr(ea), _ptr(eb), _ptr(out), k <= F64_MAX_K)
+    dll.combine_i8(_ptr(diag), z, m, n, _ptr(ea), _ptr(eb), _ptr(out), narrow)
     return out
 
 

@@ -237,6 +237,21 @@ def test_product_kernels_differential(m: int, k: int, n: int, seed: int, spread:
     assert same_bits(native.product(a.unsqueeze(0), b.unsqueeze(0))[0], ref)  # type: ignore[index]
 
 
+@pytest.mark.skipif(not native.vnni(), reason="the kernels were built without AVX-512 VNNI on this CPU")
+@pytest.mark.parametrize("m,k,n", [(1, 4, 1), (37, 64, 53), (64, 256, 16), (5, 4100, 17), (130, 12, 200)])
+def test_one_pass_vnni_product_equals_the_int_mm_form_and_the_reference(m: int, k: int, n: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The VNNI kernel (unsigned-byte trick, diagonals in registers, its own combine) against the five `_int_mm`
+    GEMMs: the same bits on ragged tiles, wide rows, signed zeros and a reduction past the float64 combine's 2**12."""
+    rng = np.random.default_rng(m + k + n)
+    a, b = f32(wide_rows(rng, (m, k), spread=25)), f32(wide_rows(rng, (k, n), spread=25))
+    a[0, : min(k, 3)] = -0.0
+    b[:, 0] = 0.0
+    one_pass = native.product(a, b)
+    monkeypatch.setattr(native, "use_vnni", False)
+    assert same_bits(one_pass, native.product(a, b))  # type: ignore[arg-type]
+    assert same_bits(one_pass, exact_mm_reference(a, b))  # type: ignore[arg-type]
+
+
 # --- the AdamW update -----------------------------------------------------------------------------------------
 
 
@@ -325,7 +340,8 @@ def test_splitting_work_across_threads_changes_no_bit(monkeypatch) -> None:  # t
                 native.product(x, x.t().contiguous()), native.product(a3, b3), ln, mean, rstd,
                 *aten.native_layer_norm_backward.default(x, x, [64], mean, rstd, w, b, [True, True, True]),
                 aten._softmax.default(x, -1, False), aten._softmax_backward_data.default(x, x, -1, torch.float32),
-                aten.gelu.default(x), aten.gelu_backward.default(x, x),
+                aten.gelu.default(x), aten.gelu_backward.default(x, x), aten._log_softmax.default(x, -1, False),
+                aten._log_softmax_backward_data.default(x, x, -1, torch.float32),
             ]  # fmt: skip
         p, g, m, v = x.clone(), x * 0.5, torch.zeros_like(x), torch.zeros_like(x)
         kw = {"decay": 0.9, "lerp_weight": 0.1, "beta2": 0.99, "sq_weight": 0.01, "bias2_sqrt": 0.3, "eps": 1e-8, "value": -0.01}
