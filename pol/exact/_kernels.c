@@ -427,6 +427,44 @@ static inline void digits4(double y, int8_t *d0, int8_t *d1, int8_t *d2, int8_t 
     *d3 = (int8_t)rne(r);
 }
 
+/* digits4 on eight values in GCC vector types, so short rows vectorise too (a compiler-vectorised loop over int8
+ * outputs takes 64 values per step and leaves rows of 16 or 32 to its scalar epilogue). Rounding to nearest even by
+ * adding and subtracting 1.5 * 2**52 (exact for |x| < 2**51, ties to even as the sum's last bit is the integer's):
+ * the same integer as rne, except that it makes -0 of what rne makes -0, which is 0 as an int8 and leaves every
+ * remainder y - 0 * 2**k unchanged. */
+typedef double v8d_t __attribute__((vector_size(64)));
+typedef int32_t v8i_t __attribute__((vector_size(32)));
+typedef int8_t v8b_t __attribute__((vector_size(8)));
+
+static inline v8d_t rne_x8(v8d_t x) {
+    const v8d_t magic = {0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52};
+    return (x + magic) - magic;
+}
+
+static inline void store_x8(int8_t *p, v8d_t a) {
+    v8b_t b = __builtin_convertvector(__builtin_convertvector(a, v8i_t), v8b_t);
+    memcpy(p, &b, sizeof b);
+}
+
+static inline void digits4_x8(v8d_t y, int8_t *d0, int8_t *d1, int8_t *d2, int8_t *d3) {
+    v8d_t a0 = rne_x8(y * 0x1p-21);
+    v8d_t r = y - a0 * 0x1p21;
+    v8d_t a1 = rne_x8(r * 0x1p-14);
+    r = r - a1 * 0x1p14;
+    v8d_t a2 = rne_x8(r * 0x1p-7);
+    r = r - a2 * 0x1p7;
+    store_x8(d0, a0);
+    store_x8(d1, a1);
+    store_x8(d2, a2);
+    store_x8(d3, rne_x8(r));
+}
+
+static inline v8d_t load_x8(const float *x) {
+    v8f f;
+    memcpy(&f, x, sizeof f);
+    return __builtin_convertvector(f, v8d_t);
+}
+
 int64_t split_rows_i8(const float *a, int64_t rows, int64_t K, int8_t *left, int32_t *e) {
     for (int64_t i = 0; i < rows; i++) {
         const float *row = a + i * K;
@@ -434,7 +472,10 @@ int64_t split_rows_i8(const float *a, int64_t rows, int64_t K, int8_t *left, int
         if (bad) return bad;
         double scale = pow2(27 - e[i]);
         int8_t *l = left + i * 4 * K;
-        for (int64_t k = 0; k < K; k++) digits4((double)row[k] * scale, l + k, l + K + k, l + 2 * K + k, l + 3 * K + k);
+        int64_t k = 0, bulk = K - K % 64; /* the compiler vectorises this loop 64 values at a time */
+        for (; k < bulk; k++) digits4((double)row[k] * scale, l + k, l + K + k, l + 2 * K + k, l + 3 * K + k);
+        for (; k + 8 <= K; k += 8) digits4_x8(load_x8(row + k) * scale, l + k, l + K + k, l + 2 * K + k, l + 3 * K + k);
+        for (; k < K; k++) digits4((double)row[k] * scale, l + k, l + K + k, l + 2 * K + k, l + 3 * K + k);
     }
     return 0;
 }
@@ -451,7 +492,14 @@ int64_t split_cols_i8(const float *b, int64_t batch, int64_t K, int64_t N, int8_
         for (int64_t k = 0; k < K && !bad; k++) {
             const float *brow = bz + k * N;
             int8_t *r3 = rz + 3 * K * N + k * N, *r2 = rz + 2 * K * N + k * N, *r1 = rz + K * N + k * N, *r0 = rz + k * N;
-            for (int64_t j = 0; j < N; j++) digits4((double)brow[j] * scale[j], r3 + j, r2 + j, r1 + j, r0 + j);
+            int64_t j = 0, bulk = N - N % 64; /* as in split_rows_i8 */
+            for (; j < bulk; j++) digits4((double)brow[j] * scale[j], r3 + j, r2 + j, r1 + j, r0 + j);
+            for (; j + 8 <= N; j += 8) {
+                v8d_t sc;
+                memcpy(&sc, scale + j, sizeof sc);
+                digits4_x8(load_x8(brow + j) * sc, r3 + j, r2 + j, r1 + j, r0 + j);
+            }
+            for (; j < N; j++) digits4((double)brow[j] * scale[j], r3 + j, r2 + j, r1 + j, r0 + j);
         }
     }
     free(scale);
@@ -1020,18 +1068,34 @@ int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64
  * groups of four into int32 without saturation, so the right operand's digits go in as B_t + 64 (0..128) and each
  * diagonal then subtracts 64 * (the row's sum of the A_s digits it used). Every step is integer arithmetic: |a
  * diagonal| <= 4 pairs * K * 128 * 64 < 2**31 for K <= 2**15. `left` and `right` are split_rows_i8's and
- * split_cols_i8's layouts for one batch entry; rows [i0, i1). Returns -1 (the caller runs the GEMMs itself) where
+ * split_cols_i8's layouts. Returns -1 (the caller runs the GEMMs itself) where
  * the kernels were built without VNNI or K is not a multiple of 4, -2 when out of memory. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* panel[t][k4][j][q] = B_t[4 k4 + q][j0 + j] + 64 for 16 columns (64 past the last column): a 4 x 16 byte
+ * transpose per (t, k4), by byte and word interleaves where all 16 columns exist */
 static void pack_panel(const int8_t *right, int64_t K, int64_t N, int64_t j0, int64_t nj, uint8_t *panel) {
     int64_t K4 = K / 4;
+    const __m128i bias = _mm_set1_epi8(64);
     for (int t = 0; t < 4; t++) {
         const int8_t *bt = right + (3 - t) * K * N; /* blocks are B_3, B_2, B_1, B_0 */
         uint8_t *pt = panel + t * K4 * 64;
-        for (int64_t k4 = 0; k4 < K4; k4++)
-            for (int64_t j = 0; j < 16; j++)
-                for (int q = 0; q < 4; q++)
-                    pt[k4 * 64 + j * 4 + q] = j < nj ? (uint8_t)(bt[(4 * k4 + q) * N + j0 + j] + 64) : 64;
+        for (int64_t k4 = 0; k4 < K4; k4++) {
+            const int8_t *src = bt + 4 * k4 * N + j0;
+            uint8_t *dst = pt + k4 * 64;
+            if (nj == 16) {
+                __m128i r0 = _mm_loadu_si128((const __m128i *)src), r1 = _mm_loadu_si128((const __m128i *)(src + N));
+                __m128i r2 = _mm_loadu_si128((const __m128i *)(src + 2 * N)), r3 = _mm_loadu_si128((const __m128i *)(src + 3 * N));
+                __m128i lo01 = _mm_unpacklo_epi8(r0, r1), hi01 = _mm_unpackhi_epi8(r0, r1);
+                __m128i lo23 = _mm_unpacklo_epi8(r2, r3), hi23 = _mm_unpackhi_epi8(r2, r3);
+                _mm_storeu_si128((__m128i *)dst, _mm_add_epi8(_mm_unpacklo_epi16(lo01, lo23), bias));
+                _mm_storeu_si128((__m128i *)(dst + 16), _mm_add_epi8(_mm_unpackhi_epi16(lo01, lo23), bias));
+                _mm_storeu_si128((__m128i *)(dst + 32), _mm_add_epi8(_mm_unpacklo_epi16(hi01, hi23), bias));
+                _mm_storeu_si128((__m128i *)(dst + 48), _mm_add_epi8(_mm_unpackhi_epi16(hi01, hi23), bias));
+            } else {
+                for (int64_t j = 0; j < 16; j++)
+                    for (int q = 0; q < 4; q++) dst[j * 4 + q] = j < nj ? (uint8_t)(src[q * N + j] + 64) : 64;
+            }
+        }
     }
 }
 
@@ -1055,17 +1119,10 @@ static void tile_4x16(const int8_t *const rows[4], int64_t K, const uint8_t *pan
         for (int r = 0; r < 4; r++) _mm512_storeu_si512(tile[d][r], acc[d][r]);
 }
 
-int64_t product_i8_vnni(const int8_t *left, const int8_t *right, int64_t M, int64_t K, int64_t N, const int32_t *ea,
-                        const int32_t *eb, float *out, int64_t i0, int64_t i1, int64_t narrow) {
-    if (K % 4 != 0 || K == 0) return -1;
-    int64_t K4 = K / 4;
-    uint8_t *panel = malloc((size_t)(4 * K4 * 64));
-    int8_t *zero = calloc((size_t)(4 * K), 1);
-    int32_t *corr = malloc((size_t)((i1 - i0 > 0 ? i1 - i0 : 1) * 5) * sizeof(int32_t));
-    if (!panel || !zero || !corr) {
-        free(panel), free(zero), free(corr);
-        return -2;
-    }
+/* one batch entry, rows [i0, i1); panel (K * 64 bytes), zero (4K bytes of 0) and corr (5 int32 per row) are scratch */
+static void product_i8_vnni_one(const int8_t *left, const int8_t *right, int64_t K, int64_t N, const int32_t *ea,
+                                const int32_t *eb, float *out, int64_t i0, int64_t i1, int64_t narrow, uint8_t *panel,
+                                const int8_t *zero, int32_t *corr) {
     for (int64_t i = i0; i < i1; i++) { /* 64 * the digit sums each diagonal of row i used */
         int32_t rs[4];
         for (int sd = 0; sd < 4; sd++) {
@@ -1101,13 +1158,30 @@ int64_t product_i8_vnni(const int8_t *left, const int8_t *right, int64_t M, int6
             }
         }
     }
+}
+
+/* batch entries [z0, z1) of (batch, M, K) @ (batch, K, N), each in rows [i0, i1) */
+int64_t product_i8_vnni(const int8_t *left, const int8_t *right, int64_t M, int64_t K, int64_t N, const int32_t *ea,
+                        const int32_t *eb, float *out, int64_t z0, int64_t z1, int64_t i0, int64_t i1, int64_t narrow) {
+    if (K % 4 != 0 || K == 0) return -1;
+    uint8_t *panel = malloc((size_t)(K * 64));
+    int8_t *zero = calloc((size_t)(4 * K), 1);
+    int32_t *corr = malloc((size_t)((i1 - i0 > 0 ? i1 - i0 : 1) * 5) * sizeof(int32_t));
+    if (!panel || !zero || !corr) {
+        free(panel), free(zero), free(corr);
+        return -2;
+    }
+    for (int64_t z = z0; z < z1; z++)
+        product_i8_vnni_one(left + z * M * 4 * K, right + z * 4 * K * N, K, N, ea + z * M, eb + z * N, out + z * M * N,
+                            i0, i1, narrow, panel, zero, corr);
     free(panel), free(zero), free(corr);
     return 0;
 }
 #else
 int64_t product_i8_vnni(const int8_t *left, const int8_t *right, int64_t M, int64_t K, int64_t N, const int32_t *ea,
-                        const int32_t *eb, float *out, int64_t i0, int64_t i1, int64_t narrow) {
-    (void)left, (void)right, (void)M, (void)K, (void)N, (void)ea, (void)eb, (void)out, (void)i0, (void)i1, (void)narrow;
+                        const int32_t *eb, float *out, int64_t z0, int64_t z1, int64_t i0, int64_t i1, int64_t narrow) {
+    (void)left, (void)right, (void)M, (void)K, (void)N, (void)ea, (void)eb, (void)out, (void)z0, (void)z1, (void)i0, (void)i1,
+        (void)narrow;
     return -1;
 }
 #endif

@@ -135,7 +135,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.gemm_f64_exact.restype = i64
     dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p, i64]
     dll.combine_i8.restype = None
-    dll.product_i8_vnni.argtypes = [p, p, i64, i64, i64, p, p, p, i64, i64, i64]
+    dll.product_i8_vnni.argtypes = [p, p, i64, i64, i64, p, p, p, i64, i64, i64, i64, i64]
     dll.product_i8_vnni.restype = i64
     for op in UNARY_OPS:
         fn = getattr(dll, f"{op}_f32")
@@ -221,7 +221,7 @@ def vnni() -> bool:
         return False
     left, right = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
     e, out = torch.zeros(1, dtype=torch.int32), torch.empty(1)
-    return dll.product_i8_vnni(_ptr(left), _ptr(right), 1, 4, 1, _ptr(e), _ptr(e), _ptr(out), 0, 1, 1) == 0
+    return dll.product_i8_vnni(_ptr(left), _ptr(right), 1, 4, 1, _ptr(e), _ptr(e), _ptr(out), 0, 1, 0, 1, 1) == 0
 
 
 use_vnni = True
@@ -306,16 +306,19 @@ INT8_MAX_K = 1 << 15
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """The defined exact product (see pol/exact/matmul.py) of float32 (M, K) @ (K, N), or (Z, M, K) @ (Z, K, N).
 
-    The int8 form: the definition's int8 digits split by the kernels, one `torch._int_mm` per diagonal s + t of
-    limb pairs (5 int8 GEMMs per product, no copies), combined by the kernels: 2-D products, and batched ones with
-    K > 2**12. The float64 form, one batched float64 GEMM, for the other batched products (attention).
-    Returns None where neither applies (K too long, a non-finite operand, not on the CPU, the library missing).
+    The int8 form: the definition's int8 digits split by the kernels, then either one pass of the VNNI kernel
+    (where the CPU has AVX-512 VNNI and K is a multiple of 4) or one `torch._int_mm` per diagonal s + t of limb pairs
+    (5 int8 GEMMs per product, no copies) combined by the kernels: 2-D products, and batched ones with K > 2**12.
+    The float64 form, one batched float64 GEMM, for the other batched products (attention). Returns None where neither applies (K too long, a non-finite operand, not on the CPU,
+    the library missing).
     """
     dll = _library()
     if dll is None or not _cpu_f32(a, b) or a.dim() not in (2, 3) or 0 in a.shape or b.shape[-1] == 0:
         return None
     k = a.shape[-1]
-    if k <= INT8_MAX_K and (a.dim() == 2 or k > F64_MAX_K):  # batched: 5 GEMM calls per entry cost more (measured)
+    # batched: 5 GEMM calls per entry cost more than the float64 form (measured), and so does the one-pass VNNI
+    # kernel at attention's sizes (0.26 against 0.22 ms at (64,32,32)x(64,32,16): splitting into int8 costs more)
+    if k <= INT8_MAX_K and (a.dim() == 2 or k > F64_MAX_K):
         out = _product_int8(dll, _batch_of_one(a), _batch_of_one(b))
     elif k <= F64_MAX_K:
         out = _product_f64(dll, _batch_of_one(a), _batch_of_one(b))
@@ -363,9 +366,12 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
     left, right, ea, eb = split
     out = torch.empty((z, m, n), dtype=torch.float32)
     narrow = k <= F64_MAX_K
-    if use_vnni and z == 1 and k % 4 == 0 and vnni():  # one pass, no int32 diagonals in memory
+    if use_vnni and k % 4 == 0 and vnni():  # one pass, no int32 diagonals in memory
         pl, pr, pea, peb, po = _ptr(left), _ptr(right), _ptr(ea), _ptr(eb), _ptr(out)
-        rcs = _parallel(-(-m // 4), 13 * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, 4 * lo, min(m, 4 * hi), narrow))
+        if z == 1:  # threads take row blocks
+            rcs = _parallel(-(-m // 4), 13 * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, 0, 1, 4 * lo, min(m, 4 * hi), narrow))
+        else:  # threads take batch entries
+            rcs = _parallel(z, 13 * m * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, lo, hi, 0, m, narrow))
         if not any(rcs):
             return out
         if -2 in rcs:

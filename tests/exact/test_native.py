@@ -247,9 +247,11 @@ def test_one_pass_vnni_product_equals_the_int_mm_form_and_the_reference(m: int, 
     a[0, : min(k, 3)] = -0.0
     b[:, 0] = 0.0
     one_pass = native.product(a, b)
+    batched = native.product(torch.stack([a, a.flip(0)]), torch.stack([b, b.flip(1)]))  # one pass per entry past 2**12
     monkeypatch.setattr(native, "use_vnni", False)
     assert same_bits(one_pass, native.product(a, b))  # type: ignore[arg-type]
     assert same_bits(one_pass, exact_mm_reference(a, b))  # type: ignore[arg-type]
+    assert batched is not None and same_bits(batched[1], exact_mm_reference(a.flip(0), b.flip(1)))
 
 
 # --- the AdamW update -----------------------------------------------------------------------------------------
