@@ -218,7 +218,9 @@ def main() -> None:
     profiles = {m: profile_step(m, b, a.repeats) for m, b in (("transformer", 16), ("transformer-256", 32))}
     split = split_independence_cost(16, 1 << 20, a.repeats)
     rows = products + steps
-    table = f"Compiled kernels: {native.status()}.\n\n## Exact vs native products (CPU, one run)\n\n"
+    one_pass = "one-pass AVX-512 VNNI products" if native.vnni() else "int8 products by torch._int_mm"
+    table = f"Compiled kernels: {native.status()} ({one_pass}); {torch.get_num_threads()} thread(s).\n\n"
+    table += "## Exact vs native products (CPU, one run)\n\n"
     table += "limb_gemms: the exact product's 5 int8 GEMMs (13 limb pairs) alone.\n\n"
     table += markdown_table(products, ["what", "native_ms", "exact_ms", "ratio", "limb_gemms_ms", "limb_gemms_ratio"])
     table += "\n\n## Training steps (best of interleaved rounds)\n\n"

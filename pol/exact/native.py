@@ -309,8 +309,8 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     The int8 form: the definition's int8 digits split by the kernels, then either one pass of the VNNI kernel
     (where the CPU has AVX-512 VNNI and K is a multiple of 4) or one `torch._int_mm` per diagonal s + t of limb pairs
     (5 int8 GEMMs per product, no copies) combined by the kernels: 2-D products, and batched ones with K > 2**12.
-    The float64 form, one batched float64 GEMM, for the other batched products (attention). Returns None where neither applies (K too long, a non-finite operand, not on the CPU,
-    the library missing).
+    The float64 form, one batched float64 GEMM, for the other batched products (attention). Returns None where
+    neither applies (K too long, a non-finite operand, not on the CPU, the library missing).
     """
     dll = _library()
     if dll is None or not _cpu_f32(a, b) or a.dim() not in (2, 3) or 0 in a.shape or b.shape[-1] == 0:
