@@ -7,7 +7,10 @@
    drifts), with the compiled kernels (pol/exact/native.py) and on the torch path alone; the table gives the best
    of each and the median of the per-round exact/native ratios;
 3. where the exact step's time goes (per operator family, timed at the dispatch mode);
-4. what split-independent micro-batching would add: an exact sum over the batch of per-sample gradients.
+4. what split-independent micro-batching would add: an exact sum over the batch of per-sample gradients, and the
+   int8 slice pairs that products keeping every float32 term (so independent of the split) would need, measured on
+   the operands of one exact step of the transformer and the MLP (matrix products; the CNN's convolutions are not
+   counted).
 
     python benchmarks/exact_overhead.py [--repeats 5] [--threads N]
 
@@ -203,6 +206,60 @@ def split_independence_cost(batch: int, params: int, repeats: int) -> dict[str, 
     }
 
 
+def _slices_needed(x: torch.Tensor, dim: int) -> int:
+    """int8 slices of 7 bits that hold every float32 of x exactly on a grid shared along `dim`: the widest slice
+    (row or column) spans its exponent range plus the 24 significand bits."""
+    nz = (x != 0) & torch.isfinite(x)
+    e = torch.frexp(torch.where(nz, x, torch.ones_like(x)))[1].to(torch.int64)
+    hi = torch.where(nz, e, torch.full_like(e, -(1 << 20))).amax(dim=dim)
+    lo = torch.where(nz, e, torch.full_like(e, 1 << 20)).amin(dim=dim)
+    span = int(torch.where(hi >= lo, hi - lo, torch.zeros_like(hi)).max()) if hi.numel() else 0
+    return -(-(span + 24) // 7)
+
+
+def split_independent_products(model: str, batch: int) -> dict[str, Any]:
+    """What exact, split-independent products would cost, measured on the operands of one exact training step.
+
+    The definition quantises each row to 28 bits under the row's own maximum over the reduction dim; for a weight
+    gradient that dim is the batch, so the bits depend on which rows share a micro-batch. A product that keeps every
+    float32 term exactly and rounds the sum once does not depend on the split at all, but each operand then needs
+    as many 7-bit int8 slices as its widest row spans (exponent range + 24 bits), and every slice pair: per product
+    the pairs against the 13 kept now, weighted by the product's multiply-adds."""
+    rt = _runtime(model, "exact", batch)
+    seen: list[dict[str, Any]] = []
+    original = exact_mode_module.ExactMode.__torch_dispatch__
+    depth = [0]
+
+    def record(mode, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func).split(".")[1]
+        if depth[0] == 0 and name in ("mm", "addmm", "bmm"):
+            a, b = args[1:3] if name == "addmm" else args[:2]
+            sa, sb = _slices_needed(a, -1), _slices_needed(b, -2)
+            macs = a.numel() * b.shape[-1]
+            seen.append({"op": name, "k": a.shape[-1], "slices_a": sa, "slices_b": sb, "pairs": sa * sb, "macs": macs})
+        depth[0] += 1
+        try:
+            return original(mode, func, types, args, kwargs)
+        finally:
+            depth[0] -= 1
+
+    exact_mode_module.ExactMode.__torch_dispatch__ = record  # type: ignore[method-assign]
+    try:
+        run_steps(rt, rt.step + 1)
+    finally:
+        exact_mode_module.ExactMode.__torch_dispatch__ = original  # type: ignore[method-assign]
+    total = sum(r["macs"] for r in seen)
+    pairs = sorted(r["pairs"] for r in seen)
+    return {
+        "model": model,
+        "products": len(seen),
+        "min_pairs": pairs[0],
+        "median_pairs": pairs[len(pairs) // 2],
+        "max_pairs": pairs[-1],
+        "limb_gemm_cost_vs_now": sum(r["pairs"] * r["macs"] for r in seen) / (13 * total),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -217,6 +274,7 @@ def main() -> None:
         steps.append(step_times(model, batch, a.repeats, torch_path=model != "transformer-256"))
     profiles = {m: profile_step(m, b, a.repeats) for m, b in (("transformer", 16), ("transformer-256", 32))}
     split = split_independence_cost(16, 1 << 20, a.repeats)
+    exact_products = [split_independent_products(m, b) for m, b in (("transformer", 16), ("mlp", 16))]
     rows = products + steps
     one_pass = "one-pass AVX-512 VNNI products" if native.vnni() else "int8 products by torch._int_mm"
     table = f"Compiled kernels: {native.status()} ({one_pass}); {torch.get_num_threads()} thread(s).\n\n"
@@ -237,8 +295,14 @@ def main() -> None:
     table += "\n\n## Split-independent micro-batching, estimated extra per step\n\n" + markdown_table(
         [split], ["batch", "params", "exact_sum_ms", "native_sum_ms"]
     )
+    table += "\n\nProducts that do not depend on the split (every float32 term kept, the sum rounded once): int8 "
+    table += "slice pairs each product of one exact step would need, against the 13 limb pairs now, and the limb GEMM "
+    table += "cost of the whole step's products relative to now.\n\n"
+    table += markdown_table(exact_products, ["model", "products", "min_pairs", "median_pairs", "max_pairs", "limb_gemm_cost_vs_now"])
     write_results(
-        "exact_overhead", {"kernels": native.status(), "rows": rows, "profiles": profiles, "split_independence": split}, table
+        "exact_overhead",
+        {"kernels": native.status(), "rows": rows, "profiles": profiles, "split_independence": split, "exact_products": exact_products},
+        table,
     )
 
 
