@@ -175,7 +175,9 @@ static inline float narrow_result(uint32_t emax, uint32_t emin, uint32_t special
     return sum != 0 ? (float)sum : (negzero == R ? -0.0f : 0.0f);
 }
 
-typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32))); /* eight lanes in GCC vector types */
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int8_t v8b __attribute__((vector_size(8)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
 
@@ -430,28 +432,24 @@ static inline void digits4(double y, int8_t *d0, int8_t *d1, int8_t *d2, int8_t 
 /* digits4 on eight values in GCC vector types, so short rows vectorise too (a compiler-vectorised loop over int8
  * outputs takes 64 values per step and leaves rows of 16 or 32 to its scalar epilogue). Rounding to nearest even by
  * adding and subtracting 1.5 * 2**52 (exact for |x| < 2**51, ties to even as the sum's last bit is the integer's):
- * the same integer as rne, except that it makes -0 of what rne makes -0, which is 0 as an int8 and leaves every
- * remainder y - 0 * 2**k unchanged. */
-typedef double v8d_t __attribute__((vector_size(64)));
-typedef int32_t v8i_t __attribute__((vector_size(32)));
-typedef int8_t v8b_t __attribute__((vector_size(8)));
-
-static inline v8d_t rne_x8(v8d_t x) {
-    const v8d_t magic = {0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52};
+ * the same integer as rne, except that it gives +0 where rne gives -0; either is digit 0, and the remainders that
+ * follow differ at most in the sign of a zero, so every digit is the same. */
+static inline v8d rne_x8(v8d x) {
+    const v8d magic = {0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52, 0x1.8p52};
     return (x + magic) - magic;
 }
 
-static inline void store_x8(int8_t *p, v8d_t a) {
-    v8b_t b = __builtin_convertvector(__builtin_convertvector(a, v8i_t), v8b_t);
+static inline void store_x8(int8_t *p, v8d a) {
+    v8b b = __builtin_convertvector(__builtin_convertvector(a, v8i), v8b);
     memcpy(p, &b, sizeof b);
 }
 
-static inline void digits4_x8(v8d_t y, int8_t *d0, int8_t *d1, int8_t *d2, int8_t *d3) {
-    v8d_t a0 = rne_x8(y * 0x1p-21);
-    v8d_t r = y - a0 * 0x1p21;
-    v8d_t a1 = rne_x8(r * 0x1p-14);
+static inline void digits4_x8(v8d y, int8_t *d0, int8_t *d1, int8_t *d2, int8_t *d3) {
+    v8d a0 = rne_x8(y * 0x1p-21);
+    v8d r = y - a0 * 0x1p21;
+    v8d a1 = rne_x8(r * 0x1p-14);
     r = r - a1 * 0x1p14;
-    v8d_t a2 = rne_x8(r * 0x1p-7);
+    v8d a2 = rne_x8(r * 0x1p-7);
     r = r - a2 * 0x1p7;
     store_x8(d0, a0);
     store_x8(d1, a1);
@@ -459,10 +457,10 @@ static inline void digits4_x8(v8d_t y, int8_t *d0, int8_t *d1, int8_t *d2, int8_
     store_x8(d3, rne_x8(r));
 }
 
-static inline v8d_t load_x8(const float *x) {
+static inline v8d load_x8(const float *x) {
     v8f f;
     memcpy(&f, x, sizeof f);
-    return __builtin_convertvector(f, v8d_t);
+    return __builtin_convertvector(f, v8d);
 }
 
 int64_t split_rows_i8(const float *a, int64_t rows, int64_t K, int8_t *left, int32_t *e) {
@@ -495,7 +493,7 @@ int64_t split_cols_i8(const float *b, int64_t batch, int64_t K, int64_t N, int8_
             int64_t j = 0, bulk = N - N % 64; /* as in split_rows_i8 */
             for (; j < bulk; j++) digits4((double)brow[j] * scale[j], r3 + j, r2 + j, r1 + j, r0 + j);
             for (; j + 8 <= N; j += 8) {
-                v8d_t sc;
+                v8d sc;
                 memcpy(&sc, scale + j, sizeof sc);
                 digits4_x8(load_x8(brow + j) * sc, r3 + j, r2 + j, r1 + j, r0 + j);
             }
@@ -519,14 +517,14 @@ static inline double round_odd_i64(int64_t v) {
     return f;
 }
 
-/* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag
- * (batch, 5, M, N) int32. `narrow` (K <= 2**12, so |V| < 2**53): V converts to double exactly, and the loop
- * vectorises; otherwise round-to-odd keeps the one rounding. Both give the same bits where both apply. */
-/* one output of the int8 form: V = the diagonals' Horner sum, float32(V * 2**(ea - 40) * 2**eb) with pa = 2**(ea - 40) */
+/* V of one output of the int8 form from its five diagonal sums d = 0..4: sum_d diag[d] * 2**(7 * (4 - d)), exact */
 static inline int64_t horner5(int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4) {
     return ((((d0 * 128 + d1) * 128 + d2) * 128 + d3) * 128) + d4;
 }
 
+/* out (batch, M, N) = float32(V * 2**(ea - 40) * 2**eb) with V = sum_d diag[d] * 2**(7 * (4 - d)), diag
+ * (batch, 5, M, N) int32. `narrow` (K <= 2**12, so |V| < 2**53): V converts to double exactly, and the loop
+ * vectorises; otherwise round-to-odd keeps the one rounding. Both give the same bits where both apply. */
 void combine_i8(const int32_t *diag, int64_t batch, int64_t M, int64_t N, const int32_t *ea, const int32_t *eb, float *out,
                 int64_t narrow) {
     int64_t mn = M * N;
@@ -844,7 +842,6 @@ void layer_norm_bwd_f32(const float *go, const float *x, const float *mean, cons
 /* max of a row (which of two equal zeros is unspecified: callers only subtract it, and x - (+0) == x - (-0) for
  * every x but a zero, whose exp is 1 either way) and whether it holds a NaN; eight lanes, vectorised */
 static float row_max(const float *x, int64_t n, int *nan) {
-    typedef int32_t v8i __attribute__((vector_size(32)));
     const v8f zero = {0};
     v8f m = zero - __builtin_inff();
     v8i bad = {0};

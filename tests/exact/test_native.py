@@ -372,3 +372,50 @@ def test_no_home_directory_falls_back_to_the_torch_path(monkeypatch) -> None:  #
     assert not native.available()
     assert "home directory" in native.status() and "torch path" in native.status()
     assert native.sum_rows(torch.ones(2, 3)) is None
+
+
+@pytest.mark.parametrize("level", [(), ("-march=x86-64-v3",)], ids=["generic", "x86-64-v3"])
+def test_kernels_built_for_another_cpu_level_give_the_same_bits(level: tuple[str, ...], tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The x86-64 level the kernels are built for changes speed, never a bit: a build without AVX-512 (vector types
+    lowered to narrower SIMD, the scalar erf, torch.bmm for attention, `_int_mm` instead of VNNI) against this one."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 levels only")
+    from pol.exact import exact_mode
+
+    rng = np.random.default_rng(17)
+    x = f32(wide_rows(rng, (37, 72), spread=20))
+    x[3, :9] = -0.0
+    a3, b3 = f32(rng.standard_normal((6, 9, 40))), f32(rng.standard_normal((6, 40, 24)))
+    w = f32(rng.standard_normal(72))
+    idx = torch.from_numpy(rng.integers(0, 5, 37))
+    aten = torch.ops.aten
+
+    def run() -> list[torch.Tensor]:
+        direct = [
+            native.product(x, x.t().contiguous()), native.product(a3, b3), exact_sum(x, [0]), exact_sum(x, [1]),
+            exact_index_add(torch.zeros(5, 72), 0, idx, x), native.unary("erf", x), native.unary("exp", x),
+        ]  # fmt: skip
+        with exact_mode():
+            ln, mean, rstd = aten.native_layer_norm.default(x, [72], w, w, 1e-5)
+            lsm = aten._log_softmax.default(x, -1, False)
+            return [
+                *direct, ln, mean, rstd,
+                *aten.native_layer_norm_backward.default(x, x, [72], mean, rstd, w, w, [True, True, True]),
+                aten._softmax.default(x, -1, False), lsm, aten._log_softmax_backward_data.default(x, lsm, -1, torch.float32),
+                aten.gelu.default(x), aten.gelu_backward.default(x, x),
+            ]  # fmt: skip
+
+    here = run()
+    monkeypatch.setenv("POL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: level)
+    monkeypatch.setitem(native._state, "dll", native._build())
+    native.vnni.cache_clear()
+    try:
+        other = run()
+        assert level or not native.vnni()
+    finally:
+        native.vnni.cache_clear()
+    for i, (u, v) in enumerate(zip(here, other, strict=True)):
+        assert same_bits(u, v), i
