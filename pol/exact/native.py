@@ -368,7 +368,7 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
     narrow = k <= F64_MAX_K
     if use_vnni and k % 4 == 0 and vnni():  # one pass, no int32 diagonals in memory
         pl, pr, pea, peb, po = _ptr(left), _ptr(right), _ptr(ea), _ptr(eb), _ptr(out)
-        if z == 1:  # threads take row blocks
+        if z == 1:  # threads take blocks of 4 rows (each packs the right operand's panels itself: small next to the GEMM)
             rcs = _parallel(-(-m // 4), 13 * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, 0, 1, 4 * lo, min(m, 4 * hi), narrow))
         else:  # threads take batch entries
             rcs = _parallel(z, 13 * m * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, lo, hi, 0, m, narrow))
