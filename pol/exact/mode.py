@@ -499,12 +499,20 @@ M_SQRT1_2 = 0.70710678118654752440
 M_2_SQRTPI = 1.12837916709551257390
 
 
+def _wrap_dim(dim: int, ndim: int) -> int:
+    """dim in [-ndim, ndim) (a 0-d tensor counts as 1-d), as a non-negative index; IndexError as torch's otherwise."""
+    n = max(ndim, 1)
+    if not -n <= dim < n:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+    return dim % n
+
+
 def _softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
     """aten._softmax as torch's decomposition computes it: m = amax, e = exp(x - m), e / S(e) (S exact)."""
     if half_to_float:
         raise UnsupportedOperator("aten._softmax", "half_to_float")
     x = x.contiguous()
-    dim = dim % max(x.dim(), 1)
+    dim = _wrap_dim(dim, x.dim())
     if x.dim() and dim == x.dim() - 1:
         fused = native.softmax(x)
         if fused is not None:
@@ -518,7 +526,7 @@ def _softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
 
 def _softmax_backward(grad: torch.Tensor, out: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
     """aten._softmax_backward_data as torch's decomposition computes it: p = g * o, p - o * S(p)."""
-    dim = dim % max(out.dim(), 1)
+    dim = _wrap_dim(dim, out.dim())
     if out.dim() and dim == out.dim() - 1:
         fused = native.softmax_backward(grad.contiguous(), out.contiguous())
         if fused is not None:
@@ -575,7 +583,7 @@ def _log_softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor
     if x.dim() == 0:
         return _log_softmax(x.reshape(1), 0, False).reshape(())
     x = x.contiguous()
-    dim = dim % x.dim()
+    dim = _wrap_dim(dim, x.dim())
     if dim == x.dim() - 1:
         fused = native.log_softmax(x)
         if fused is not None:
@@ -590,7 +598,7 @@ def _log_softmax_backward(grad: torch.Tensor, out: torch.Tensor, dim: int, input
     """aten._log_softmax_backward_data as torch's decomposition computes it: g - exp(o) * S(g)."""
     if input_dtype != torch.float32:
         raise UnsupportedOperator("aten._log_softmax_backward_data", f"input dtype {input_dtype}")
-    dim = dim % max(out.dim(), 1)
+    dim = _wrap_dim(dim, out.dim())
     if out.dim() and dim == out.dim() - 1 and grad.shape == out.shape:
         fused = native.log_softmax_backward(grad.contiguous(), out.contiguous())
         if fused is not None:

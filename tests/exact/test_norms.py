@@ -179,3 +179,15 @@ def test_embedding_backward_handler_equals_the_decomposition(padding_idx: int, s
         old = torch._decomp.decomposition_table[EMB](grad, indices, 11, padding_idx, scale_grad_by_freq)
     assert _bits_equal(new, old)
     assert new.shape == (11, 6)
+
+
+@pytest.mark.parametrize("op", [SM, LSM])
+def test_softmax_handlers_refuse_a_dimension_out_of_range_as_torch_does(op) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(2, 3)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        op(x, 5, False)  # torch's own kernel
+    with exact_mode(), pytest.raises(IndexError, match="Dimension out of range"):
+        op(x, 5, False)
+    backward = SMB if op is SM else LSMB
+    with exact_mode(), pytest.raises(IndexError, match="Dimension out of range"):
+        backward(x, x, -3, torch.float32)
