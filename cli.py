@@ -6,9 +6,9 @@ Data goes to stdout (`--json` for scripts), progress and hints to stderr. Exit c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,20 +17,11 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pol.errors import (
-    BundleError,
-    ComponentError,
-    DataDiffers,
-    DataError,
-    DeviceUnavailable,
-    NumericsUnavailable,
-    PolError,
-    SpecError,
-    VersionMismatch,
-)
+from pol.errors import EXIT_FAILED, EXIT_USAGE, CodeDiffers, CodeNotAllowed, DataDiffers, PolError, VersionMismatch
 
 app = typer.Typer(
     name="pol",
@@ -42,22 +33,29 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK = 0
 F = TypeVar("F", bound=Callable[..., Any])
 _DEBUG = {"on": False}  # set once per process by the --debug flag of the app callback
 
-USAGE_ERRORS = (SpecError, ComponentError, DeviceUnavailable, NumericsUnavailable, DataError)
+_HINTS: tuple[tuple[type[PolError], str], ...] = (
+    (DataDiffers, "this is not evidence of fraud: obtain the committed data, or pass --data-dir"),
+    (CodeDiffers, "this is not evidence of fraud: install the version of that package the spec pins"),
+    (CodeNotAllowed, "pol imports no code a bundle names unless you allow its package beforehand"),
+    (VersionMismatch, "this is not evidence of fraud: verify with the versions the spec names"),
+)
 
 
 def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     if hint:
         err.print(f"[dim]hint: {hint}[/]", highlight=False)
     raise typer.Exit(code)
 
 
-def handle_errors(usage: tuple[type[Exception], ...] = USAGE_ERRORS) -> Callable[[F], F]:
-    """The one place that maps errors to messages and exit codes."""
+def handle_errors(usage_prefix: str | None = None) -> Callable[[F], F]:
+    """The one place that maps errors to messages and exit codes: each error class carries its exit code
+    (`PolError.exit_code`: 1 rejected or failed, 2 usage or cannot verify). `usage_prefix` starts the message of
+    an exit-2 error (e.g. "cannot verify"). A traceback only with --debug."""
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
@@ -66,25 +64,21 @@ def handle_errors(usage: tuple[type[Exception], ...] = USAGE_ERRORS) -> Callable
                 return fn(*args, **kwargs)
             except typer.Exit:
                 raise
-            except DataDiffers as exc:
-                if _DEBUG["on"]:
-                    raise
-                fail(str(exc), EXIT_USAGE, "this is not evidence of fraud: obtain the committed data, or pass --data-dir")
-            except usage as exc:
-                if _DEBUG["on"]:
-                    raise
-                fail(str(exc), EXIT_USAGE)
             except PolError as exc:
                 if _DEBUG["on"]:
                     raise
-                fail(str(exc), EXIT_FAILED)
+                code = exc.exit_code
+                message = " ".join(str(exc).split()) or type(exc).__name__
+                if usage_prefix and code == EXIT_USAGE:
+                    message = f"{usage_prefix}: {message}"
+                fail(escape(message), code, next((h for cls, h in _HINTS if isinstance(exc, cls)), None))
             except KeyboardInterrupt:
                 fail("interrupted", 130, "a training run can be continued with --resume")
             except OSError as exc:  # the disk, not the input: a full disk, a read-only or vanished directory
                 if _DEBUG["on"]:
                     raise
                 where = f" ({exc.filename})" if exc.filename else ""
-                fail(f"{exc.strerror or exc}{where}", EXIT_FAILED, "fix the disk or directory; a training run continues with --resume")
+                fail(escape(f"{exc.strerror or exc}{where}"), EXIT_FAILED, "fix the disk or directory; a training run continues with --resume")
 
         return inner  # type: ignore[return-value]
 
@@ -96,8 +90,6 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
 ) -> None:
     _DEBUG["on"] = debug
-    if os.getcwd() not in sys.path:  # let `module:callable` models and datasets live in the working directory
-        sys.path.append(os.getcwd())
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -150,32 +142,75 @@ def parse_kwargs(text: str | None, flag: str) -> dict[str, Any] | None:
     return value
 
 
+AllowCodeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow-code", metavar="PACKAGE",
+                 help="Allow the spec's user code from this package (repeatable). Built-ins are always allowed; "
+                      "nothing else a bundle names is ever imported."),
+]
+
+
+def _code_policy(allow: list[str] | None) -> Any:
+    from pol.components import CodePolicy
+
+    return CodePolicy.allowing(allow or ())
+
+
+SpecOpt = Annotated[Path | None, typer.Option("--spec", help="A TOML or JSON spec file; flags override its fields.")]
+ModelOpt = Annotated[str | None, typer.Option(help="Built-in model (mlp, cnn, transformer) or module:callable.")]
+ModelKwOpt = Annotated[str | None, typer.Option("--model-kwargs", help="JSON keyword arguments for the model.")]
+DataOpt = Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars), module:callable or dir:PATH.")]
+DataKwOpt = Annotated[str | None, typer.Option("--data-kwargs", help="JSON keyword arguments for the data.")]
+StepsOpt = Annotated[int | None, typer.Option(min=1, help="Training steps.")]
+EveryOpt = Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (default: 10, more for big models).")]
+SeedOpt = Annotated[int | None, typer.Option(min=0, help="Seed of every random draw (init, data order, dropout).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per step.")]
+MicroOpt = Annotated[int | None, typer.Option(min=0, help="Run each batch in micro-batches of this size.")]
+LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (must be above 0).")]
+OptimOpt = Annotated[str | None, typer.Option(help="sgd or adamw.")]
+NumericsOpt = Annotated[str | None, typer.Option(help="native (deterministic torch kernels) or exact (bitwise on any hardware).")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")]
+
+
+def _spec_fields(spec_file: Path | None, model: str | None, model_kwargs: str | None, data: str | None,
+                 data_kwargs: str | None, **flags: Any) -> dict[str, Any]:
+    """The spec fields a command line gives: a spec file's, overridden by flags (`pol.spec.apply_flags`)."""
+    from pol.spec import Flags, apply_flags, load_spec_file
+
+    fields = load_spec_file(spec_file) if spec_file else {}
+    return apply_flags(fields, Flags(model=model, model_kwargs=parse_kwargs(model_kwargs, "--model-kwargs"), data=data,
+                                     data_kwargs=parse_kwargs(data_kwargs, "--data-kwargs"), **flags))
+
+
 @app.command()
 @handle_errors()
 def train(
-    spec_file: Annotated[Path | None, typer.Option("--spec", help="A TOML or JSON spec file; flags override its fields.")] = None,
-    model: Annotated[str | None, typer.Option(help="Built-in model (mlp, cnn, transformer) or module:callable.")] = None,
-    model_kwargs: Annotated[str | None, typer.Option("--model-kwargs", help="JSON keyword arguments for the model.")] = None,
-    data: Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars), module:callable or dir:PATH.")] = None,
-    data_kwargs: Annotated[str | None, typer.Option("--data-kwargs", help="JSON keyword arguments for the data.")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Training steps.")] = None,
-    every: Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (default: 10, more for big models).")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed of every random draw (init, data order, dropout).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per step.")] = None,
-    microbatch: Annotated[int | None, typer.Option(min=0, help="Run each batch in micro-batches of this size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw.")] = None,
-    numerics: Annotated[str | None, typer.Option(help="native (deterministic torch kernels) or exact (bitwise on any hardware).")] = None,
+    spec_file: SpecOpt = None,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwOpt = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwOpt = None,
+    steps: StepsOpt = None,
+    every: EveryOpt = None,
+    seed: SeedOpt = None,
+    batch_size: BatchOpt = None,
+    microbatch: MicroOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = None,
+    numerics: NumericsOpt = None,
     device: DeviceOpt = "cpu",
     out_path: Annotated[Path, typer.Option("--out", help="Bundle directory, or an archive if it ends in .tar.")] = Path("bundle"),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")] = None,
+    data_dir: DataDirOpt = None,
     fault: Annotated[str | None, typer.Option(help="Testing disputes: corrupt one operator, STEP:NODE[:ELEMENT] (see pol graph).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model and write a proof bundle (checkpoints, trace records, Merkle commitment).
+
+    User code (module:callable) must be importable the ordinary way: installed, or on PYTHONPATH
+    (e.g. PYTHONPATH=. pol train ...); pol never adds the working directory to the import path.
 
     Examples:
 
@@ -183,43 +218,23 @@ def train(
 
       pol train --spec job.toml --steps 1000 --every 50 --out run2.tar
 
-      pol train --model mypkg.models:make_net --data mypkg.data:load --out run3
+      PYTHONPATH=. pol train --model mypkg.models:make_net --data mypkg.data:load --out run3
     """
-    from pol.engine import compute_default_every
-    from pol.prove import train_and_prove
-    from pol.spec import BUILTIN_DEFAULTS, Component, load_spec_file, spec_from_dict
+    from pol.components import CodePolicy
+    from pol.engine import build_spec
+    from pol.prove import check_output, train_and_prove
 
-    fields: dict[str, Any] = load_spec_file(spec_file) if spec_file else {}
-    flags = {"steps": steps, "every": every, "seed": seed, "batch_size": batch_size, "microbatch": microbatch, "numerics": numerics}
-    fields.update({k: v for k, v in flags.items() if v is not None})
-    fields.setdefault("model", "mlp")
-    for key, name, kwargs in (("model", model, model_kwargs), ("data", data, data_kwargs)):
-        parsed = parse_kwargs(kwargs, f"--{key}-kwargs")
-        if name is not None or parsed is not None:
-            current = fields.get(key) or BUILTIN_DEFAULTS.get(Component.from_value(fields["model"], "model").name, {}).get(key)
-            base = current if isinstance(current, dict) else {"name": current}
-            fields[key] = {"name": name or base.get("name"), "kwargs": parsed if parsed is not None else base.get("kwargs", {})}
-    if lr is not None or optimizer is not None:
-        name = Component.from_value(fields["model"], "model").name
-        opt = dict(fields.get("optimizer") or BUILTIN_DEFAULTS.get(name, {}).get("optimizer", {}))
-        if lr is not None:
-            opt["lr"] = lr
-        if optimizer is not None:
-            opt["name"] = optimizer
-        fields["optimizer"] = opt
-    spec = spec_from_dict({**fields, "every": fields.get("every", 1)})
-    if "every" not in fields:  # sized so that writing checkpoints stays a small part of training
-        spec = spec.replace(every=compute_default_every(spec))
+    fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every, seed=seed,
+                          batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
+    check_output(out_path, resume=resume, force=force)  # before anything is built
+    spec = build_spec(fields, CodePolicy.trust_all_code())
     if fault is not None:
         _train_faulty(spec, out_path, fault, device, force, as_json)
         return
     progress, update = step_progress(spec.steps, "training", quiet or as_json)
     started = time.perf_counter()
-    if progress:
-        with progress:
-            result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, on_progress=update, data_dir=data_dir)
-    else:
-        result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, data_dir=data_dir)
+    with progress or contextlib.nullcontext():
+        result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, on_progress=update, data_dir=data_dir)
     elapsed = time.perf_counter() - started
     m = result.manifest
     summary = {
@@ -247,6 +262,54 @@ def train(
     out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{f', resumed at step {result.resumed_from}' if result.resumed_from is not None else ''})")
     if "exact_kernels" in summary:
         out.print(f"exact math  {summary['exact_kernels']}")
+
+
+@app.command()
+@handle_errors()
+def job(
+    spec_file: SpecOpt = None,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwOpt = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwOpt = None,
+    steps: StepsOpt = None,
+    every: EveryOpt = None,
+    seed: SeedOpt = None,
+    batch_size: BatchOpt = None,
+    microbatch: MicroOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = None,
+    numerics: NumericsOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a job's id and its canonical spec without training: what a client posts, and what
+    `pol verify --job-id` checks a bundle against.
+
+    Takes the same spec file and flags as pol train and resolves them the same way (the data digest, the
+    digests of any user code, the pol and torch versions), so `pol train` with the same flags proves this job id.
+    The canonical spec is RFC 8785 (JCS) JSON; the job id is blake3 over it under the domain tag "pol/job/v1".
+
+    Examples:
+
+      pol job --model transformer --steps 200
+
+      pol job --spec job.toml --json > job.json && pol verify run1 --spec job.json
+    """
+    from pol.components import CodePolicy
+    from pol.engine import build_spec, resolve_job
+
+    fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every, seed=seed,
+                          batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
+    code = CodePolicy.trust_all_code()
+    spec = resolve_job(build_spec(fields, code), code=code, data_dir=data_dir)
+    if as_json:
+        print_json({"job_id": spec.job_id, "spec": spec.to_dict(), "canonical": spec.canonical().decode("utf-8")})
+        return
+    out.print(f"job id      {spec.job_id}")
+    out.print(f"job         {spec.model.name} on {spec.data.name}, {spec.steps} steps, checkpoint every {spec.every}, "
+              f"{spec.numerics} numerics, pol {spec.versions.get('pol')}, torch {spec.versions.get('torch')}")
+    out.print(spec.canonical().decode("utf-8"), markup=False)
 
 
 def _train_faulty(spec: Any, out_path: Path, fault: str, device: str, force: bool, as_json: bool) -> None:
@@ -290,7 +353,7 @@ def _bundle_summary(bundle: Any) -> dict[str, Any]:
 
 
 @app.command()
-@handle_errors(usage=())
+@handle_errors()
 def inspect(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
     as_json: JsonOpt = False,
@@ -307,74 +370,100 @@ def inspect(
         print_json(summary)
         return
     spec = summary["spec"]
-    out.print(f"bundle      {summary['path']}  (integrity ok)")
-    out.print(f"job id      {summary['job_id']}")
-    out.print(f"commitment  {summary['root']}")
-    out.print(f"model       {spec['model']['name']} {spec['model']['kwargs'] or ''}")
-    out.print(f"data        {spec['data']['name']} {spec['data']['kwargs'] or ''} (digest {spec['data_digest'][:16]}...)")
-    out.print(f"optimizer   {spec['optimizer']['name']} lr={spec['optimizer']['lr']} schedule={spec['optimizer']['schedule']}")
-    out.print(f"training    {spec['steps']} steps, batch {spec['batch_size']}, k={spec['every']}, seed {spec['seed']}, {spec['numerics']} numerics")
-    out.print(f"size        {summary['files']} checkpoints, {summary['bytes_per_checkpoint'] / 1e6:.2f} MB each, {summary['bytes_total'] / 1e6:.2f} MB total")
+    say = functools.partial(out.print, markup=False, highlight=False)  # every field below comes from the bundle
+    say(f"bundle      {summary['path']}  (integrity ok: every file, digest, record and the commitment checked)")
+    say(f"job id      {summary['job_id']}")
+    say(f"commitment  {summary['root']}")
+    say(f"model       {spec['model']['name']} {spec['model']['kwargs'] or ''}{_code_note(spec['model'])}")
+    say(f"data        {spec['data']['name']} {spec['data']['kwargs'] or ''} (digest {spec['data_digest'][:16]}...){_code_note(spec['data'])}")
+    say(f"optimizer   {spec['optimizer']['name']} lr={spec['optimizer']['lr']} schedule={spec['optimizer']['schedule']}")
+    say(f"training    {spec['steps']} steps, batch {spec['batch_size']}, k={spec['every']}, seed {spec['seed']}, {spec['numerics']} numerics")
+    say(f"size        {summary['files']} checkpoints, {summary['bytes_per_checkpoint'] / 1e6:.2f} MB each, {summary['bytes_total'] / 1e6:.2f} MB total")
     env = summary["env"]
-    out.print(f"trained on  torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu_capability')}, {env.get('device')}")
-    table = Table("step", "state digest", "data digest", "loss", box=None, pad_edge=False)
+    say(f"trained on  torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu_capability')}, {env.get('device')} (as the solver says)")
+    table = Table("step", "state digest", "data digest", "claimed loss", box=None, pad_edge=False)
     for r in summary["records"]:
         table.add_row(str(r["step"]), r["state"][:16], r["data"][:16], "-" if r["loss"] is None else f"{r['loss']:.4f}")
     out.print(table)
+    err.print("[dim]losses are the solver's claims until pol verify replays their segments[/]")
+
+
+def _code_note(component: dict[str, Any]) -> str:
+    return f" (user code, pinned at {component['code'][:16]}...)" if component.get("code") else ""
 
 
 def _print_report(report: Any) -> None:
     colour = "green" if report.accepted else "red"
-    out.print(f"[bold {colour}]{report.verdict.upper()}[/]  {report.reason}")
+    out.print(f"[bold {colour}]{report.verdict.upper()}[/]  {escape(report.reason)}")
     if report.job_id:
-        out.print(f"job id      {report.job_id}")
+        pinned = "  (the job you asked for)" if report.expected_job == report.job_id else "  (not pinned: pass --job-id or --spec)" if report.expected_job is None else ""
+        out.print(f"job id      {report.job_id}{pinned}")
         out.print(f"commitment  {report.root}")
     if report.checks:
-        table = Table("segment", "steps", "sampled", "result", "max rel L2", "update cos", "problem", box=None, pad_edge=False)
+        table = Table("segment", "steps", "sampled", "result", "loss", "max rel L2", "update cos", "problem", box=None, pad_edge=False)
         for c in report.checks:
             rel = "-" if c.max_rel_l2 is None else f"{c.max_rel_l2:.2e}"
             cos = "-" if c.update_cosine is None else f"{c.update_cosine:.6f}"
-            table.add_row(str(c.index), f"{c.start}->{c.end}", c.why, "ok" if c.ok else "[red]FAIL[/]", rel, cos, c.problem or "")
+            loss = "-" if c.replayed_loss is None else f"{c.replayed_loss:.4f}"
+            table.add_row(str(c.index), f"{c.start}->{c.end}", c.why, "ok" if c.ok else "[red]FAIL[/]", loss, rel, cos, escape(c.problem or ""))
         out.print(table)
     if report.thresholds:
         t = report.thresholds
-        out.print(f"thresholds  rel L2 <= {t.rel_l2:.2e}, update cos >= {t.min_cosine:.6f}, |log norm ratio| <= {t.max_log_ratio:.1e}"
-                  f"  (calibrated on segment {t.calibrated_on}: honest spread {t.observed.get('rel_l2', 0):.1e})")
+        out.print(f"thresholds  rel L2 <= {t.rel_l2:.2e}, update cos >= {t.min_cosine:.6f}, |log norm ratio| <= {t.max_log_ratio:.1e}, "
+                  f"loss within {t.loss_rel:.1e}  (calibrated on segment {t.calibrated_on}: honest spread {t.observed.get('rel_l2', 0):.1e})")
     if report.steps_total:
         out.print(f"compute     {report.steps_replayed} of {report.steps_total} training steps replayed ({report.compute_fraction:.1%} of training)")
     if report.escape_probability:
         parts = ", ".join(f"f={f}: {p:.3g}" for f, p in report.escape_probability.items())
         out.print(f"escape      probability that a cheater faking a fraction f of segments passed this sample: {parts}")
     out.print(f"randomness  {report.randomness_source}; repeat this exact sample with --beacon {report.randomness}")
+    if report.sample_predictable:
+        err.print("[yellow]warning:[/] the sample came from --seed, so it is predictable: a solver who knew the seed could "
+                  "have faked only unsampled segments. The escape probabilities assume it did not. Use fresh randomness "
+                  "(the default) or a --beacon drawn after the commitment.", highlight=False)
 
 
 @app.command()
-@handle_errors()
+@handle_errors(usage_prefix="cannot verify")
 def verify(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    job_id: Annotated[str | None, typer.Option("--job-id", help="The job you asked for (pol job prints it); reject a bundle of any other job.")] = None,
+    spec_file: Annotated[Path | None, typer.Option("--spec", help="The spec you posted (file); reject a bundle of any other job.")] = None,
+    root: Annotated[str | None, typer.Option(help="The commitment you expect (e.g. from the ledger); reject any other.")] = None,
+    allow_code: AllowCodeOpt = None,
     samples: Annotated[int | None, typer.Option(min=1, help="Segments to replay (default 4).")] = None,
     confidence: Annotated[float | None, typer.Option(help="Detection probability wanted, e.g. 0.999 (with --cheat-fraction).")] = None,
     cheat_fraction: Annotated[float | None, typer.Option("--cheat-fraction", help="Fraction of faked segments to catch, e.g. 0.1.")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="The verifier's secret sampling seed.")] = None,
-    beacon: Annotated[str | None, typer.Option(help="Public randomness (hex) drawn after the commitment.")] = None,
+    beacon: Annotated[str | None, typer.Option(help="Public randomness (hex, at least 128 bits) drawn after the commitment was posted.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Reproducible sample for tests: PREDICTABLE, so a solver who knows it could dodge it.")] = None,
     segments: Annotated[str | None, typer.Option(help="Replay exactly these segments, e.g. '3,7' (1-based).")] = None,
-    root: Annotated[str | None, typer.Option(help="The commitment you expect (e.g. from the ledger); reject any other.")] = None,
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for the replay.")] = None,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")] = None,
+    data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Verify a proof bundle by replaying randomly sampled segments.
 
-    Exit code 0: accepted. 1: rejected (with evidence). 2: cannot verify (bad usage, data you do not have,
-    not a readable bundle).
+    Pin the job you pay for: --job-id (or --spec) rejects a bundle that proves any other job, even honestly
+    (fewer steps, another seed), and --root rejects any other commitment. The sample is drawn from fresh
+    randomness by default, or from --beacon, public randomness drawn AFTER the solver committed; both are
+    unknown to the solver when it commits. --seed makes the sample reproducible for tests, but then it is
+    predictable: the report says so, and its escape probabilities assume the solver did not know the seed.
+
+    The bundle's user code (module:callable) is imported only from packages you allow with --allow-code, after
+    checking it is the code the spec pins; otherwise: cannot verify, before anything is imported.
+
+    Exit code 0: accepted. 1: rejected (with evidence). 2: cannot verify (bad usage, data or code you do not have,
+    another pol version, not a readable bundle).
 
     Examples:
 
-      pol verify run1 --seed 7
+      pol verify run1 --job-id 3f2a...
 
       pol verify run1 --confidence 0.999 --cheat-fraction 0.1 --json
+
+      pol verify run3 --spec job.toml --allow-code mypkg
     """
     from pol.verify import verify as run_verify
 
@@ -386,8 +475,11 @@ def verify(
             raise typer.BadParameter("expected comma-separated segment numbers such as 3,7", param_hint="--segments") from None
     if samples is not None and confidence is not None:
         raise typer.BadParameter("give --samples or --confidence/--cheat-fraction, not both", param_hint="--samples")
-    if not bundle_path.exists():
-        fail(f"cannot verify: {bundle_path}: no such bundle directory or archive", EXIT_USAGE)
+    if job_id is not None and spec_file is not None:
+        raise typer.BadParameter("give --job-id or --spec, not both", param_hint="--job-id")
+    code = _code_policy(allow_code)
+    if spec_file is not None:
+        job_id = _posted_job_id(spec_file, code, data_dir)
     progress = None if quiet or as_json else Progress(
         TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
         TextColumn("left"), TimeRemainingColumn(), console=err)
@@ -397,20 +489,10 @@ def verify(
         if progress is not None and task is not None:
             progress.update(task, completed=done, total=total)
 
-    kwargs = dict(samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed, beacon=beacon,
-                  segments=forced, expected_root=root, device=device, threads=threads, data_dir=data_dir, on_progress=update)
-    try:
-        if progress:
-            with progress:
-                report = run_verify(bundle_path, **kwargs)
-        else:
-            report = run_verify(bundle_path, **kwargs)
-    except BundleError as exc:
-        fail(f"cannot verify: {exc}", EXIT_USAGE)
-    except PolError as exc:
-        if isinstance(exc, (DataDiffers,) + USAGE_ERRORS):
-            raise
-        fail(f"cannot verify: {exc}", EXIT_USAGE)
+    with progress or contextlib.nullcontext():
+        report = run_verify(bundle_path, samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed,
+                            beacon=beacon, segments=forced, expected_root=root, expected_job=job_id, code=code,
+                            device=device, threads=threads, data_dir=data_dir, on_progress=update)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -418,8 +500,20 @@ def verify(
     raise typer.Exit(EXIT_OK if report.accepted else EXIT_FAILED)
 
 
+def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None) -> str:
+    """The job id of a spec file: as written when resolved (pol job --json's output or its "spec"), else resolved
+    here against the data and code (on the verifier's allow-list)."""
+    from pol.engine import build_spec, resolve_job
+    from pol.spec import load_spec_file
+
+    fields = load_spec_file(spec_file)
+    if set(fields) >= {"job_id", "spec"}:  # the output of pol job --json
+        fields = fields["spec"] if isinstance(fields["spec"], dict) else {}
+    return resolve_job(build_spec(fields, code), code=code, data_dir=data_dir).job_id
+
+
 @app.command()
-@handle_errors(usage=())
+@handle_errors()
 def pack(
     directory: Annotated[Path, typer.Argument(help="A bundle directory.")],
     archive: Annotated[Path, typer.Argument(help="The single-file archive to write (.tar).")],
@@ -432,7 +526,7 @@ def pack(
 
 
 @app.command()
-@handle_errors(usage=())
+@handle_errors()
 def graph(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
     step: Annotated[int, typer.Option(min=0, help="Capture the step from state STEP to STEP+1.")],
@@ -458,7 +552,7 @@ def graph(
 
 
 @app.command()
-@handle_errors(usage=(VersionMismatch,))
+@handle_errors()
 def dispute(
     bundle_path: Annotated[Path | None, typer.Argument(metavar="BUNDLE", help="The disputed bundle.")] = None,
     segment: Annotated[int, typer.Option(min=1, help="The disputed segment (1-based, as pol verify numbers them).")] = 1,
@@ -556,19 +650,15 @@ def game_run(
     """Run a whole market with real work on the SQLite ledger: post, auction, train, commit, verify, dispute
     (pinpoint), settle. Re-running on the same --workdir after a crash continues where it stopped, paying nothing
     twice. Then `pol ledger show WORKDIR/ledger.db`."""
-    from games.errors import GameError
     from games.market import report_to_dict, run_market
 
     def show(event: Any) -> None:
         if not as_json:
             out.print(str(event), markup=False, highlight=False)
 
-    try:
-        report = run_market(workdir, ledger_path=ledger_path, n_tasks=tasks, n_solvers=solvers, n_verifiers=verifiers,
-                            cheaters=tuple(cheater) if cheater is not None else ("solver-2",),
-                            lazy_verifiers=tuple(lazy or ()), seed=seed, on_event=show)
-    except GameError as exc:
-        fail(str(exc), EXIT_USAGE)
+    report = run_market(workdir, ledger_path=ledger_path, n_tasks=tasks, n_solvers=solvers, n_verifiers=verifiers,
+                        cheaters=tuple(cheater) if cheater is not None else ("solver-2",),
+                        lazy_verifiers=tuple(lazy or ()), seed=seed, on_event=show)
     if as_json:
         print_json(report_to_dict(report))
         return
@@ -589,13 +679,9 @@ def game_simulate(
 ) -> None:
     """Play many tasks with honest, cheating and lazy strategies on the in-memory ledger and report each
     strategy's expected profit per task, and the stake at which cheating stops paying."""
-    from games.errors import GameError
     from games.simulate import SimConfig, render_markdown, report_to_dict, save_plot, simulate
 
-    try:
-        report = simulate(SimConfig(n_tasks=tasks, seed=seed, lazy_fraction=lazy, whistle_rate=whistle))
-    except GameError as exc:
-        fail(str(exc), EXIT_USAGE)
+    report = simulate(SimConfig(n_tasks=tasks, seed=seed, lazy_fraction=lazy, whistle_rate=whistle))
     if plot is not None:
         save_plot(report, plot)
         err.print(f"wrote {plot}")
@@ -613,20 +699,16 @@ def ledger_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Print balances, open escrows and the latest events of a ledger, after checking its invariants."""
-    from games.errors import GameError
     from games.ledger_sqlite import SqliteLedger
     from games.views import ledger_to_dict, render_ledger
 
     if not path.is_file():
-        fail(f"no ledger at {path}", EXIT_USAGE, "pol game run creates one")
-    try:
-        with SqliteLedger(path) as ledger:
-            if as_json:
-                print_json(ledger_to_dict(ledger, last_events=events))
-            else:
-                out.print(render_ledger(ledger, last_events=events), markup=False)
-    except GameError as exc:
-        fail(str(exc), EXIT_FAILED)
+        fail(escape(f"no ledger at {path}"), EXIT_USAGE, "pol game run creates one")
+    with SqliteLedger(path, create=False) as ledger:
+        if as_json:
+            print_json(ledger_to_dict(ledger, last_events=events))
+        else:
+            out.print(render_ledger(ledger, last_events=events), markup=False)
 
 
 def main() -> None:

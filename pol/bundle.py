@@ -9,20 +9,23 @@
 `open_bundle` validates everything before anything is used, and every problem raises a typed `BundleError` that
 names the file or field: unknown version, missing/extra/renamed files, links or paths escaping the bundle, file
 sizes and blake3 digests, every manifest field (types, sizes, finiteness), the job id against the spec, the record
-steps against the spec, and the Merkle root and commitment against the records. Checkpoints are read with
-safetensors (no pickle, no code) and their tensors checked against the committed state digest on load.
+steps against the spec (computed, never enumerated from a claimed count), and the Merkle root and commitment against
+the records. An archive is read in place, member by member, and never extracted: nothing is written to disk, and
+only regular, non-sparse members with bundle names are accepted. Checkpoints are read with safetensors (no pickle,
+no code) and their tensors checked against the committed state digest on load; `Bundle.read_layout` reads a
+checkpoint's tensor names, dtypes and shapes from its header alone.
+
+Writing goes through one `BundleWriter` (the solver, the market's forger and the tests' forgers all use it):
+checkpoints are added one by one (`add`), each written atomically, and `finish` writes the manifest last.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import shutil
 import tarfile
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from .canonical import Digest, canonical_json, parse_json_strict
+from .canonical import Digest, canonical_json, is_digest, parse_json_strict
 from .digest import State, combine_digests, tensor_bytes, tensor_digest, tensor_digests
-from .errors import ArchiveError, BundleError, BundleFileError, BundleVersionError, DigestMismatch, ManifestError, SpecError
+from .errors import (
+    ArchiveError,
+    BundleError,
+    BundleFileError,
+    BundleNotFound,
+    BundleVersionError,
+    DigestMismatch,
+    ManifestError,
+    SpecError,
+)
 from .merkle import InclusionProof, get_proof
 from .spec import FORMAT_VERSION, JobSpec, spec_from_dict
 from .trace import EMPTY_DATA, Record, compute_trace_commitment, record_from_dict
@@ -43,7 +55,10 @@ __all__ = [
     "Manifest",
     "FileEntry",
     "Bundle",
+    "BundleWriter",
+    "Layout",
     "open_bundle",
+    "write_bundle",
     "write_manifest",
     "write_checkpoint",
     "checkpoint_name",
@@ -60,8 +75,8 @@ MAX_FILE_BYTES = 1 << 40
 MAX_RECORDS = 1_000_000
 MAX_ENV_ENTRIES = 32
 MAX_ENV_CHARS = 512
-_CHECKPOINT = re.compile(r"^checkpoints/step-(\d{9})\.safetensors$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CHECKPOINT = re.compile(r"checkpoints/step-(\d{9})\.safetensors")
+_CHUNK = 1 << 24
 _MANIFEST_KEYS = {"format", "version", "spec", "job_id", "records", "merkle_root", "root", "files", "env"}
 
 
@@ -114,7 +129,7 @@ class Manifest:
 
 
 def _hex_field(value: Any, name: str) -> Digest:
-    if not isinstance(value, str) or not _HEX64.match(value):
+    if not is_digest(value):
         raise ManifestError(name, "expected 64 lowercase hex characters")
     return value
 
@@ -129,7 +144,7 @@ def _check_path(name: Any, where: str) -> str:
         raise ManifestError(where, "file names must be strings of at most 256 characters")
     if not _safe_relative(name):
         raise BundleFileError(name, "path escapes the bundle")
-    if not _CHECKPOINT.match(name):
+    if not _CHECKPOINT.fullmatch(name):
         raise BundleFileError(name, "not a checkpoint name of the form checkpoints/step-NNNNNNNNN.safetensors")
     return name
 
@@ -178,12 +193,12 @@ def manifest_from_dict(value: Any) -> Manifest:
     if job_id != spec.job_id:
         raise DigestMismatch("job_id (blake3 of the canonical spec)", job_id, spec.job_id)
     raw_records = value["records"]
-    if not isinstance(raw_records, list) or not 0 < len(raw_records) <= MAX_RECORDS:
-        raise ManifestError("records", f"expected a list of 1 to {MAX_RECORDS} records")
+    if not isinstance(raw_records, list) or len(raw_records) != spec.n_records:
+        raise ManifestError("records", f"expected a list of the spec's {spec.n_records} records (steps 0, {spec.every}, ..., {spec.steps})")
     records = tuple(record_from_dict(r, f"records[{i}]") for i, r in enumerate(raw_records))
-    expected_steps = spec.checkpoint_steps
-    if [r.step for r in records] != expected_steps:
-        raise ManifestError("records", f"record steps do not match the spec's checkpoints 0, {spec.every}, ..., {spec.steps}")
+    for i, r in enumerate(records):
+        if r.step != spec.checkpoint_step(i):
+            raise ManifestError(f"records[{i}].step", f"{r.step} is not the spec's checkpoint {spec.checkpoint_step(i)}")
     if records[0].data != EMPTY_DATA or records[0].loss is not None:
         raise ManifestError("records[0]", "the step-0 record consumes no data and has no loss")
     manifest = Manifest(
@@ -194,7 +209,7 @@ def manifest_from_dict(value: Any) -> Manifest:
         files=_files_from_dict(value["files"]),
         env=_env_from_dict(value["env"]),
     )
-    expected_files = {checkpoint_name(s) for s in expected_steps}
+    expected_files = {checkpoint_name(r.step) for r in records}
     if set(manifest.files) != expected_files:
         missing, extra = sorted(expected_files - set(manifest.files)), sorted(set(manifest.files) - expected_files)
         raise ManifestError("files", f"the file table must list one checkpoint per record: missing {missing[:3]}, extra {extra[:3]}")
@@ -206,22 +221,118 @@ def manifest_from_dict(value: Any) -> Manifest:
     return manifest
 
 
-def _read_manifest(directory: Path) -> Manifest:
-    path = directory / MANIFEST_NAME
-    if path.is_symlink() or not path.is_file():
-        raise BundleFileError(MANIFEST_NAME, "missing (is this a bundle directory?)")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
+class _Source:
+    """Where a bundle's files live: a directory, or a tar archive read in place (never extracted).
+
+    `sizes` lists every regular file (manifest included) with its size; anything else (a link, a device, a fifo, a
+    sparse or duplicated archive member, a name that is not a bundle name) was refused when the source was opened.
+    """
+
+    sizes: dict[str, int]
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def digest(self, name: str) -> Digest:
+        """blake3 of a file's bytes, read in chunks."""
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        size = self.sizes[name]
+        for offset in range(0, size, _CHUNK):
+            h.update(self.read(name, offset, min(_CHUNK, size - offset)))
+        return h.hexdigest()
+
+    def close(self) -> None:
+        return None
+
+
+class _DirectorySource(_Source):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sizes = _listing(directory)
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        with open(self.directory / name, "rb") as f:
+            f.seek(start)
+            data = f.read(self.sizes[name] - start if length is None else length)
+        if len(data) != (self.sizes[name] - start if length is None else length):
+            raise BundleFileError(name, "changed size while being read")
+        return data
+
+    def digest(self, name: str) -> Digest:
+        return file_digest(self.directory / name)
+
+
+class _ArchiveSource(_Source):
+    """A bundle archive indexed in place: each member's data offset and size, bounded and checked against the
+    archive's length. Reading a member reads that byte range; nothing is ever written to disk."""
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
+        self._file = open(archive, "rb")
+        try:
+            self.offsets, self.sizes = _index_archive(self._file, archive)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        size = self.sizes[name] - start if length is None else length
+        self._file.seek(self.offsets[name] + start)
+        data = self._file.read(size)
+        if len(data) != size:
+            raise ArchiveError(f"archive {self.archive.name} is truncated inside {name!r}")
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _index_archive(f: Any, archive: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Index a bundle archive's members. Raises ArchiveError for anything but regular, non-sparse members with
+    bundle names, each once, whose data lies inside the archive."""
+    length = os.fstat(f.fileno()).st_size
+    offsets: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
+            for member in tf:
+                name = member.name
+                if name in ("checkpoints", "checkpoints/") and member.isdir():
+                    continue
+                if not _safe_relative(name):
+                    raise ArchiveError(f"archive member {name[:80]!r} escapes the bundle")
+                if not member.isreg() or member.issparse():
+                    raise ArchiveError(f"archive member {name[:80]!r} is not a regular file (links, devices, fifos and "
+                                       "sparse files are refused)")
+                if name != MANIFEST_NAME and not _CHECKPOINT.fullmatch(name):
+                    raise ArchiveError(f"archive member {name[:80]!r} is not a bundle file")
+                if name in sizes:
+                    raise ArchiveError(f"archive member {name!r} appears twice")
+                if len(sizes) > MAX_RECORDS:
+                    raise ArchiveError(f"archive has more than {MAX_RECORDS + 1} members")
+                if member.offset_data + member.size > length:
+                    raise ArchiveError(f"archive {archive.name} is truncated inside {name!r}")
+                offsets[name], sizes[name] = member.offset_data, member.size
+    except (tarfile.TarError, EOFError) as exc:
+        raise ArchiveError(f"archive {archive.name} is truncated or malformed: {exc}") from None
+    return offsets, sizes
+
+
+def _read_manifest(source: _Source) -> Manifest:
+    if MANIFEST_NAME not in source.sizes:
+        raise BundleNotFound(f"{MANIFEST_NAME} is missing: this is not a bundle")
+    if source.sizes[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
         raise ManifestError("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        value = parse_json_strict(path.read_bytes())
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        value = parse_json_strict(source.read(MANIFEST_NAME))
+    except ValueError as exc:
         raise ManifestError("manifest", f"not valid JSON: {exc}") from None
     return manifest_from_dict(value)
 
 
-def _listing(directory: Path) -> set[str]:
-    """Every entry below the directory as a relative path; links and special files are refused."""
-    found = set()
+def _listing(directory: Path) -> dict[str, int]:
+    """Every regular file below the directory (relative path -> size); links and special files are refused."""
+    found: dict[str, int] = {}
     for root, dirs, files in os.walk(directory, followlinks=False):
         for name in dirs + files:
             full = Path(root) / name
@@ -234,33 +345,58 @@ def _listing(directory: Path) -> set[str]:
             elif not full.is_file():
                 raise BundleFileError(rel, "not a regular file")
             else:
-                found.add(rel)
+                found[rel] = full.stat().st_size
+            if len(found) > MAX_RECORDS + 1:
+                raise BundleFileError(rel, f"the bundle holds more than {MAX_RECORDS + 1} files")
     return found
 
 
-def _check_files(directory: Path, manifest: Manifest) -> None:
-    present = _listing(directory) - {MANIFEST_NAME}
+def _check_files(source: _Source, manifest: Manifest) -> None:
+    present = set(source.sizes) - {MANIFEST_NAME}
     for name in sorted(set(manifest.files) - present):
         raise BundleFileError(name, "missing from the bundle")
     for name in sorted(present - set(manifest.files)):
         raise BundleFileError(name, "extra file not listed in the manifest")
     for name, entry in sorted(manifest.files.items()):
-        path = directory / name
-        size = path.stat().st_size
-        if size != entry.size:
-            raise BundleFileError(name, f"size {size} differs from the manifest's {entry.size}")
-        got = file_digest(path)
+        if source.sizes[name] != entry.size:
+            raise BundleFileError(name, f"size {source.sizes[name]} differs from the manifest's {entry.size}")
+        got = source.digest(name)
         if got != entry.blake3:
             raise DigestMismatch(name, entry.blake3, got)
 
 
-class Bundle:
-    """An opened, fully validated bundle. Use as a context manager when opened from an archive."""
+_SAFETENSORS_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype name as torch spells it, shape)
 
-    def __init__(self, path: Path, manifest: Manifest, tmp: tempfile.TemporaryDirectory[str] | None = None) -> None:
+
+def _parse_layout(name: str, header: bytes) -> Layout:
+    """The tensors a safetensors file declares, from its header alone. Raises BundleFileError."""
+    try:
+        value = parse_json_strict(header)
+    except ValueError as exc:
+        raise BundleFileError(name, f"not a safetensors file: header is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BundleFileError(name, "not a safetensors file: header is not an object")
+    layout: Layout = {}
+    for tensor, info in value.items():
+        if tensor == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and info.get("dtype") in _SAFETENSORS_NAMES and isinstance(info.get("shape"), list)
+        if not ok or not all(type(d) is int and d >= 0 for d in info["shape"]):
+            raise BundleFileError(name, f"tensor {tensor[:80]!r} has a malformed header entry")
+        layout[tensor] = (_SAFETENSORS_NAMES[info["dtype"]], tuple(info["shape"]))
+    return layout
+
+
+class Bundle:
+    """An opened bundle whose manifest, records, Merkle root, commitment and file table were checked. Use as a
+    context manager (an archive stays open while the bundle is)."""
+
+    def __init__(self, path: Path, manifest: Manifest, source: _Source) -> None:
         self.path = path
         self.manifest = manifest
-        self._tmp = tmp
+        self._source = source
 
     def __enter__(self) -> Bundle:
         return self
@@ -269,9 +405,7 @@ class Bundle:
         self.close()
 
     def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._source.close()
 
     @property
     def spec(self) -> JobSpec:
@@ -282,14 +416,28 @@ class Bundle:
         return self.manifest.records
 
     def record_index(self, step: int) -> int:
-        for i, r in enumerate(self.records):
-            if r.step == step:
-                return i
-        raise BundleError(f"the bundle has no checkpoint at step {step}")
+        """The index of the record at `step`. Raises BundleError if there is none."""
+        spec = self.spec
+        index = -(-step // spec.every) if 0 <= step <= spec.steps else -1
+        if index < 0 or spec.checkpoint_step(index) != step:
+            raise BundleError(f"the bundle has no checkpoint at step {step}")
+        return index
 
     def proof(self, index: int) -> InclusionProof:
         job = self.manifest.job_id
         return get_proof([r.leaf(job) for r in self.records], index)
+
+    def read_layout(self, step: int) -> Layout:
+        """Names, dtypes and shapes of the tensors in the checkpoint at `step`, from its header alone (the file is
+        not read). Raises BundleFileError if the header is malformed."""
+        name = checkpoint_name(self.records[self.record_index(step)].step)
+        size = self._source.sizes[name]
+        if size < 8:
+            raise BundleFileError(name, "not a safetensors file: shorter than its header length")
+        header_len = int.from_bytes(self._source.read(name, 0, 8), "little")
+        if header_len > min(size - 8, MAX_MANIFEST_BYTES):
+            raise BundleFileError(name, f"not a safetensors file: a header of {header_len} bytes does not fit")
+        return _parse_layout(name, self._source.read(name, 8, header_len))
 
     def load_state(self, step: int) -> dict[str, torch.Tensor]:
         """Read the checkpoint at `step` and check it against its committed state digest.
@@ -298,7 +446,7 @@ class Bundle:
         """
         record = self.records[self.record_index(step)]
         name = checkpoint_name(step)
-        data = (self.path / name).read_bytes()
+        data = self._source.read(name)
         try:
             state = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -309,64 +457,49 @@ class Bundle:
         return state
 
 
-def _extract_archive(archive: Path, dest: Path) -> None:
-    """Extract a bundle archive member by member, refusing anything but regular files with bundle names."""
-    seen: set[str] = set()
-    total = 0
-    try:
-        with tarfile.open(archive, "r:") as tf:
-            for member in tf:
-                name = member.name
-                if name in ("checkpoints", "checkpoints/") and member.isdir():
-                    continue
-                if not _safe_relative(name):
-                    raise ArchiveError(f"archive member {name[:80]!r} escapes the bundle")
-                if not member.isreg():
-                    raise ArchiveError(f"archive member {name[:80]!r} is not a regular file (links are refused)")
-                if name != MANIFEST_NAME and not _CHECKPOINT.match(name):
-                    raise ArchiveError(f"archive member {name[:80]!r} is not a bundle file")
-                if name in seen:
-                    raise ArchiveError(f"archive member {name!r} appears twice")
-                seen.add(name)
-                total += member.size
-                if member.size > MAX_FILE_BYTES or total > MAX_FILE_BYTES:
-                    raise ArchiveError(f"archive member {name!r} is too large")
-                source = tf.extractfile(member)
-                assert source is not None
-                target = dest / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
-                if target.stat().st_size != member.size:
-                    raise ArchiveError(f"archive is truncated inside {name!r}")
-    except (tarfile.TarError, EOFError) as exc:
-        raise ArchiveError(f"archive {archive.name} is truncated or malformed: {exc}") from None
-    except OSError as exc:
-        raise ArchiveError(f"cannot read archive {archive.name}: {exc.strerror or exc}") from None
-
-
 def open_bundle(path: str | Path) -> Bundle:
-    """Open a bundle directory or archive and validate all of it. Raises a BundleError subclass naming the problem."""
+    """Open a bundle directory or archive and validate all of it. An archive is read in place: nothing is
+    extracted or written. Raises BundleNotFound when there is no bundle at `path`, else a BundleError subclass
+    naming the problem."""
     path = Path(path)
     if path.is_dir():
-        manifest = _read_manifest(path)
-        _check_files(path, manifest)
-        return Bundle(path, manifest)
-    if not path.is_file():
-        raise BundleFileError(str(path), "no such bundle directory or archive")
-    tmp = tempfile.TemporaryDirectory(prefix="pol-bundle-")
+        if not (path / MANIFEST_NAME).is_file() and not (path / MANIFEST_NAME).is_symlink():
+            raise BundleNotFound(f"{path}: no {MANIFEST_NAME} here (is this a bundle directory?)")
+        source: _Source = _DirectorySource(path)
+    elif path.is_file():
+        if not _looks_like_tar(path):
+            raise BundleNotFound(f"{path}: neither a bundle directory nor a bundle archive (.tar)")
+        source = _ArchiveSource(path)
+    else:
+        raise BundleNotFound(f"{path}: no such bundle directory or archive")
     try:
-        dest = Path(tmp.name)
-        _extract_archive(path, dest)
-        manifest = _read_manifest(dest)
+        manifest = _read_manifest(source)
         try:
-            _check_files(dest, manifest)
+            _check_files(source, manifest)
         except BundleFileError as exc:
-            raise ArchiveError(f"archive {path.name} is truncated or incomplete: {exc}") from None
-        return Bundle(dest, manifest, tmp)
+            if isinstance(source, _ArchiveSource):
+                raise ArchiveError(f"archive {path.name} is truncated or incomplete: {exc}") from None
+            raise
+        return Bundle(path, manifest, source)
     except BaseException:
-        tmp.cleanup()
+        source.close()
         raise
+
+
+def _looks_like_tar(path: Path) -> bool:
+    """True if the file starts with a tar header (checksum valid), or is too short to tell (then it is an archive
+    that is truncated, which the archive reader reports)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if len(head) < 512:
+        return head[:1] not in (b"{", b"") and not head.startswith(b"PK")
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return True  # an all-zero block: an empty (or emptied) archive
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 def write_checkpoint(
@@ -443,21 +576,68 @@ def _stream_safetensors(
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Write manifest.json atomically."""
     tmp = directory / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(canonical_json(manifest.to_dict()) + "\n", encoding="ascii")
+    tmp.write_text(canonical_json(manifest.to_dict()) + "\n", encoding="utf-8")
     os.replace(tmp, directory / MANIFEST_NAME)
+
+
+class BundleWriter:
+    """Writes one bundle: checkpoints one by one, in step order, then the manifest. The one writer of bundles.
+
+    `add` writes a checkpoint atomically and returns its record; `finish` computes the Merkle root and commitment
+    and writes the manifest last, so a directory without a manifest is never mistaken for a bundle. A writer can
+    start from the records and files of an interrupted run (`records`, `files`).
+    """
+
+    def __init__(self, directory: Path, spec: JobSpec, records: Sequence[Record] = (), files: Mapping[str, FileEntry] | None = None) -> None:
+        self.directory = Path(directory)
+        self.spec = spec
+        self.records = list(records)
+        self.files = dict(files or {})
+
+    def add(self, step: int, state: State, data: Digest, loss: float | None) -> Record:
+        """Write the checkpoint at `step` and return its record. `state` is written as given (its `meta/step` too)."""
+        assert step == self.spec.checkpoint_step(len(self.records)), f"checkpoint {step} out of order"
+        per_tensor: dict[str, Digest] = {}
+        self.files[checkpoint_name(step)] = write_checkpoint(self.directory, step, state, self.spec.job_id, per_tensor)
+        record = Record(step, combine_digests(per_tensor), data, loss)
+        self.records.append(record)
+        return record
+
+    def finish(self, env: Mapping[str, str | int]) -> Manifest:
+        """Write the manifest over the records added. `env` is information only, outside every digest."""
+        assert len(self.records) == self.spec.n_records, "every checkpoint must be added before the manifest"
+        merkle, commitment = compute_trace_commitment(self.spec.job_id, self.records)
+        manifest = Manifest(self.spec, tuple(self.records), merkle, commitment, dict(self.files), dict(env))
+        write_manifest(self.directory, manifest)
+        return manifest
+
+
+def write_bundle(
+    directory: str | Path, spec: JobSpec, checkpoints: Iterable[tuple[int, State, Digest, float | None]],
+    env: Mapping[str, str | int],
+) -> Manifest:
+    """Write a whole bundle from `(step, state, data digest, loss)` per checkpoint, in step order (a generator
+    keeps one state in memory at a time). Used by forgers and tools; the solver adds checkpoints as it trains."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = BundleWriter(directory, spec)
+    for step, state, data, loss in checkpoints:
+        writer.add(step, state, data, loss)
+    return writer.finish(env)
 
 
 def pack_bundle(directory: str | Path, archive: str | Path) -> Path:
     """Write a validated bundle directory as one deterministic tar file (manifest first). Raises BundleError."""
     directory, archive = Path(directory), Path(archive)
-    bundle = open_bundle(directory)
-    names = [MANIFEST_NAME, *sorted(bundle.manifest.files)]
+    with open_bundle(directory) as bundle:
+        names = [MANIFEST_NAME, *sorted(bundle.manifest.files)]
     tmp = archive.with_name(archive.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
         for name in names:
-            data = (directory / name).read_bytes()
+            path = directory / name
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tf.addfile(info, io.BytesIO(data))
+            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
+            with open(path, "rb") as f:
+                tf.addfile(info, f)
     os.replace(tmp, archive)
     return archive

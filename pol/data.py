@@ -20,11 +20,13 @@ from safetensors.torch import load_file
 
 from . import rng
 from .canonical import Digest, compute_hash
-from .components import is_import_path, load_callable
+from .components import CodePolicy, is_import_path, load_callable
 from .digest import combine_digests, tensor_digests
 from .errors import ComponentError, DataError
 
-__all__ = ["Dataset", "BUILTIN_DATA", "build_dataset", "data_digest", "batch_indices", "steps_per_epoch"]
+__all__ = ["Dataset", "BUILTIN_DATA", "MAX_BUILTIN_ELEMENTS", "build_dataset", "data_digest", "batch_indices", "steps_per_epoch"]
+
+MAX_BUILTIN_ELEMENTS = 1 << 27  # a built-in dataset's kwargs come from a spec, maybe a stranger's: bounded before memory
 
 CHARS_ALPHABET = " abcdefghijklmnopqrstuvwxyz.,!?\n"  # 32 symbols: token id = position
 
@@ -100,6 +102,32 @@ def _chars(seed: int = 0, length: int = 1 << 16, block_size: int = 32, words: in
 BUILTIN_DATA: dict[str, Any] = {"synthetic": _synthetic, "images": _images, "chars": _chars}
 
 
+def _builtin_elements(name: str, kwargs: Mapping[str, Any]) -> int:
+    """An upper bound on the numbers a built-in generator makes with `kwargs` (checked before it runs)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(BUILTIN_DATA[name]).parameters.items()}
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise ComponentError(f"dataset {name!r} has no arguments {sorted(unknown)}")
+    args = {**defaults, **kwargs}
+    if not all(type(v) is int and 0 <= v <= MAX_BUILTIN_ELEMENTS for v in args.values()):
+        raise ComponentError(f"dataset {name!r}: every argument must be an integer in [0, {MAX_BUILTIN_ELEMENTS}], got {dict(kwargs)}")
+    if name == "synthetic":
+        return args["n"] * args["d_in"] + args["d_in"] * args["hidden"] + args["hidden"] * args["classes"] + args["n"]
+    if name == "images":
+        pixels = args["channels"] * args["size"] ** 2
+        return (args["n"] + args["classes"]) * pixels + args["n"]
+    return 4 * args["length"] + args["length"] * (args["block_size"] + 1) + 16 * args["words"]  # chars: walk, windows
+
+
+def _check_builtin_size(name: str, kwargs: Mapping[str, Any]) -> None:
+    elements = _builtin_elements(name, kwargs)
+    if elements > MAX_BUILTIN_ELEMENTS:
+        raise ComponentError(f"dataset {name!r} with {dict(kwargs)} would hold about {elements:,} numbers, more than the "
+                             f"{MAX_BUILTIN_ELEMENTS:,} a built-in dataset may hold")
+
+
 def _from_directory(path: Path) -> Dataset:
     """Concatenate `x` and `y` from every `*.safetensors` file of a directory, in sorted file-name order."""
     files = sorted(path.glob("*.safetensors"))
@@ -133,10 +161,11 @@ def _coerce(value: Any, name: str) -> Dataset:
     raise ComponentError(f"dataset {name!r} returned {type(value).__name__}; expected {{'x', 'y'}} tensors or (x, y)")
 
 
-def build_dataset(name: str, kwargs: Mapping[str, Any], *, data_dir: str | Path | None = None) -> Dataset:
+def build_dataset(name: str, kwargs: Mapping[str, Any], *, data_dir: str | Path | None = None, code: CodePolicy | None = None) -> Dataset:
     """Build the dataset a spec names. `data_dir` overrides the directory of a `dir:` dataset (same digest needed).
+    User code is imported only if `code` allows it (default: built-ins only).
 
-    Raises ComponentError (unknown name, bad arguments) or DataError (unreadable or malformed data).
+    Raises CodeNotAllowed, ComponentError (unknown name, bad arguments) or DataError (unreadable or malformed data).
     """
     if name.startswith("dir:"):
         path = Path(data_dir) if data_dir is not None else Path(name[4:])
@@ -144,15 +173,18 @@ def build_dataset(name: str, kwargs: Mapping[str, Any], *, data_dir: str | Path 
             raise DataError(f"data directory {path} does not exist")
         return _from_directory(path)
     if name in BUILTIN_DATA:
+        _check_builtin_size(name, kwargs)
         factory = BUILTIN_DATA[name]
     elif is_import_path(name):
-        factory = load_callable(name)
+        factory = load_callable(name, code or CodePolicy())
     else:
         raise ComponentError(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATA)}, 'module:callable' or 'dir:PATH'")
     try:
         value = factory(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ComponentError(f"cannot build dataset {name!r} with {dict(kwargs)}: {exc}") from None
+    except Exception as exc:  # user code raising anything else: one line, not a traceback
+        raise ComponentError(f"dataset {name!r} raised {type(exc).__name__} while being built: {str(exc)[:300]}") from exc
     dataset = _coerce(value, name)
     return Dataset({k: t.detach().to("cpu").contiguous() for k, t in dataset.tensors.items()})
 

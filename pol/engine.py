@@ -8,6 +8,7 @@ a later one and returns the digest of the data it consumed. Solver and verifier 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 from collections.abc import Callable, Mapping
@@ -22,9 +23,10 @@ from torch.nn import functional as F
 
 from . import __version__, rng
 from .canonical import Digest
+from .components import CodePolicy, compute_code_digest, get_package, verify_code_allowed
 from .data import Dataset, batch_indices, build_dataset, data_digest, steps_per_epoch
 from .digest import State, combine_digests, tensor_digests
-from .errors import DataDiffers, DeviceUnavailable, StateMismatch, TrainingError
+from .errors import CodeDiffers, DataDiffers, DeviceUnavailable, PolError, StateMismatch, TrainingError, UserCodeError
 from .models import SeededDropout, build_model, init_parameters
 from .numerics import numerics_context
 from .optim import apply_update, compute_lr, init_optimizer_state, make_workspace
@@ -35,6 +37,8 @@ __all__ = [
     "SegmentResult",
     "build_runtime",
     "resolve_spec",
+    "verify_code",
+    "dry_run",
     "initial_state",
     "capture_state",
     "restore_state",
@@ -47,6 +51,10 @@ __all__ = [
     "describe_environment",
     "get_device",
     "compute_default_every",
+    "expected_layout",
+    "verify_layout",
+    "build_spec",
+    "resolve_job",
 ]
 
 StepCallback = Callable[[int, float], None]  # (step reached, loss of the step)
@@ -111,45 +119,91 @@ def describe_environment(device: torch.device) -> dict[str, str | int]:
 
 
 def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
-    """Bind the data digest and the versions that matter into the spec (it then has a job id)."""
+    """Bind the data digest, the digests of the user code it names and the versions that matter into the spec (it
+    then has a job id). Raises ComponentError if named user code cannot be found to be hashed."""
     versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
-    return spec.replace(data_digest=data_digest(dataset), versions=versions)
+    pinned = {key: c if not c.is_user_code else dataclasses.replace(c, code=compute_code_digest(c.name))
+              for key, c in (("model", spec.model), ("data", spec.data))}
+    return spec.replace(data_digest=data_digest(dataset), versions=versions, **pinned)
+
+
+def verify_code(spec: JobSpec, code: CodePolicy) -> None:
+    """Check a spec's user code before anything is imported: allowed by `code` (else CodeNotAllowed), and, for a
+    resolved spec, the same code as the spec pins (else CodeDiffers). Reads source files only."""
+    for role, component in (("model", spec.model), ("data", spec.data)):
+        verify_code_allowed(role, component.name, code)
+    for role, component in (("model", spec.model), ("data", spec.data)):
+        if component.is_user_code and component.code is not None:
+            here = compute_code_digest(component.name)
+            if here != component.code:
+                raise CodeDiffers(role, get_package(component.name), component.code, here)
 
 
 CHECKPOINT_BYTES_PER_STEP = 1_250_000  # the default k keeps checkpoint output near this many bytes per step
 
 
-def compute_default_every(spec: JobSpec) -> int:
+def compute_default_every(spec: JobSpec, code: CodePolicy | None = None) -> int:
     """The default checkpoint interval k for a spec: the smallest multiple of 10 (at least 10, at most the step
     count) at which the state written per step stays under CHECKPOINT_BYTES_PER_STEP. A pure function of the model
     and optimizer, so the same flags give the same spec on every machine: 10 for the small built-in models, about
     100 for a 10M-parameter model with AdamW (where writing the state costs as much as ~10 steps on a CPU).
 
-    Raises ComponentError if the model cannot be built.
+    Raises CodeNotAllowed (user code that `code` does not allow), ComponentError if the model cannot be built.
     """
-    params = sum(p.numel() * p.element_size() for p in build_model(spec.model).parameters())
+    params = sum(p.numel() * p.element_size() for p in build_model(spec.model, code).parameters())
     slots = {"adamw": 3, "sgd": 2 if spec.optimizer.momentum > 0 else 1}[spec.optimizer.name]
     k = 10 * math.ceil(params * slots / CHECKPOINT_BYTES_PER_STEP / 10)
     return max(1, min(spec.steps, max(10, k)))
 
 
-def build_runtime(
-    spec: JobSpec, *, device: str | torch.device = "cpu", dataset: Dataset | None = None, data_dir: str | None = None
-) -> Runtime:
-    """Build model and data for a spec on a device. If the spec is resolved, the data must match its digest.
+def build_spec(fields: Mapping[str, Any], code: CodePolicy | None = None) -> JobSpec:
+    """A spec from its fields (a spec file's, after command-line flags: `pol.spec.apply_flags`). Without `every`,
+    the checkpoint interval is sized by `compute_default_every`, which builds the model (on `code`'s terms).
+    Raises SpecError, CodeNotAllowed, ComponentError."""
+    from .spec import spec_from_dict
 
-    Raises ComponentError, DataError, DataDiffers (the data here is not the committed data), DeviceUnavailable.
+    spec = spec_from_dict({**fields, "every": fields.get("every", 1)})
+    if "every" not in fields:
+        verify_code(spec, code or CodePolicy())
+        spec = spec.replace(every=compute_default_every(spec, code))
+    return spec
+
+
+def resolve_job(spec: JobSpec, *, code: CodePolicy | None = None, data_dir: str | None = None) -> JobSpec:
+    """The spec with its data digest, code digests and versions bound (so it has a job id), without training.
+    A resolved spec is returned as it is. Raises CodeNotAllowed, ComponentError, DataError."""
+    if spec.is_resolved:
+        return spec
+    verify_code(spec, code or CodePolicy())
+    return resolve_spec(spec, build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code))
+
+
+def build_runtime(
+    spec: JobSpec,
+    *,
+    device: str | torch.device = "cpu",
+    dataset: Dataset | None = None,
+    data_dir: str | None = None,
+    code: CodePolicy | None = None,
+) -> Runtime:
+    """Build model and data for a spec on a device. If the spec is resolved, the data must match its digest and its
+    user code its code digests. User code is imported only if `code` allows it (default: pol's built-ins only).
+
+    Raises CodeNotAllowed and CodeDiffers (before importing anything), ComponentError, DataError, DataDiffers (the
+    data here is not the committed data), DeviceUnavailable.
     """
     dev = device if isinstance(device, torch.device) else get_device(device)
     numerics_context(spec.numerics)  # raises NumericsUnavailable now rather than at the first step
+    code = code or CodePolicy()
+    verify_code(spec, code)
     if dataset is None:
-        dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir)
+        dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code)
     steps_per_epoch(len(dataset), spec.batch_size)
     if spec.data_digest is not None:
         got = data_digest(dataset)
         if got != spec.data_digest:
             raise DataDiffers(spec.data_digest, got)
-    model = build_model(spec.model).to(dev)
+    model = build_model(spec.model, code).to(dev)
     model.train()
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -192,7 +246,8 @@ def capture_state(rt: Runtime, into: dict[str, torch.Tensor] | None = None) -> d
     return state
 
 
-def _expected_layout(rt: Runtime) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def expected_layout(rt: Runtime) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor a full state of this runtime's spec holds: name -> (dtype, shape)."""
     layout = {f"param/{n}": (p.dtype, tuple(p.shape)) for n, p in rt.params.items()}
     layout.update({f"buffer/{n}": (b.dtype, tuple(b.shape)) for n, b in rt.buffers.items()})
     opt = init_optimizer_state(rt.spec.optimizer, {n: p.detach().cpu() for n, p in rt.params.items()})
@@ -201,9 +256,23 @@ def _expected_layout(rt: Runtime) -> dict[str, tuple[torch.dtype, tuple[int, ...
     return layout
 
 
+def verify_layout(rt: Runtime, layout: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+    """Check a checkpoint's tensor names, dtypes (as torch names them, e.g. "float32") and shapes against what this
+    spec's model and optimizer hold. Raises StateMismatch naming the first missing, extra or misshapen tensor."""
+    expected = {n: (str(d).removeprefix("torch."), s) for n, (d, s) in expected_layout(rt).items()}
+    for name in sorted(set(expected) - set(layout)):
+        raise StateMismatch(f"{where}: tensor {name!r} is missing (the spec's model and optimizer hold it)")
+    for name in sorted(set(layout) - set(expected)):
+        raise StateMismatch(f"{where}: tensor {name[:120]!r} is not part of the spec's model and optimizer state")
+    for name, (dtype, shape) in sorted(expected.items()):
+        if tuple(layout[name]) != (dtype, shape):
+            got_dtype, got_shape = layout[name]
+            raise StateMismatch(f"{where}: tensor {name!r} is {got_dtype} {tuple(got_shape)}, expected {dtype} {shape}")
+
+
 def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
     """Install a full state into the runtime. Raises StateMismatch if it does not fit the spec's model."""
-    layout = _expected_layout(rt)
+    layout = expected_layout(rt)
     if set(state) != set(layout):
         missing, extra = sorted(set(layout) - set(state)), sorted(set(state) - set(layout))
         raise StateMismatch(f"state does not fit the spec's model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -242,6 +311,33 @@ def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if kind == "cross_entropy":
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     return F.mse_loss(out, y.to(out.dtype))
+
+
+def _forward_loss(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's forward pass and the loss. An exception from the model (user code) becomes one UserCodeError
+    naming the model, the batch's shapes and what went wrong; pol's own errors pass through."""
+    try:
+        return _loss(rt.spec.loss, rt.model(x), y)
+    except PolError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(
+            f"model {rt.spec.model.name!r} failed on a batch x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}, "
+            f"y {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')} with loss {rt.spec.loss!r}: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+
+
+def dry_run(rt: Runtime) -> None:
+    """One forward pass and loss on the first micro-batch of step 0, without gradients or any change to the state:
+    finds a model that cannot run on its data before anything is written. Raises UserCodeError."""
+    spec = rt.spec
+    idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, 0)
+    micro = spec.microbatch or spec.batch_size
+    batch = {name: t[:micro].to(rt.device) for name, t in rt.dataset.batch(idx).items()}
+    _bind_randomness(rt, 0, 0, spec.batch_size)
+    with torch.no_grad(), numerics_context(spec.numerics):
+        _forward_loss(rt, batch["x"], batch["y"])
 
 
 def compute_batch_digest(step: int, idx: np.ndarray, batch: Mapping[str, torch.Tensor]) -> bytes:
@@ -296,7 +392,7 @@ def one_step(
             with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
                 x = on_device["x"][offset : offset + micro]
                 y = on_device["y"][offset : offset + micro]
-                loss = _loss(spec.loss, rt.model(x), y)
+                loss = _forward_loss(rt, x, y)
                 (loss * (micro / size) if micro != size else loss).backward()
                 loss_sum += float(loss.detach()) * micro
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}

@@ -1,34 +1,57 @@
 """Every error `pol` raises on bad input. One hierarchy, so callers can catch as broadly or narrowly as they need.
 
-    PolError
-    ├── SpecError                 the job spec is invalid (unknown model, bad field, wrong type)
-    │   └── ComponentError        a `module:callable` model or dataset could not be imported or built
-    ├── DataError                 the data is unusable
-    │   └── DataDiffers           the verifier's data is not the data the spec committed to (not fraud!)
-    ├── NumericsError             a numerics mode cannot do what was asked
-    │   ├── NumericsUnavailable   the mode is not available here
-    │   └── UnsupportedOperator   exact mode met an operator it cannot make exact (names the operator)
-    ├── CommitmentError           a Merkle proof or commitment does not check out
-    ├── BundleError               a bundle is malformed; always names the file or field
-    │   ├── BundleVersionError    unknown format or version
-    │   ├── BundleFileError       missing, extra, oversized or badly named file, or a path escaping the bundle
-    │   ├── DigestMismatch        bytes or tensors whose digest differs from the committed one
-    │   ├── ManifestError         a manifest field is missing, mistyped, oversized or non-finite
-    │   ├── ArchiveError          the single-file archive is truncated, malformed or unsafe
-    │   └── StateMismatch         a checkpoint's tensors do not fit the spec's model and optimizer
-    ├── ResumeError               `--resume` found nothing consistent to resume from
-    ├── DeviceUnavailable         the requested device is not on this machine
-    └── TrainingError             training cannot go on (non-finite loss)
+Each class carries the exit code the `pol` command gives for it (`exit_code`): 1 for "rejected or failed", 2 for
+"usage error or cannot verify" (this machine cannot judge: other data, other code, another version). The CLI maps
+errors to codes in one place, by this attribute. `pinpoint.errors` and `games.errors` hang their trees below
+PolError too.
+
+    PolError                          exit
+    ├── UsageError                      2   the call's own arguments are wrong (a segment that does not exist, ...)
+    ├── SpecError                       2   the job spec is invalid (unknown model, bad field, wrong type)
+    │   ├── ComponentError              2   a `module:callable` model or dataset could not be imported or built
+    │   │   └── UserCodeError           2   user code (a model's forward, a loss) raised while pol ran it
+    │   ├── CodeNotAllowed              2   the spec names code the verifier did not allow (nothing was imported)
+    │   └── CodeDiffers                 2   the code here is not the code the spec pins (not fraud!)
+    ├── DataError                       2   the data is unusable
+    │   └── DataDiffers                 2   the verifier's data is not the data the spec committed to (not fraud!)
+    ├── NumericsError                   1   a numerics mode cannot do what was asked
+    │   ├── NumericsUnavailable         2   the mode is not available here
+    │   └── UnsupportedOperator         2   exact mode met an operator it cannot make exact (names the operator)
+    ├── VersionMismatch                 2   made by another pol (or, exact, another torch): cannot verify here
+    ├── CommitmentError                 1   a Merkle proof or commitment does not check out
+    ├── BundleError                     1   a bundle is malformed; always names the file or field
+    │   ├── BundleNotFound              2   no bundle at that path (not a directory with a manifest, nor an archive)
+    │   ├── BundleVersionError          2   unknown format or version
+    │   ├── BundleFileError             1   missing, extra, oversized or badly named file, or a path escaping it
+    │   ├── DigestMismatch              1   bytes or tensors whose digest differs from the committed one
+    │   ├── ManifestError               1   a manifest field is missing, mistyped, oversized or non-finite
+    │   ├── ArchiveError                1   the single-file archive is truncated, malformed or unsafe
+    │   └── StateMismatch               1   a checkpoint's tensors do not fit the spec's model and optimizer
+    ├── OutputExists                    2   `--out` exists and neither --resume nor --force was given
+    ├── ResumeError                     1   `--resume` found nothing consistent to resume from
+    ├── DeviceUnavailable               2   the requested device is not on this machine
+    └── TrainingError                   1   training cannot go on (non-finite loss)
 
 Every raise is reached by a test. `assert` is kept for our own bugs only.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
     "PolError",
+    "UsageError",
     "SpecError",
     "ComponentError",
+    "UserCodeError",
+    "CodeNotAllowed",
+    "CodeDiffers",
+    "VersionMismatch",
+    "BundleNotFound",
+    "OutputExists",
     "DataError",
     "DataDiffers",
     "NumericsError",
@@ -48,20 +71,71 @@ __all__ = [
 ]
 
 
+EXIT_FAILED = 1  # rejected, or failed
+EXIT_USAGE = 2  # bad usage, or this machine cannot judge
+
+
 class PolError(Exception):
     """Base class of every error raised by `pol` on bad input."""
+
+    exit_code: ClassVar[int] = EXIT_FAILED
+
+
+class UsageError(PolError):
+    """A call's own arguments are wrong (not the input it reads): an unknown segment, a malformed beacon."""
+
+    exit_code = EXIT_USAGE
 
 
 class SpecError(PolError):
     """The job spec is invalid."""
+
+    exit_code = EXIT_USAGE
 
 
 class ComponentError(SpecError):
     """A user model or dataset given as `module:callable` could not be imported or built."""
 
 
+class UserCodeError(ComponentError):
+    """User code (a model's forward, its loss) raised an exception while pol ran it. Names the callable, the
+    batch's shapes and what went wrong, in one line."""
+
+
+class CodeNotAllowed(SpecError):
+    """The spec names code outside the verifier's allow-list. Raised before anything is imported."""
+
+    def __init__(self, role: str, ref: str, package: str) -> None:
+        super().__init__(
+            f"code not allowed: the spec's {role} is {ref[:200]!r}, from package {package[:100]!r}, which is not on "
+            f"this verifier's allow-list (built-ins are always allowed; allow it with --allow-code {package[:100]})"
+        )
+        self.role = role
+        self.ref = ref
+        self.package = package
+
+
+class CodeDiffers(SpecError):
+    """The code installed here is not the code the spec pins by digest.
+
+    Like DataDiffers, this says nothing about the solver's honesty: the verifier cannot judge with other code.
+    """
+
+    def __init__(self, role: str, package: str, expected: str, got: str) -> None:
+        super().__init__(
+            f"code differs: the spec's {role} pins package {package!r} at code digest {expected}, the package "
+            f"installed here hashes to {got}"
+        )
+        self.role = role
+        self.package = package
+        self.expected = expected
+        self.got = got
+
+
 class DataError(PolError):
     """The training data is unusable."""
+
+    exit_code = EXIT_USAGE
 
 
 class DataDiffers(DataError):
@@ -83,9 +157,13 @@ class NumericsError(PolError):
 class NumericsUnavailable(NumericsError):
     """The requested numerics mode is not available in this build or on this device."""
 
+    exit_code = EXIT_USAGE
+
 
 class UnsupportedOperator(NumericsError):
     """Exact numerics met an operator it cannot compute exactly."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, op: str, why: str = "no exact implementation") -> None:
         super().__init__(f"exact numerics cannot run operator {op}: {why}")
@@ -98,6 +176,8 @@ class VersionMismatch(PolError):
     Like DataDiffers, this says nothing about the solver's honesty: replaying here could only raise false alarms.
     """
 
+    exit_code = EXIT_USAGE
+
 
 class CommitmentError(PolError):
     """A Merkle inclusion proof or a commitment does not check out."""
@@ -107,8 +187,16 @@ class BundleError(PolError):
     """A proof bundle is malformed."""
 
 
+class BundleNotFound(BundleError):
+    """There is no bundle at the path: not a directory holding a manifest, nor a readable archive."""
+
+    exit_code = EXIT_USAGE
+
+
 class BundleVersionError(BundleError):
     """The bundle's format or version is not one this reader knows."""
+
+    exit_code = EXIT_USAGE
 
 
 class BundleFileError(BundleError):
@@ -141,12 +229,20 @@ class ArchiveError(BundleError):
     """The single-file archive form of a bundle is truncated, malformed or unsafe."""
 
 
+class OutputExists(PolError):
+    """The output path exists and the run was given neither --resume nor --force."""
+
+    exit_code = EXIT_USAGE
+
+
 class ResumeError(PolError):
     """`--resume` found no consistent partial run to continue."""
 
 
 class DeviceUnavailable(PolError):
     """The requested device (e.g. `cuda`) is not available on this machine."""
+
+    exit_code = EXIT_USAGE
 
 
 class TrainingError(PolError):

@@ -4,6 +4,10 @@ While training, the output directory holds the checkpoints written so far and `p
 and the records so far), both replaced atomically. `--resume` reloads the last checkpoint, checks it against its
 record, and goes on; since every step is a pure function of (spec, state, step), the finished bundle has the same
 commitment as an uninterrupted run on the same machine. The manifest is written last.
+
+The output is checked before anything is built, the model is run once on a batch before the first step (a model
+that cannot run on its data fails with one line, not a traceback), and a run that fails before its first
+checkpoint after step 0 leaves no output behind.
 """
 
 from __future__ import annotations
@@ -19,25 +23,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .bundle import FileEntry, Manifest, checkpoint_name, pack_bundle, write_checkpoint, write_manifest
+from .bundle import BundleWriter, FileEntry, Manifest, checkpoint_name, pack_bundle
 from .canonical import canonical_json, parse_json_strict
-from .digest import combine_digests, state_digest
+from .components import CodePolicy
+from .digest import state_digest
 from .engine import (
     HooksForStep,
     Runtime,
     build_runtime,
     capture_state,
     describe_environment,
+    dry_run,
     initial_state,
     resolve_spec,
     restore_state,
     run_steps,
 )
-from .errors import PolError, ResumeError, SpecError
+from .errors import OutputExists, PolError, ResumeError, SpecError
 from .spec import JobSpec, spec_from_dict
-from .trace import EMPTY_DATA, Record, compute_trace_commitment, record_from_dict
+from .trace import EMPTY_DATA, Record, record_from_dict
 
-__all__ = ["train_and_prove", "ProveResult", "PROGRESS_NAME"]
+__all__ = ["train_and_prove", "check_output", "ProveResult", "PROGRESS_NAME"]
 
 PROGRESS_NAME = "progress.json"
 BACKGROUND_MIN_BYTES = 16 << 20  # parameters at least this large are checkpointed by a background thread
@@ -54,7 +60,7 @@ class ProveResult:
 def _write_progress(directory: Path, spec: JobSpec, records: list[Record], files: dict[str, FileEntry]) -> None:
     tmp = directory / (PROGRESS_NAME + ".tmp")
     body = {"spec": spec.to_dict(), "records": [r.to_dict() for r in records], "files": {n: e.to_dict() for n, e in files.items()}}
-    tmp.write_text(canonical_json(body), encoding="ascii")
+    tmp.write_text(canonical_json(body), encoding="utf-8")
     os.replace(tmp, directory / PROGRESS_NAME)
 
 
@@ -64,7 +70,7 @@ def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[s
     if not path.is_file():
         raise ResumeError(f"nothing to resume in {directory}: no {PROGRESS_NAME} (the run finished or never started)")
     try:
-        body = parse_json_strict(path.read_text(encoding="ascii"))
+        body = parse_json_strict(path.read_bytes())
         saved = spec_from_dict(body["spec"], require_resolved=True)
         records = [record_from_dict(r, f"records[{i}]") for i, r in enumerate(body["records"])]
         files = {n: FileEntry(int(e["size"]), str(e["blake3"])) for n, e in body["files"].items()}
@@ -84,14 +90,27 @@ def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[s
     return records, files, state
 
 
-def _prepare_output(directory: Path, *, resume: bool, force: bool) -> None:
+def check_output(out: str | Path, *, resume: bool = False, force: bool = False) -> None:
+    """Refuse an existing output (a bundle directory, or an archive ending in .tar) before anything is built.
+    Raises OutputExists."""
+    out = Path(out)
+    archive = out if out.suffix == ".tar" else None
+    directory = out.with_name(out.name + ".partial") if archive else out
+    if archive is not None and archive.exists() and not force:
+        raise OutputExists(f"output {archive} exists: pass --force to replace it")
+    if not resume and not force and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise OutputExists(f"output {directory} exists and is not empty: pass --resume to continue it or --force to replace it")
+
+
+def _prepare_output(directory: Path, *, resume: bool, force: bool) -> bool:
+    """Make the output directory; True if this run created it (and so may remove it if it fails early)."""
     if resume:
-        return
-    if directory.exists() and any(directory.iterdir()):
-        if not force:
-            raise PolError(f"output {directory} exists and is not empty: pass --resume to continue it or --force to replace it")
-        shutil.rmtree(directory)
+        return False
+    if directory.exists() and force:
+        shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def train_and_prove(
@@ -106,15 +125,18 @@ def train_and_prove(
     split: int | None = None,
     hooks: HooksForStep | None = None,
     env_note: str | None = None,
+    code: CodePolicy | None = None,
 ) -> ProveResult:
     """Train `spec` and write its proof bundle to `out` (a directory, or an archive if it ends in `.tar`).
 
     `split` runs each batch in micro-batches of that size without changing the spec: an execution choice (less
     memory) that native numerics tolerates; exact numerics refuses it unless it equals the spec's `microbatch`.
     `hooks` runs chosen steps under extra contexts (pinpoint's deliberately faulty solvers); `env_note` is recorded
-    in the bundle's environment information.
+    in the bundle's environment information. `code`: which user code the spec may import (default: whatever it
+    names, since the caller chose to train it).
 
-    Raises SpecError, ComponentError, DataError, DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
+    Raises OutputExists (before anything is built), SpecError, ComponentError, UserCodeError, DataError,
+    DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
     """
     out = Path(out)
     if split is not None and spec.numerics == "exact" and split != spec.microbatch:
@@ -123,13 +145,13 @@ def train_and_prove(
         raise SpecError(f"split {split} does not divide batch_size {spec.batch_size}")
     archive = out if out.suffix == ".tar" else None
     directory = out.with_name(out.name + ".partial") if archive else out
-    if archive and archive.exists() and not force:
-        raise PolError(f"output {archive} exists: pass --force to replace it")
-    rt = build_runtime(spec, device=device, data_dir=data_dir)  # checks the data digest if the spec has one
+    check_output(out, resume=resume, force=force)
+    rt = build_runtime(spec, device=device, data_dir=data_dir, code=code or CodePolicy.trust_all_code())
     if not spec.is_resolved:
         spec = rt.spec = resolve_spec(spec, rt.dataset)
-    job_id = spec.job_id
-    _prepare_output(directory, resume=resume, force=force)
+    if not resume:
+        dry_run(rt)
+    created = _prepare_output(directory, resume=resume, force=force)
     resumed_from = None
     if resume:
         records, files, state = _load_progress(directory, spec)
@@ -137,11 +159,15 @@ def train_and_prove(
         resumed_from = rt.step
     else:
         records, files = [], {}  # the step-0 checkpoint is written in the background like every other
-    _train_remaining(rt, directory, records, files, on_progress, split, hooks, first=None if resume else initial_state(rt))
-    merkle, commitment = compute_trace_commitment(job_id, records)
+    writer = BundleWriter(directory, spec, records, files)
+    try:
+        _train_remaining(rt, writer, on_progress, split, hooks, first=None if resume else initial_state(rt))
+    except BaseException:
+        if created and len(writer.records) <= 1:  # nothing worth resuming: leave no output behind
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     env = {**describe_environment(rt.device), **({"note": env_note} if env_note else {})}
-    manifest = Manifest(spec, tuple(records), merkle, commitment, files, env)
-    write_manifest(directory, manifest)
+    manifest = writer.finish(env)
     (directory / PROGRESS_NAME).unlink()
     if archive:
         pack_bundle(directory, archive)
@@ -151,9 +177,7 @@ def train_and_prove(
 
 def _train_remaining(
     rt: Runtime,
-    directory: Path,
-    records: list[Record],
-    files: dict[str, FileEntry],
+    writer: BundleWriter,
     on_progress: ProgressCallback | None,
     split: int | None,
     hooks: HooksForStep | None,
@@ -168,21 +192,19 @@ def _train_remaining(
     background = sum(p.numel() * p.element_size() for p in rt.params.values()) >= BACKGROUND_MIN_BYTES
 
     def persist(target: int, state: dict, data_digest: str, loss: float | None) -> None:
-        per_tensor: dict[str, str] = {}
-        files[checkpoint_name(target)] = write_checkpoint(directory, target, state, spec.job_id, per_tensor)
-        records.append(Record(target, combine_digests(per_tensor), data_digest, loss))
-        _write_progress(directory, spec, records, files)
+        writer.add(target, state, data_digest, loss)
+        _write_progress(writer.directory, spec, writer.records, writer.files)
 
-    def submit(writer: ThreadPoolExecutor, target: int, state: dict, data_digest: str, loss: float | None) -> Future[None] | None:
+    def submit(pool: ThreadPoolExecutor, target: int, state: dict, data_digest: str, loss: float | None) -> Future[None] | None:
         if background:
-            return writer.submit(persist, target, state, data_digest, loss)
+            return pool.submit(persist, target, state, data_digest, loss)
         persist(target, state, data_digest, loss)
         return None
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as writer:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as pool:
         pending: Future[None] | None = None
         if first is not None:  # the step-0 state: hashed and written while the first segment trains
-            pending = submit(writer, 0, first, EMPTY_DATA, None)
+            pending = submit(pool, 0, first, EMPTY_DATA, None)
         spare: list[dict | None] = [None, None]  # two state copies, alternating: one being written, one filling
         try:
             for count, target in enumerate([t for t in spec.checkpoint_steps if t > rt.step]):
@@ -192,7 +214,7 @@ def _train_remaining(
                 state = spare[slot] = capture_state(rt, into=spare[slot])
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
-                pending = submit(writer, target, state, segment.data_digest, segment.loss)
+                pending = submit(pool, target, state, segment.data_digest, segment.loss)
         finally:
             if pending is not None:
                 pending.result()

@@ -9,22 +9,30 @@ a single IEEE rounding. Any checkpoint can therefore be a starting point, on any
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .canonical import canonical_bytes, compute_hash
+from .canonical import compute_hash
 
 __all__ = ["raw_bits", "uniform", "normal", "permutation", "keep_mask", "small_ints"]
 
 _U24 = float(2**-24)
 
 
+def _key_text(seed: int, purpose: str, counters: Sequence[int]) -> bytes:
+    """The key's bytes: compact JSON of `[seed, purpose, counters]`. Not JCS on purpose: keys may be 64-bit
+    integers (a verifier's sampling key), which JCS cannot hold; for pol's ASCII purposes and integer counters
+    these are the bytes every earlier version used, so every draw is unchanged."""
+    return json.dumps([int(seed), str(purpose), [int(c) for c in counters]], separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def raw_bits(seed: int, purpose: str, counters: Sequence[int], n: int) -> np.ndarray:
     """`n` raw uint64 draws for the key `(seed, purpose, counters)`."""
-    key_bytes = compute_hash("pol/rng/v1", canonical_bytes([seed, purpose, list(counters)]))
+    key_bytes = compute_hash("pol/rng/v1", _key_text(seed, purpose, counters))
     bitgen = np.random.Philox(key=int.from_bytes(key_bytes[:16], "little"))
     return bitgen.random_raw(n) if n > 0 else np.zeros(0, dtype=np.uint64)
 

@@ -1,16 +1,23 @@
 """Verification: replay a few randomly chosen segments of a proof bundle and accept or reject.
 
-Checks, in order (DESIGN section 5):
-  1. the bundle: every file, digest, the Merkle root and the commitment (`open_bundle`), and the commitment the
-     caller expects, if it names one;
-  2. the step-0 state, recomputed from the seed, must equal the committed one exactly;
-  3. the verifier's data must hash to the spec's data digest (else `DataDiffers`: the verifier cannot judge), and
-     its pol (and, for exact numerics, torch) must be the versions the spec names (else `VersionMismatch`);
-  4. segments drawn from randomness the solver could not know when it committed (the verifier's secret seed or a
-     public beacon drawn after the commitment), uniform plus a share of largest-update segments; each is replayed
-     from its committed start state with the batches re-derived from the spec, and its data digest and end state
-     compared: exact numerics by digest, native numerics by distances against thresholds the verifier calibrates
-     itself from honest replays under deliberately different conditions (threads, micro-batch split).
+Checks, in order (DESIGN sections 5 and 8):
+  1. the bundle: every file, digest, the Merkle root and the commitment (`open_bundle`); the job the caller asked
+     for (`expected_job`, the job id of the spec it posted: any other job is a REJECT, "wrong job") and the
+     commitment it expects, if it names them;
+  2. its pol (and, for exact numerics, torch) must be the versions the spec names (else `VersionMismatch`), the
+     user code it names must be on the verifier's allow-list (else `CodeNotAllowed`, said before anything is
+     imported) and the same code as the spec pins (else `CodeDiffers`), and the verifier's data must hash to the
+     spec's data digest (else `DataDiffers`): in each case the verifier cannot judge, which is not fraud;
+  3. the step-0 state, recomputed from the seed, must equal the committed one exactly;
+  4. segments drawn from randomness the solver could not know when it committed: fresh randomness by default, or a
+     public beacon (at least 128 bits) drawn after the commitment; `seed` makes the sample reproducible and
+     predictable, and the report says so. Uniform plus a share of largest-update segments. Before any replay, every
+     sampled checkpoint's tensor names, dtypes and shapes are checked against the spec (a missing, extra or
+     reshaped tensor is a REJECT naming it). Each segment is replayed from its committed start state with the
+     batches re-derived from the spec, and compared: its data digest, its mean training loss (the committed loss
+     is not a free field: exact numerics bit for bit, native within a calibrated tolerance) and its end state
+     (exact numerics by digest, native numerics by distances against thresholds the verifier calibrates itself
+     from honest replays under deliberately different conditions: threads, micro-batch split).
 
 The solver never supplies randomness, hyper-parameters or thresholds: all come from the spec or the verifier.
 """
@@ -29,10 +36,11 @@ import torch
 
 from . import __version__, rng
 from .bundle import Bundle, open_bundle
-from .canonical import Digest, compute_hash
+from .canonical import Digest, compute_hash, is_digest
+from .components import CodePolicy
 from .digest import state_digest, tensor_digests
-from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps
-from .errors import BundleError, BundleVersionError, PolError, VersionMismatch
+from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps, verify_code, verify_layout
+from .errors import BundleError, BundleNotFound, BundleVersionError, UsageError, VersionMismatch
 from .spec import JobSpec
 
 __all__ = [
@@ -47,6 +55,7 @@ __all__ = [
     "choose_segments",
     "compare_states",
     "calibrate_thresholds",
+    "MIN_BEACON_BYTES",
 ]
 
 ProgressCallback = Callable[[int, int], None]  # (steps replayed so far, steps to replay in all)
@@ -55,6 +64,8 @@ CALIBRATION_MARGIN = 10.0  # thresholds sit this far above the largest honest sp
 FLOOR_REL_L2 = 1e-5  # never tighter than this relative L2 distance per tensor (float32 drift over k steps)
 FLOOR_LOG_RATIO = 1e-4  # never tighter than this |log| of the update norm ratio
 FLOOR_COSINE_GAP = 1e-6  # the update cosine threshold is at most 1 minus this
+FLOOR_LOSS_REL = 1e-5  # never tighter than this relative difference of a segment's mean loss (native numerics)
+MIN_BEACON_BYTES = 16  # a beacon carries at least 128 bits
 REPORT_FRACTIONS = (0.01, 0.05, 0.1, 0.25)
 
 
@@ -65,6 +76,7 @@ class Thresholds:
     rel_l2: float  # max per-tensor ||replayed - claimed|| / ||claimed||
     min_cosine: float  # min cosine between replayed and claimed update (end - start) of the parameters
     max_log_ratio: float  # max |log(||claimed update|| / ||replayed update||)|
+    loss_rel: float = FLOOR_LOSS_REL  # max |claimed - replayed| / |replayed| of a segment's mean training loss
     calibrated_on: int | None = None  # the segment the spread was measured on
     observed: dict[str, float] = field(default_factory=dict)
 
@@ -83,6 +95,8 @@ class SegmentCheck:
     update_cosine: float | None = None
     log_norm_ratio: float | None = None
     differing_tensors: tuple[str, ...] = ()
+    claimed_loss: float | None = None  # the segment's mean loss as committed
+    replayed_loss: float | None = None  # ... and as the replay computed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +107,7 @@ class Report:
     root: Digest | None
     numerics: str | None
     randomness: str  # hex: replay this exact sample with --beacon
-    randomness_source: str  # "seed", "beacon" or "fresh"
+    randomness_source: str  # "fresh", "beacon" or "seed" (predictable: see sample_predictable)
     segments_total: int
     checks: tuple[SegmentCheck, ...]
     steps_replayed: int
@@ -102,26 +116,35 @@ class Report:
     escape_probability: dict[str, float]  # cheat fraction -> probability a cheater of that fraction escaped
     thresholds: Thresholds | None
     seconds: float = 0.0
+    expected_job: Digest | None = None  # the job the caller asked for, if it named one
 
     @property
     def accepted(self) -> bool:
         return self.verdict == "accept"
 
+    @property
+    def sample_predictable(self) -> bool:
+        """True when the sample came from a seed: a solver who knew it could have chosen what to fake, and the
+        escape probabilities assume it did not."""
+        return self.randomness_source == "seed"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "sample_predictable": self.sample_predictable}
 
 
 def derive_randomness(seed: int | None = None, beacon: str | None = None) -> tuple[bytes, str]:
-    """32 bytes of sampling randomness, and where they came from. Raises PolError on a malformed beacon."""
+    """32 bytes of sampling randomness, and where they came from. Raises UsageError on a malformed beacon.
+
+    Fresh randomness (the default) and a beacon drawn after the commitment are unknown to the solver when it
+    commits; a seed is not secret once used, so a sample drawn from it is reproducible and predictable."""
     if seed is not None and beacon is not None:
-        raise PolError("give either a seed or a beacon, not both")
+        raise UsageError("give either a seed or a beacon, not both")
     if beacon is not None:
-        try:
-            value = bytes.fromhex(beacon)
-        except ValueError:
-            raise PolError(f"beacon {beacon[:20]!r} is not hex") from None
-        if not 16 <= len(value) <= 64:
-            raise PolError("a beacon must be 16 to 64 bytes of hex")
+        if not isinstance(beacon, str) or len(beacon) > 128 or not all(c in "0123456789abcdefABCDEF" for c in beacon) or len(beacon) % 2:
+            raise UsageError(f"beacon {str(beacon)[:20]!r} is not hex")
+        value = bytes.fromhex(beacon)
+        if not MIN_BEACON_BYTES <= len(value) <= 64:
+            raise UsageError(f"a beacon must be {MIN_BEACON_BYTES} to 64 bytes ({8 * MIN_BEACON_BYTES} to 512 bits) of hex")
         return value, "beacon"
     if seed is not None:
         return compute_hash("pol/verifier-seed/v1", str(seed).encode()), "seed"
@@ -208,17 +231,31 @@ def compare_states(start: dict, claimed: dict, replayed: dict) -> dict[str, Any]
             "cosine": cosine, "log_ratio": log_ratio}
 
 
+@dataclass(frozen=True, slots=True)
+class _Replayed:
+    state: dict[str, torch.Tensor]
+    data: Digest
+    loss: float | None
+
+
 def _replay(rt: Runtime, start_state: dict, end: int, *, microbatch: int | None = None, threads: int | None = None,
-            on_step: Callable[[int, float], None] | None = None) -> tuple[dict, str]:
+            on_step: Callable[[int, float], None] | None = None) -> _Replayed:
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         restore_state(rt, start_state)
         segment = run_steps(rt, end, microbatch=microbatch, on_step=on_step)
-        return capture_state(rt), segment.data_digest
+        return _Replayed(capture_state(rt), segment.data_digest, segment.loss)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _loss_gap(claimed: float | None, replayed: float | None) -> float:
+    """Relative difference of two segment losses (inf if one is missing)."""
+    if claimed is None or replayed is None:
+        return 0.0 if claimed == replayed else math.inf
+    return abs(claimed - replayed) / max(abs(replayed), 1e-12)
 
 
 def _perturbations(batch_size: int, spec_micro: int) -> list[dict[str, int]]:
@@ -237,45 +274,53 @@ def _perturbations(batch_size: int, spec_micro: int) -> list[dict[str, int]]:
 
 def calibrate_thresholds(
     rt: Runtime, bundle: Bundle, segment: int, threads: int | None = None
-) -> tuple[Thresholds, int, tuple[dict, str]]:
+) -> tuple[Thresholds, int, _Replayed]:
     """Measure the honest spread of one segment's replay under perturbed conditions; set thresholds above it.
 
-    Returns the thresholds, the number of steps replayed, and the unperturbed replay (state, data digest), which is
-    that segment's own check.
+    Returns the thresholds, the number of steps replayed, and the unperturbed replay, which is that segment's own
+    check.
     """
     start_rec, end_rec = bundle.records[segment - 1], bundle.records[segment]
     start = bundle.load_state(start_rec.step)
-    reference, reference_data = _replay(rt, start, end_rec.step, threads=threads)
-    rel, cos, ratio, steps = 0.0, 1.0, 0.0, end_rec.step - start_rec.step
+    reference = _replay(rt, start, end_rec.step, threads=threads)
+    rel, cos, ratio, loss, steps = 0.0, 1.0, 0.0, 0.0, end_rec.step - start_rec.step
     for change in _perturbations(rt.spec.batch_size, rt.spec.microbatch):
-        other, _ = _replay(rt, start, end_rec.step, **change)
-        d = compare_states(start, reference, other)
+        other = _replay(rt, start, end_rec.step, **change)
+        d = compare_states(start, reference.state, other.state)
         rel = max(rel, d["max_rel_l2"])
         cos = min(cos, d["cosine"] if d["cosine"] is not None else 1.0)
         ratio = max(ratio, d["log_ratio"] if d["log_ratio"] is not None else 0.0)
+        loss = max(loss, _loss_gap(other.loss, reference.loss))
         steps += end_rec.step - start_rec.step
     thresholds = Thresholds(
         rel_l2=max(CALIBRATION_MARGIN * rel, FLOOR_REL_L2),
         min_cosine=min(1.0 - CALIBRATION_MARGIN * (1.0 - cos), 1.0 - FLOOR_COSINE_GAP),
         max_log_ratio=max(CALIBRATION_MARGIN * ratio, FLOOR_LOG_RATIO),
+        loss_rel=max(CALIBRATION_MARGIN * loss, FLOOR_LOSS_REL),
         calibrated_on=segment,
-        observed={"rel_l2": rel, "cosine": cos, "log_ratio": ratio},
+        observed={"rel_l2": rel, "cosine": cos, "log_ratio": ratio, "loss_rel": loss},
     )
-    return thresholds, steps, (reference, reference_data)
+    return thresholds, steps, reference
 
 
-def _judge(index: int, why: str, start: dict, claimed: dict, replayed: dict, exact: bool, thresholds: Thresholds | None,
-           start_step: int, end_step: int) -> SegmentCheck:
-    d = compare_states(start, claimed, replayed)
+def _judge(index: int, why: str, start: dict, claimed: dict, replayed: _Replayed, claimed_loss: float | None, exact: bool,
+           thresholds: Thresholds | None, start_step: int, end_step: int) -> SegmentCheck:
+    d = compare_states(start, claimed, replayed.state)
     base = {"index": index, "start": start_step, "end": end_step, "why": why, "data_ok": True,
             "max_rel_l2": d["max_rel_l2"], "worst_tensor": d["worst_tensor"], "update_cosine": d["cosine"],
-            "log_norm_ratio": d["log_ratio"], "differing_tensors": tuple(d["differing"][:20])}
-    if exact:
-        ok = not d["differing"]
-        problem = None if ok else f"state digest differs in {len(d['differing'])} tensors (first: {d['differing'][0]})"
-        return SegmentCheck(ok=ok, problem=problem, **base)
-    assert thresholds is not None
+            "log_norm_ratio": d["log_ratio"], "differing_tensors": tuple(d["differing"][:20]),
+            "claimed_loss": claimed_loss, "replayed_loss": replayed.loss}
     problems = []
+    if exact and claimed_loss != replayed.loss:
+        problems.append(f"the committed loss {claimed_loss!r} is not the replayed loss {replayed.loss!r} (exact numerics: bit for bit)")
+    if not exact and thresholds is not None and _loss_gap(claimed_loss, replayed.loss) > thresholds.loss_rel:
+        problems.append(f"the committed loss {claimed_loss!r} is {_loss_gap(claimed_loss, replayed.loss):.3g} away from the "
+                        f"replayed loss {replayed.loss!r} (relative) > threshold {thresholds.loss_rel:.3g}")
+    if exact:
+        if d["differing"]:
+            problems.insert(0, f"state digest differs in {len(d['differing'])} tensors (first: {d['differing'][0]})")
+        return SegmentCheck(ok=not problems, problem="; ".join(problems) or None, **base)
+    assert thresholds is not None
     if not d["ints_equal"]:
         problems.append("integer state (step counter) differs")
     if d["max_rel_l2"] > thresholds.rel_l2:
@@ -300,6 +345,8 @@ class _Request:
     forced: Sequence[int] | None
     largest: int | None
     expected_root: Digest | None
+    expected_job: Digest | None
+    code: CodePolicy
     device: str
     threads: int | None
     data_dir: str | None
@@ -317,6 +364,8 @@ def verify(
     segments: Sequence[int] | None = None,
     largest: int | None = None,
     expected_root: Digest | None = None,
+    expected_job: Digest | None = None,
+    code: CodePolicy | None = None,
     device: str = "cpu",
     threads: int | None = None,
     data_dir: str | None = None,
@@ -325,38 +374,42 @@ def verify(
     """Verify a proof bundle by sampled replay. Returns a Report whose verdict is "accept" or "reject".
 
     `samples` segments in all, or enough uniform ones for `confidence` against `cheat_fraction` (plus a share of
-    largest-update ones: a quarter by default, or `largest`); `segments` forces a list (1-based). Randomness comes
-    from `seed`, `beacon` or fresh.
+    largest-update ones: a quarter by default, or `largest`); `segments` forces a list (1-based). Randomness is
+    fresh unless a `beacon` (drawn after the commitment) or a `seed` (reproducible, predictable) is given.
+    `expected_job` (the job id of the spec the caller posted) and `expected_root` (the commitment it expects)
+    reject any other bundle. `code` names the user code the verifier allows (default: pol's built-ins only).
 
-    Raises (the verifier cannot judge): PolError on bad arguments, BundleVersionError/BundleFileError when the path
-    is not a readable bundle, DataDiffers when the local data is not the committed data, VersionMismatch when the
-    bundle was made by another pol (or, in exact numerics, torch), ComponentError,
-    DeviceUnavailable, NumericsUnavailable. A bundle that fails its integrity checks is *rejected*, not raised.
+    Raises (the verifier cannot judge): UsageError on bad arguments, BundleNotFound/BundleVersionError when the path
+    is not a readable bundle, CodeNotAllowed (before anything is imported), CodeDiffers, DataDiffers when the local
+    data is not the committed data, VersionMismatch when the bundle was made by another pol (or, in exact
+    numerics, torch), ComponentError, DeviceUnavailable, NumericsUnavailable. A bundle that fails its integrity
+    checks is *rejected*, not raised.
     """
     started = time.perf_counter()
     randomness, source = derive_randomness(seed, beacon)
     if samples is not None and samples < 1:
-        raise PolError("--samples must be at least 1")
+        raise UsageError("--samples must be at least 1")
     if (confidence is None) != (cheat_fraction is None):
-        raise PolError("--confidence and --cheat-fraction go together")
+        raise UsageError("--confidence and --cheat-fraction go together")
     if confidence is not None and not (0 < confidence < 1 and 0 < cheat_fraction < 1):  # type: ignore[operator]
-        raise PolError("--confidence and --cheat-fraction must be strictly between 0 and 1")
+        raise UsageError("--confidence and --cheat-fraction must be strictly between 0 and 1")
     if threads is not None and threads < 1:
-        raise PolError("--threads must be at least 1")
+        raise UsageError("--threads must be at least 1")
     if largest is not None and largest < 0:
-        raise PolError("the number of largest-update samples cannot be negative")
+        raise UsageError("the number of largest-update samples cannot be negative")
+    for name, value in (("expected job id", expected_job), ("expected commitment", expected_root)):
+        if value is not None and not is_digest(value):
+            raise UsageError(f"the {name} must be 64 lowercase hex characters, got {str(value)[:80]!r}")
     req = _Request(randomness, source, started, samples, confidence, cheat_fraction, segments, largest, expected_root,
-                   device, threads, data_dir, on_progress)
+                   expected_job, code or CodePolicy(), device, threads, data_dir, on_progress)
     if isinstance(bundle, Bundle):
         return _verify_open(bundle, req)
     path = Path(bundle)
     try:
         opened = open_bundle(path)
-    except BundleVersionError:
+    except (BundleVersionError, BundleNotFound):
         raise
     except BundleError as exc:
-        if not path.exists() or (path.is_dir() and not (path / "manifest.json").exists()):
-            raise
         return _reject(req, f"bundle integrity: {exc}")
     with opened:
         return _verify_open(opened, req)
@@ -368,19 +421,19 @@ def _reject(req: _Request, reason: str, b: Bundle | None = None, checks: tuple[S
     total = m.spec.steps if m else 0
     return Report("reject", reason, m.job_id if m else None, m.root if m else None, m.spec.numerics if m else None,
                   req.randomness.hex(), req.source, len(m.records) - 1 if m else 0, checks, steps, total,
-                  steps / total if total else 0.0, {}, thresholds, time.perf_counter() - req.started)
+                  steps / total if total else 0.0, {}, thresholds, time.perf_counter() - req.started, req.expected_job)
 
 
 def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
     """The segments to replay (1-based, with why) and how many of them were drawn uniformly.
 
-    Raises PolError for forced segments that do not exist, BundleError if a checkpoint is unreadable.
+    Raises UsageError for forced segments that do not exist, BundleError if a checkpoint is unreadable.
     """
     n = len(b.records) - 1
     if req.forced is not None:
         bad = [i for i in req.forced if not 1 <= i <= n]
         if bad:
-            raise PolError(f"segments {bad} do not exist: this bundle has segments 1..{n}")
+            raise UsageError(f"segments {bad} do not exist: this bundle has segments 1..{n}")
         plan = [(i, "forced") for i in sorted(set(req.forced))]
         return plan, len(plan)
     if req.confidence is not None:
@@ -418,10 +471,13 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
     m = b.manifest
     spec = m.spec
     n = len(m.records) - 1
-    if req.expected_root is not None and req.expected_root.lower() != m.root:
+    if req.expected_job is not None and req.expected_job != m.job_id:
+        return _reject(req, f"wrong job: asked for {req.expected_job}, the bundle proves {m.job_id}", b)
+    if req.expected_root is not None and req.expected_root != m.root:
         return _reject(req, f"commitment {m.root} is not the expected {req.expected_root}", b)
     check_versions(spec)
-    rt = build_runtime(spec, device=req.device, data_dir=req.data_dir)  # raises DataDiffers before any judgement
+    verify_code(spec, req.code)  # before anything is imported: CodeNotAllowed, CodeDiffers
+    rt = build_runtime(spec, device=req.device, data_dir=req.data_dir, code=req.code)  # DataDiffers before any judgement
     try:
         committed0 = b.load_state(0)
         if state_digest(initial_state(rt)) != m.records[0].state:
@@ -429,13 +485,15 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
             wrong = [k for k, v in tensor_digests(committed0).items() if seeded.get(k) != v]
             return _reject(req, f"the step-0 state is not the initialisation the seed gives (differs in {wrong[:3]})", b)
         plan, uniform = _plan(b, req)
+        for step in sorted({m.records[i - 1].step for i, _ in plan} | {m.records[i].step for i, _ in plan}):
+            verify_layout(rt, b.read_layout(step), f"checkpoint at step {step}")  # before any replay
     except BundleError as exc:
         return _reject(req, f"bundle integrity: {exc}", b)
 
     exact = spec.numerics == "exact"
     steps_done = 0
     thresholds = None
-    calibrated: dict[int, tuple[dict, str]] = {}
+    calibrated: dict[int, _Replayed] = {}
     plan_steps = sum(m.records[i].step - m.records[i - 1].step for i, _ in plan)
     if not exact:
         calib_on = plan[0][0]
@@ -461,17 +519,20 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
             if req.on_progress:
                 req.on_progress(base + step - first, plan_steps)
 
+        if int(start["meta/step"]) != start_rec.step or int(claimed["meta/step"]) != end_rec.step:
+            return _reject(req, f"segment {index}: a checkpoint's meta/step is not its record's step", b, tuple(checks),
+                           steps_done, thresholds)
         if index in calibrated:  # already replayed, under the check's own conditions, by the calibration
-            replayed, data_digest = calibrated.pop(index)
+            replayed = calibrated.pop(index)
         else:
-            replayed, data_digest = _replay(rt, start, end_rec.step, threads=req.threads, on_step=tick)
+            replayed = _replay(rt, start, end_rec.step, threads=req.threads, on_step=tick)
             steps_done += end_rec.step - start_rec.step
-        if data_digest != end_rec.data:
+        if replayed.data != end_rec.data:
             check = SegmentCheck(index, start_rec.step, end_rec.step, why, False,
                                  "the data consumed differs from the committed data (order, skipped or substituted batches)",
                                  data_ok=False)
         else:
-            check = _judge(index, why, start, claimed, replayed, exact, thresholds, start_rec.step, end_rec.step)
+            check = _judge(index, why, start, claimed, replayed, end_rec.loss, exact, thresholds, start_rec.step, end_rec.step)
         checks.append(check)
 
     escape = {str(f): compute_escape_probability(n, uniform, f) for f in REPORT_FRACTIONS}
@@ -482,4 +543,4 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
               else f"{len(checks)} of {n} segments replayed and matched")
     return Report("reject" if failed else "accept", reason, m.job_id, m.root, spec.numerics, req.randomness.hex(),
                   req.source, n, tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
-                  time.perf_counter() - req.started)
+                  time.perf_counter() - req.started, req.expected_job)

@@ -15,6 +15,7 @@ from pol.errors import (
     ArchiveError,
     BundleError,
     BundleFileError,
+    BundleNotFound,
     BundleVersionError,
     CommitmentError,
     DigestMismatch,
@@ -61,7 +62,7 @@ def test_missing_checkpoint(bundle_copy):
 
 def test_missing_manifest(bundle_copy):
     os.remove(bundle_copy / MANIFEST_NAME)
-    with pytest.raises(BundleFileError, match="missing"):
+    with pytest.raises(BundleNotFound, match="no manifest"):
         open_bundle(bundle_copy)
 
 
@@ -213,7 +214,7 @@ def test_unsafe_archive_members(tmp_path, name, symlink):
 
 
 def test_no_such_bundle(tmp_path):
-    with pytest.raises(BundleFileError, match="no such"):
+    with pytest.raises(BundleNotFound, match="no such"):
         open_bundle(tmp_path / "nothing")
 
 

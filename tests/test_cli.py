@@ -33,16 +33,16 @@ def test_inspect_fails_on_a_damaged_bundle(tmp_path):
     ckpt.write_bytes(bytes(data))
     result = runner.invoke(app, ["inspect", str(out)])
     assert result.exit_code == 1 and "digest mismatch" in result.stderr and "step-000000003" in result.stderr
-    assert runner.invoke(app, ["inspect", str(tmp_path / "nothing")]).exit_code == 1
+    assert runner.invoke(app, ["inspect", str(tmp_path / "nothing")]).exit_code == 2  # no bundle there: usage
 
 
 def test_a_failing_disk_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
-    import pol.prove
+    import pol.bundle
 
     def full(directory, step, *args, **kwargs):
         raise OSError(28, "No space left on device", str(directory / f"step-{step}"))
 
-    monkeypatch.setattr(pol.prove, "write_checkpoint", full)
+    monkeypatch.setattr(pol.bundle, "write_checkpoint", full)
     result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "b")])
     assert result.exit_code == 1 and "No space left on device" in result.stderr and "step-0" in result.stderr
     assert "Traceback" not in result.output + result.stderr

@@ -29,6 +29,7 @@ def test_same_spec_twice_gives_the_same_root(tmp_path):
 def test_background_and_inline_checkpoint_writers_give_the_same_bundle(tmp_path, monkeypatch):
     """Large states are written by a background thread, small ones inline: the bundle cannot tell them apart,
     and a failed background write surfaces as the solver's error."""
+    import pol.bundle
     import pol.prove
 
     inline = train_and_prove(tiny_spec("transformer"), tmp_path / "inline").manifest
@@ -39,7 +40,7 @@ def test_background_and_inline_checkpoint_writers_give_the_same_bundle(tmp_path,
     def failing(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pol.prove, "write_checkpoint", failing)
+    monkeypatch.setattr(pol.bundle, "write_checkpoint", failing)
     with pytest.raises(OSError, match="No space left"):
         train_and_prove(tiny_spec("transformer"), tmp_path / "full")
 

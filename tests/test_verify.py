@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pol.bundle import checkpoint_name, open_bundle
-from pol.errors import BundleFileError, DataDiffers, PolError
+from pol.errors import BundleNotFound, DataDiffers, PolError
 from pol.prove import train_and_prove
 from pol.verify import (
     choose_segments,
@@ -132,7 +132,7 @@ def test_unexpected_commitment_is_rejected(honest_bundles):
 
 
 def test_cannot_verify_cases(honest_bundles, tmp_path):
-    with pytest.raises(BundleFileError):
+    with pytest.raises(BundleNotFound):
         verify(tmp_path / "missing", samples=1)
     with pytest.raises(PolError):
         verify(honest_bundles["mlp"], samples=0)
@@ -156,11 +156,14 @@ def test_data_differs_is_not_an_accusation(tmp_path):
     path = train_and_prove(spec_from_dict(fields), tmp_path / "b").path
     (tmp_path / "other").mkdir()
     save_file({"x": data["x"].contiguous() * 2, "y": data["y"].contiguous()}, str(tmp_path / "other" / "a.safetensors"))
+    from pol.components import CodePolicy
+
+    code = CodePolicy.allowing(["tests"])
     with pytest.raises(DataDiffers):
-        verify(path, samples=1, seed=0, data_dir=str(tmp_path / "other"))
-    result = runner.invoke(app, ["verify", str(path), "--data-dir", str(tmp_path / "other"), "--quiet"])
+        verify(path, samples=1, seed=0, data_dir=str(tmp_path / "other"), code=code)
+    result = runner.invoke(app, ["verify", str(path), "--data-dir", str(tmp_path / "other"), "--quiet", "--allow-code", "tests"])
     assert result.exit_code == 2 and "data differs" in result.stderr and "not evidence of fraud" in result.stderr
-    assert verify(path, samples=1, seed=0, data_dir=str(tmp_path / "data")).verdict == "accept"
+    assert verify(path, samples=1, seed=0, data_dir=str(tmp_path / "data"), code=code).verdict == "accept"
 
 
 def test_cli_exit_codes_and_json(honest_bundles, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import rng
-from ..components import is_import_path, load_callable
+from ..components import CodePolicy, is_import_path, load_callable
 from ..errors import ComponentError
 from ..spec import Component
 from .cnn import CNN
@@ -16,17 +16,33 @@ from .common import SeededDropout
 from .mlp import MLP
 from .transformer import GPT
 
-__all__ = ["BUILTIN_MODELS", "build_model", "init_parameters", "SeededDropout", "MLP", "CNN", "GPT"]
+__all__ = ["BUILTIN_MODELS", "MAX_BUILTIN_PARAMETERS", "build_model", "init_parameters", "SeededDropout", "MLP", "CNN", "GPT"]
 
 BUILTIN_MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "transformer": GPT}
+MAX_BUILTIN_PARAMETERS = 1 << 28  # a built-in model's kwargs come from a spec, maybe a stranger's: bounded before memory
 
 
-def build_model(component: Component) -> nn.Module:
-    """Construct the model a spec names (parameters not yet initialised). Raises ComponentError."""
+def _check_builtin_size(component: Component) -> None:
+    """Build the built-in model on the meta device (no memory) and refuse one larger than MAX_BUILTIN_PARAMETERS."""
+    try:
+        with torch.device("meta"):
+            model = BUILTIN_MODELS[component.name](**component.kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ComponentError(f"cannot build model {component.name!r} with {dict(component.kwargs)}: {exc}") from None
+    count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    if count > MAX_BUILTIN_PARAMETERS:
+        raise ComponentError(f"model {component.name!r} with {dict(component.kwargs)} has {count:,} parameters, more than "
+                             f"the {MAX_BUILTIN_PARAMETERS:,} a built-in model may have")
+
+
+def build_model(component: Component, code: CodePolicy | None = None) -> nn.Module:
+    """Construct the model a spec names (parameters not yet initialised). User code is imported only if `code`
+    allows it (default: built-ins only). Raises CodeNotAllowed, ComponentError."""
     if component.name in BUILTIN_MODELS:
+        _check_builtin_size(component)
         factory = BUILTIN_MODELS[component.name]
     elif is_import_path(component.name):
-        factory = load_callable(component.name)
+        factory = load_callable(component.name, code or CodePolicy())
     else:
         raise ComponentError(
             f"unknown model {component.name!r}: use one of {', '.join(BUILTIN_MODELS)} or 'module:callable'"
@@ -35,6 +51,8 @@ def build_model(component: Component) -> nn.Module:
         model = factory(**component.kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ComponentError(f"cannot build model {component.name!r} with {dict(component.kwargs)}: {exc}") from None
+    except Exception as exc:  # user code raising anything else: one line, not a traceback
+        raise ComponentError(f"model {component.name!r} raised {type(exc).__name__} while being built: {str(exc)[:300]}") from exc
     if not isinstance(model, nn.Module):
         raise ComponentError(f"model {component.name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 import pol.engine as engine_module
-from pol.bundle import Manifest, checkpoint_name, open_bundle, write_checkpoint, write_manifest
-from pol.digest import state_digest
+from pol.bundle import open_bundle, write_bundle
 from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, run_steps
 from pol.spec import JobSpec
-from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
+from pol.trace import EMPTY_DATA, Record
 
 States = dict[int, dict[str, torch.Tensor]]
 
@@ -29,16 +28,11 @@ def honest_states(path: Path) -> tuple[JobSpec, States, list[Record]]:
 
 
 def write_forged(dst: Path, spec: JobSpec, states: States, *, data: dict[int, str], losses: dict[int, float | None]) -> Path:
-    """Write a fully consistent bundle for `spec` from arbitrary states."""
+    """Write a fully consistent bundle for `spec` from arbitrary states (through pol's one bundle writer)."""
     dst.mkdir(parents=True)
-    steps = spec.checkpoint_steps
-    records, files = [], {}
-    for step in steps:
-        state = {**states[step], "meta/step": torch.tensor(step, dtype=torch.int64)}
-        files[checkpoint_name(step)] = write_checkpoint(dst, step, state, spec.job_id)
-        records.append(Record(step, state_digest(state), data.get(step, EMPTY_DATA), losses.get(step)))
-    merkle, root = compute_trace_commitment(spec.job_id, records)
-    write_manifest(dst, Manifest(spec, tuple(records), merkle, root, files, {"forged": "yes"}))
+    checkpoints = ((step, {**states[step], "meta/step": torch.tensor(step, dtype=torch.int64)}, data.get(step, EMPTY_DATA),
+                    losses.get(step)) for step in spec.checkpoint_steps)
+    write_bundle(dst, spec, checkpoints, {"forged": "yes"})
     return dst
 
 
@@ -61,12 +55,13 @@ def interpolate(states: States, steps: list[int], first: dict, last: dict) -> St
     return out
 
 
-def train_states(spec: JobSpec, *, start: dict | None = None, start_step: int = 0) -> tuple[States, dict[int, str]]:
-    """Really train `spec` (optionally from a given state), returning states and data digests per checkpoint."""
+def train_states(spec: JobSpec, *, start: dict | None = None, start_step: int = 0) -> tuple[States, dict[int, str], dict[int, float | None]]:
+    """Really train `spec` (optionally from a given state), returning states, data digests and mean losses per
+    checkpoint (a forger commits the losses of the work it really did, which replay checks)."""
     rt = build_runtime(spec)
     if not spec.is_resolved:
         rt.spec = resolve_spec(spec, rt.dataset)
-    states, data = {}, {}
+    states, data, losses = {}, {}, {}
     if start is None:
         states[0] = initial_state(rt)
     else:
@@ -75,9 +70,10 @@ def train_states(spec: JobSpec, *, start: dict | None = None, start_step: int = 
     for step in rt.spec.checkpoint_steps:
         if step <= rt.step:
             continue
-        data[step] = run_steps(rt, step).data_digest
+        segment = run_steps(rt, step)
+        data[step], losses[step] = segment.data_digest, segment.loss
         states[step] = capture_state(rt)
-    return states, data
+    return states, data, losses
 
 
 @contextlib.contextmanager

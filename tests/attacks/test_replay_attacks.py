@@ -86,13 +86,13 @@ def test_real_large_steps_where_largest_update_sampling_looks(tmp_path):
 
     spec = tiny_spec("mlp", steps=24, every=4, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9})
     spec = resolve_spec(spec, build_runtime(spec).dataset)
-    honest, honest_data = train_states(spec)
+    honest, honest_data, honest_losses = train_states(spec)
     steps = spec.checkpoint_steps
     real_segments = {1, 2}
     tail = [s for s in steps if s >= 8]
     line = interpolate(honest, [s - 8 for s in tail], honest[8], honest[12])  # claims 16 steps for 4 steps' work
     forged = {**{s: honest[s] for s in steps if s <= 8}, **{s: line[s - 8] for s in tail}}
-    path = write_forged(tmp_path / "f", spec, forged, data=honest_data, losses={})
+    path = write_forged(tmp_path / "f", spec, forged, data=honest_data, losses=honest_losses)
     with open_bundle(path) as b:
         norms = _update_norms(b)
     top = sorted(range(1, len(norms) + 1), key=lambda i: -norms[i - 1])[:2]
@@ -107,11 +107,11 @@ def test_training_on_another_data_order(tmp_path, claim_committed_data):
     from pol.engine import build_runtime, resolve_spec
 
     spec = resolve_spec(spec, build_runtime(spec).dataset)
-    _, honest_data = train_states(spec)
+    _, honest_data, _ = train_states(spec)
     with other_data_order():
-        states, actual_data = train_states(spec)
+        states, actual_data, actual_losses = train_states(spec)
     data = honest_data if claim_committed_data else actual_data
-    path = write_forged(tmp_path / "f", spec, states, data=data, losses={})
+    path = write_forged(tmp_path / "f", spec, states, data=data, losses=actual_losses)
     report = verify(path, segments=all_segments(path), seed=0)
     assert report.verdict == "reject"
     if not claim_committed_data:
@@ -125,10 +125,10 @@ def test_skipping_every_other_batch(tmp_path):
     from pol.engine import build_runtime, resolve_spec
 
     spec = resolve_spec(spec, build_runtime(spec).dataset)
-    _, honest_data = train_states(spec)
+    _, honest_data, honest_losses = train_states(spec)
     with skip_every_other_batch():
-        states, _ = train_states(spec)
-    path = write_forged(tmp_path / "f", spec, states, data=honest_data, losses={})
+        states, _, _ = train_states(spec)
+    path = write_forged(tmp_path / "f", spec, states, data=honest_data, losses=honest_losses)
     assert_rejected(path, set(all_segments(path)))
 
 
@@ -138,11 +138,11 @@ def test_splice_of_two_honest_runs(tmp_path, honest_bundles):
     from pol.engine import build_runtime, resolve_spec
 
     other = resolve_spec(other, build_runtime(other).dataset)
-    states_b, data_b = train_states(other)
+    states_b, data_b, _ = train_states(other)
     mid = 4
     spliced = {s: (states_a[s] if s <= mid else states_b[s]) for s in spec_a.checkpoint_steps}
     data = {r.step: r.data for r in records_a}
-    path = write_forged(tmp_path / "f", spec_a, spliced, data=data, losses={})
+    path = write_forged(tmp_path / "f", spec_a, spliced, data=data, losses={r.step: r.loss for r in records_a})
     report = verify(path, segments=all_segments(path), seed=0)
     assert report.verdict == "reject"
     assert 2 in {c.index for c in report.checks if not c.ok}  # the junction 4 -> 8
