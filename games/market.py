@@ -233,6 +233,22 @@ def get_market_params(spec: JobSpec, params: GameParams | None = None) -> GamePa
     return dataclasses.replace(base, n_segments=n, sample_count=max(1, min(base.sample_count, n)))
 
 
+def _bundle_job(path: Path) -> str:
+    """The job id a published bundle proves (read from its manifest, checked against its commitment)."""
+    from pol.bundle import open_bundle
+
+    with open_bundle(path) as b:
+        return b.manifest.job_id
+
+
+def _job_id(spec: JobSpec) -> str:
+    """The job id the submitter posts: its spec resolved against the data (what `pol job` prints)."""
+    from pol.components import CodePolicy
+    from pol.engine import resolve_job
+
+    return resolve_job(spec, code=CodePolicy.trust_all_code()).job_id
+
+
 def _with_seed(spec: JobSpec, seed: int) -> JobSpec:
     from pol.spec import spec_from_dict
 
@@ -324,32 +340,29 @@ def _write_json_atomic(path: Path, body: Mapping[str, Any]) -> None:
 
 
 def _altered_bundle(src: Path, dst: Path, seed_text: str, first: int) -> str:
-    """Write a consistent copy of the bundle at `src` to `dst` (atomically) whose checkpoints from record index
-    `first` on carry seeded noise on their parameters. Returns the new commitment."""
+    """Write a consistent copy of the bundle at `src` to `dst` (atomically, through pol's one bundle writer) whose
+    checkpoints from record index `first` on carry seeded noise on their parameters. Returns the new commitment."""
     import torch
 
-    from pol.bundle import Manifest, checkpoint_name, open_bundle, write_checkpoint, write_manifest
-    from pol.digest import state_digest
-    from pol.trace import Record, compute_trace_commitment
+    from pol.bundle import open_bundle, write_bundle
 
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
     def noise(step: int, name: str, like: torch.Tensor) -> torch.Tensor:  # one stream per tensor: order-free
         seed = int.from_bytes(blake3(f"{seed_text}/{step}/{name}".encode()).digest()[:7], "big")
         return 1e-3 * torch.randn(like.shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
 
     with open_bundle(src) as b:
-        records, files = [], {}
-        for i, rec in enumerate(b.records):
-            state = b.load_state(rec.step)
-            if i >= first:
-                state = {k: v + noise(rec.step, k, v) if k.startswith("param/") and v.is_floating_point() else v
-                         for k, v in sorted(state.items())}
-            files[checkpoint_name(rec.step)] = write_checkpoint(tmp, rec.step, state, b.spec.job_id)
-            records.append(Record(rec.step, state_digest(state), rec.data, rec.loss))
-        merkle, root = compute_trace_commitment(b.spec.job_id, records)
-        write_manifest(tmp, Manifest(b.spec, tuple(records), merkle, root, files, dict(b.manifest.env)))
+        def checkpoints() -> Any:
+            for i, rec in enumerate(b.records):
+                state = b.load_state(rec.step)
+                if i >= first:
+                    state = {k: v + noise(rec.step, k, v) if k.startswith("param/") and v.is_floating_point() else v
+                             for k, v in sorted(state.items())}
+                yield rec.step, state, rec.data, rec.loss
+
+        root = write_bundle(tmp, b.spec, checkpoints(), dict(b.manifest.env)).root
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     return root
@@ -479,9 +492,10 @@ class _Market:
         spec = _with_seed(s.spec, s.spec.seed + index)
         before = self.cached(f"plan/{t}/balances", self.ledger.get_accounts)  # journaled before the post
         now = self.clock + 1
-        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics])), "post",
-                         f"{SUBMITTER} posts {spec.model.name} x {spec.steps} steps ({s.flops:.3g} FLOPs): "
-                         f"fee estimate {compute_fee_estimate(s.flops, s.params)} escrowed")
+        job_id = self.cached(f"plan/{t}/job_id", lambda: _job_id(spec))
+        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics]), job_id), "post",
+                         f"{SUBMITTER} posts job {job_id[:16]}: {spec.model.name} x {spec.steps} steps "
+                         f"({s.flops:.3g} FLOPs): fee estimate {compute_fee_estimate(s.flops, s.params)} escrowed")
         bids = self.bid(task, spec, now + 1)
         task = self.play(CloseAuction(t, task.bid_deadline), "auction", "auction closed")
         verifications: list[VerificationReport] = []
@@ -600,8 +614,10 @@ class _Market:
             return {"verdict": "unchecked", "failed": [], "reason": "lazy: approved without replaying"}
         from pol.verify import verify
 
-        seed = int.from_bytes(blake3(f"{self.s.seed}/{task.task_id}/{verifier}".encode()).digest()[:4], "big")
-        report = verify(path, segments=[i + 1 for i in segments], expected_root=task.commitment, seed=seed)
+        # the segments come from the ledger's beacon, drawn after the commitment (get_verifier_segments); the
+        # verifier pins the posted job and commitment, and allows no code beyond pol's built-ins
+        report = verify(path, segments=[i + 1 for i in segments], expected_root=task.commitment,
+                        expected_job=task.job_id or None, beacon=task.segment_beacon)
         failed = sorted(c.index - 1 for c in report.checks if not c.ok)
         if report.verdict == "accept":
             return {"verdict": "accept", "failed": [], "reason": ""}
@@ -618,6 +634,14 @@ class _Market:
                 for segment in v.failed:
                     flagged.setdefault(segment, []).append(v.verifier)
         wrong = []
+        proved = self.cached(f"job/{t}/r{r}", functools.partial(_bundle_job, path))
+        if task.job_id and proved != task.job_id:  # a public check: no replay, no dispute needed
+            why = f"wrong job: the bundle proves job {proved[:16]}, the task posted job {task.job_id[:16]}"
+            for segment in sorted(flagged):
+                out.append(DisputeReport(r, segment, tuple(flagged[segment]), "solver_wrong", why))
+            self.emit(t, "dispute", why)
+            return self.play(Rule(t, task.last_tick + 1, "solver_wrong", tuple(sorted(flagged))), "rule",
+                             "ruling solver_wrong: wrong job")
         for segment in sorted(flagged):
             key = f"dispute/{t}/r{r}/{segment}"
             self.emit(t, "dispute", f"{', '.join(flagged[segment])} dispute segment {segment} against "

@@ -175,6 +175,7 @@ class Task:
     verdicts: tuple[tuple[AccountId, Weight], ...] = ()
     whistleblowers: tuple[AccountId, ...] = ()
     params: GameParams = GameParams()
+    job_id: str = ""  # the posted job (blake3 of its canonical spec); "" in simulations that train nothing
 
 
 # ---------------------------------------------------------------------------------------------------- moves
@@ -193,6 +194,7 @@ class Post(Move):
     submitter: AccountId
     flops: int
     requirements: Requirements = dataclasses.field(default_factory=Requirements)
+    job_id: str = ""  # the job id of the spec posted (pol job): verifiers reject a bundle of any other job
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,8 +487,11 @@ def apply_post(ledger: Ledger, params: GameParams, move: Post) -> Task:
         raise BadMove("post.flops", f"{move.flops!r} is not a positive int")
     if not isinstance(move.task_id, str) or not move.task_id or "/" in move.task_id:
         raise BadMove("post.task_id", f"{move.task_id!r} must be a non-empty id without '/'")
+    if move.job_id != "":
+        _verify_hex(move.job_id, "post.job_id")
     task = Task(move.task_id, move.submitter, move.flops, compute_fee_estimate(move.flops, params),
-                move.requirements, last_tick=move.now, bid_deadline=move.now + params.bid_window, params=params)
+                move.requirements, last_tick=move.now, bid_deadline=move.now + params.bid_window, params=params,
+                job_id=move.job_id)
     lock(ledger, _op(task, "post", move.submitter), move.submitter, _escrow(task, "fee"), task.max_price)
     return task
 
