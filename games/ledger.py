@@ -12,6 +12,10 @@ integer balance in base units. Six operations change it, each a frozen `Operatio
 
 Rules every backend keeps (checked by `compute_effects`, which is shared, and by the property tests):
 - atomic: an operation is validated before anything is written; a refused one changes nothing;
+- one kind of number: every amount is an int (not a bool, not a float) in [1, MAX_AMOUNT], and a mint that would take
+  the total supply above MAX_AMOUNT is refused (`SupplyOverflow`). Every balance is at most the supply, so every
+  number a ledger stores or sums fits a signed 64-bit integer: SQLite's INTEGER, which silently turns an overflowing
+  sum into a float;
 - idempotent: a retry under the same op id with the same operation returns the original `Event` and changes
   nothing; the same op id with a different operation raises `OperationConflict`;
 - no balance is ever negative; `total_supply()` == sum of accounts + sum of escrows == sum of all mints;
@@ -39,6 +43,7 @@ from games.errors import (
     InvalidIdentifier,
     LedgerCorrupt,
     OperationConflict,
+    SupplyOverflow,
     UnknownAccount,
     UnknownEscrow,
 )
@@ -46,6 +51,7 @@ from games.errors import (
 __all__ = [
     "EVENT_DOMAIN",
     "GENESIS",
+    "MAX_AMOUNT",
     "MAX_ID_LENGTH",
     "OP_KINDS",
     "AccountId",
@@ -66,6 +72,7 @@ __all__ = [
     "compute_op_key",
     "event_to_dict",
     "get_retry_event",
+    "is_amount",
     "lock",
     "mint",
     "open_account",
@@ -77,7 +84,7 @@ __all__ = [
     "verify_ledger",
 ]
 
-Amount = int  # base units, never negative
+Amount = int  # base units, never negative, never above MAX_AMOUNT
 AccountId = str
 EscrowId = str
 OpId = str
@@ -89,6 +96,10 @@ GENESIS: Digest = blake3(b"pol.games.ledger.genesis.v1").digest()
 EVENT_DOMAIN = b"pol.games.ledger.event.v1\x00"
 BEACON_DOMAIN = b"pol.games.ledger.beacon.v1\x00"
 MAX_ID_LENGTH = 256
+# The largest amount, balance or total supply: SQLite's largest INTEGER (signed 64-bit), so that the SQLite backend
+# stores every number exactly and both backends refuse the same operations. About 9.2e18 base units (9.2e9 whole
+# units at 9 decimals), far beyond any fee or stake a market posts.
+MAX_AMOUNT: int = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +131,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """One change an operation makes: `table` is 'open', 'account' or 'escrow'; `delta` is signed."""
+    """One change an operation makes: `table` is 'open', 'account', 'escrow' or 'supply' (key ''); `delta` is
+    signed."""
 
     table: str
     key: str
@@ -133,6 +145,7 @@ class LedgerView(Protocol):
     def has_account(self, account: AccountId) -> bool: ...
     def balance(self, account: AccountId) -> Amount: ...
     def escrow_balance(self, escrow: EscrowId) -> Amount: ...
+    def total_supply(self) -> Amount: ...
 
 
 @runtime_checkable
@@ -160,9 +173,19 @@ def verify_identifier(what: str, value: object) -> None:
         raise InvalidIdentifier(what, value)
 
 
+def is_amount(amount: object) -> bool:
+    """Whether `amount` is an int (not a bool) in [1, MAX_AMOUNT]."""
+    return type(amount) is int and 1 <= amount <= MAX_AMOUNT
+
+
 def _verify_amount(amount: object) -> None:
-    if type(amount) is not int or amount <= 0:
-        raise InvalidAmount(amount)
+    if not is_amount(amount):
+        raise InvalidAmount(amount, MAX_AMOUNT)
+
+
+def _verify_no_source(op: Operation) -> None:
+    if op.src != "":
+        raise InvalidIdentifier(f"source of {op.kind}", op.src, "must be empty")
 
 
 def _verify_account(view: LedgerView, account: AccountId) -> None:
@@ -179,30 +202,36 @@ def _verify_covers(holder: str, available: Amount, amount: Amount) -> None:
 def compute_effects(op: Operation, view: LedgerView) -> tuple[Effect, ...]:
     """The changes `op` makes to the ledger seen through `view`. Pure: reads only.
 
-    Raises InvalidIdentifier, InvalidAmount, UnknownAccount, AccountExists, UnknownEscrow, InsufficientFunds.
+    Raises InvalidIdentifier, InvalidAmount (its subclass SupplyOverflow for a mint that would take the total supply
+    above MAX_AMOUNT), UnknownAccount, AccountExists, UnknownEscrow, InsufficientFunds.
     """
     if op.kind not in OP_KINDS:
-        raise InvalidIdentifier("operation kind", op.kind)
+        raise InvalidIdentifier("operation kind", op.kind, f"one of {', '.join(OP_KINDS)}")
     if not isinstance(op.memo, str) or len(op.memo) > MAX_ID_LENGTH:
-        raise InvalidIdentifier("memo", op.memo)
+        raise InvalidIdentifier("memo", op.memo, f"a str of at most {MAX_ID_LENGTH} characters")
     if op.kind == "open":
         verify_identifier("account", op.dst)
-        if op.src or op.amount:
-            raise InvalidAmount(op.amount)
+        _verify_no_source(op)
+        if type(op.amount) is not int or op.amount != 0:
+            raise InvalidAmount(op.amount, message="open takes no amount: its amount must be the int 0")
         if view.has_account(op.dst):
             raise AccountExists(op.dst)
         return (Effect("open", op.dst, 0),)
     _verify_amount(op.amount)
     if op.kind == "mint":
+        _verify_no_source(op)
         _verify_account(view, op.dst)
-        return (Effect("account", op.dst, op.amount),)
+        supply = view.total_supply()
+        if op.amount > MAX_AMOUNT - supply:
+            raise SupplyOverflow(op.amount, supply, MAX_AMOUNT)
+        return (Effect("account", op.dst, op.amount), Effect("supply", "", op.amount))
     if op.kind in ("transfer", "lock"):
         _verify_account(view, op.src)
         _verify_covers(op.src, view.balance(op.src), op.amount)
         if op.kind == "transfer":
             _verify_account(view, op.dst)
             if op.src == op.dst:
-                raise InvalidIdentifier("transfer destination (same as source)", op.dst)
+                raise InvalidIdentifier("transfer destination", op.dst, "must differ from the source")
             return (Effect("account", op.src, -op.amount), Effect("account", op.dst, op.amount))
         verify_identifier("escrow", op.dst)
         return (Effect("account", op.src, -op.amount), Effect("escrow", op.dst, op.amount))
@@ -245,7 +274,12 @@ def compute_beacon(seed: bytes, round_id: RoundId, head: Digest) -> bytes:
 
 def get_retry_event(op_id: OpId, op: Operation, recorded_key: str, recorded: Event) -> Event:
     """The original event for a retried op id. Raises OperationConflict if the operation differs."""
-    given = compute_op_key(op)
+    try:
+        given = compute_op_key(op)
+    except (TypeError, ValueError):
+        # a field JSON cannot hold (an object, an int of over 4300 digits): the operation differs from every
+        # recorded one, since only valid operations are recorded
+        given = "an operation with a field that is not text or a number"
     if given != recorded_key:
         raise OperationConflict(op_id, recorded_key, given)
     return recorded
@@ -292,7 +326,8 @@ def open_account(ledger: Ledger, op_id: OpId, account: AccountId) -> Event:
 
 
 def mint(ledger: Ledger, op_id: OpId, account: AccountId, amount: Amount) -> Event:
-    """Create `amount` new units in `account`. Raises UnknownAccount, InvalidAmount, OperationConflict."""
+    """Create `amount` new units in `account`. Raises UnknownAccount, InvalidAmount, SupplyOverflow (the supply
+    would pass MAX_AMOUNT), OperationConflict."""
     return ledger.apply(op_id, Operation("mint", dst=account, amount=amount))
 
 

@@ -1,7 +1,8 @@
 """The in-memory ledger: the reference backend, used by tests and the simulation. Plain dicts and a list.
 
-Validation happens in the shared `compute_effects` before anything is written, so a refused operation changes
-nothing; effects cannot fail once validated.
+Validation happens in the shared `compute_effects` (amounts and the supply bound `MAX_AMOUNT` included) before
+anything is written, and the event is computed before the first write too, so a refused operation changes nothing;
+effects cannot fail once validated.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class MemoryLedger:
 
     def __init__(self, seed: bytes | None = None) -> None:
         if seed is not None and (not isinstance(seed, bytes) or not seed):
-            raise InvalidIdentifier("ledger seed", seed)
+            raise InvalidIdentifier("ledger seed", seed, "non-empty bytes")
         self._seed = seed if seed is not None else os.urandom(32)
         self._accounts: dict[AccountId, Amount] = {}
         self._escrows: dict[EscrowId, Amount] = {}
@@ -51,18 +52,20 @@ class MemoryLedger:
         if op_id in self._ops:
             key, seq = self._ops[op_id]
             return get_retry_event(op_id, op, key, self._events[seq])
-        for eff in compute_effects(op, self):  # raises before any write
+        effects = compute_effects(op, self)  # raises before any write
+        event = compute_event(len(self._events), op_id, op, self.head())
+        key = compute_op_key(op)
+        for eff in effects:
             if eff.table == "open":
                 self._accounts[eff.key] = 0
             elif eff.table == "account":
                 self._accounts[eff.key] += eff.delta
-            else:
+            elif eff.table == "escrow":
                 self._escrows[eff.key] = self._escrows.get(eff.key, 0) + eff.delta
-        if op.kind == "mint":
-            self._supply += op.amount
-        event = compute_event(len(self._events), op_id, op, self.head())
+            else:
+                self._supply += eff.delta
         self._events.append(event)
-        self._ops[op_id] = (compute_op_key(op), event.seq)
+        self._ops[op_id] = (key, event.seq)
         return event
 
     def beacon(self, round_id: RoundId) -> bytes:

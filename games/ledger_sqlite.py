@@ -3,26 +3,39 @@ transaction (WAL journal, `synchronous=FULL`), so a process killed at any instan
 or none of it, and a retried op id is answered from the `ops` table. Rules are the shared `compute_effects`.
 
 Schema (version 1):
-    meta(key PRIMARY KEY, value)                 'version', 'seed' (hex), 'supply'
+    meta(key PRIMARY KEY, value)                 'version', 'seed' (hex), 'supply' (decimal text of an int)
     accounts(id PRIMARY KEY, balance >= 0)
     escrows(id PRIMARY KEY, balance >= 0)
     events(seq PRIMARY KEY, kind, op_id, src, dst, amount, memo, prev, hash)
     ops(op_id PRIMARY KEY, key, seq)             key = canonical text of the operation
     beacons(round_id PRIMARY KEY, value)
+
+Numbers: every amount is at most MAX_AMOUNT (SQLite's largest INTEGER), checked by `compute_effects` before anything
+is written, and every new balance and the new supply are computed in Python and stored as they are: no SQL
+arithmetic, which would turn an overflowing sum into a float. Reads are strict: a stored number that is not an
+integer in [0, MAX_AMOUNT] (or any other mistyped field) raises LedgerCorrupt instead of being coerced.
+
+Opening: a file that exists and is not empty is first probed read-only (its first bytes, then through a read-only
+connection); unless it is an SQLite database holding pol's tables, of this schema version, or no tables at all, it
+is refused with NotALedger and left untouched. Only `create=True` (the default) makes a new ledger: in a missing or
+empty file, or an SQLite database without tables; `create=False` refuses those too.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Self
 
-from games.errors import InvalidIdentifier, LedgerCorrupt
+from games.errors import InvalidIdentifier, LedgerCorrupt, NotALedger
 from games.ledger import (
     GENESIS,
+    MAX_AMOUNT,
     AccountId,
     Amount,
     Digest,
@@ -53,6 +66,115 @@ CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, o
 CREATE TABLE IF NOT EXISTS ops(op_id TEXT PRIMARY KEY, key TEXT NOT NULL, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS beacons(round_id TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
+_STATEMENTS = [statement for statement in _SCHEMA.split(";") if statement.strip()]
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_TIMEOUT = 60.0  # seconds to wait for another connection's lock
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+def _get_tables(conn: sqlite3.Connection) -> dict[str, list[str]]:
+    """Each table of the database (SQLite's own left out) and its column names, in order."""
+    names = [row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")]
+    return {name: [row[1] for row in conn.execute("SELECT * FROM pragma_table_info(?)", (name,))] for name in names}
+
+
+def _compute_schema_columns() -> dict[str, list[str]]:
+    with closing(sqlite3.connect(":memory:")) as conn:
+        for statement in _STATEMENTS:
+            conn.execute(statement)
+        return _get_tables(conn)
+
+
+_COLUMNS = _compute_schema_columns()
+
+
+def _verify_schema(path: Path, conn: sqlite3.Connection, tables: dict[str, list[str]]) -> None:
+    """Raises NotALedger unless `tables` (those of `conn`'s database) holds every table of pol's schema with its
+    columns, and the database says it is of this schema version."""
+    missing = sorted(set(_COLUMNS) - set(tables))
+    if missing:
+        raise NotALedger(path, f"an SQLite database of another schema (no table {', '.join(missing)})")
+    for name, columns in _COLUMNS.items():
+        if tables[name] != columns:
+            raise NotALedger(path, f"table {name} has columns {tables[name]}, a pol ledger's has {columns}")
+    row = conn.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+    version = None if row is None else row[0]
+    if version != SCHEMA_VERSION:
+        raise NotALedger(path, f"schema version {version!r}; this pol reads version {SCHEMA_VERSION!r}")
+
+
+def _get_header(path: Path) -> bytes | None:
+    """The first 20 bytes of the file at `path` (SQLite's magic string, page size, format versions), or None if
+    there is no file. Raises NotALedger if it is not a regular file (a directory, a pipe) or cannot be read (a name
+    too long, no permission)."""
+    try:
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise NotALedger(path, "not a regular file")
+        with path.open("rb") as file:
+            return file.read(20)
+    except OSError as exc:
+        raise NotALedger(path, f"cannot read it ({exc.strerror or exc})") from exc
+
+
+def _is_blank(path: Path, header: bytes) -> bool:
+    """Whether the file at `path`, which starts with `header`, is an SQLite database without any table (a ledger
+    may be made in it); if it has tables, checks that they are a pol ledger's, of this schema version. Reads through
+    a read-only connection, closed again. Raises NotALedger (an sqlite3 error included: not a database, locked,
+    unreadable)."""
+    if header[:len(_SQLITE_HEADER)] != _SQLITE_HEADER:
+        raise NotALedger(path, "not an SQLite database (it does not start with SQLite's header)")
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    if header[18:20] == b"\x02\x02" and not Path(f"{path}-wal").exists():
+        # a WAL database nobody has open: read the file alone, so that no -wal/-shm is left beside it
+        uri += "&immutable=1"
+    try:
+        with closing(sqlite3.connect(uri, uri=True, timeout=_TIMEOUT)) as conn:
+            tables = _get_tables(conn)
+            if tables:
+                _verify_schema(path, conn, tables)
+    except sqlite3.Error as exc:
+        raise NotALedger(path, f"cannot read it as an SQLite database ({exc})") from exc
+    return not tables
+
+
+def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the database in WAL mode (a no-op when it is). Switching needs the database to itself for a moment, and
+    SQLite answers 'database is locked' at once, without waiting, while another connection is writing (as when
+    several processes create one ledger together); so it retries for up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
+
+
+def _get_amount(value: object, where: str) -> Amount:
+    """A stored number, exactly as stored. Raises LedgerCorrupt unless it is an int in [0, MAX_AMOUNT]."""
+    if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
+        raise LedgerCorrupt(f"{where} holds {value!r:.40}, not an integer amount")
+    return value
+
+
+def _get_digest(value: object, where: str) -> bytes:
+    if type(value) is not bytes:
+        raise LedgerCorrupt(f"{where} holds {value!r:.40}, not bytes")
+    return value
+
+
+def _row_to_event(row: tuple) -> Event:
+    seq, kind, op_id, src, dst, amount, memo, prev, digest = row
+    where = f"event {seq!r:.20}"
+    if type(seq) is not int or not all(type(v) is str for v in (kind, op_id, src, dst, memo)):
+        raise LedgerCorrupt(f"{where} has a mistyped field")
+    return Event(seq, kind, op_id, src, dst, _get_amount(amount, where), memo, _get_digest(prev, where),
+                 _get_digest(digest, where))
 
 
 class _View:
@@ -66,43 +188,74 @@ class _View:
 
     def balance(self, account: AccountId) -> Amount:
         row = self._conn.execute("SELECT balance FROM accounts WHERE id=?", (account,)).fetchone()
-        return int(row[0]) if row else 0
+        return _get_amount(row[0], f"account {account!r}") if row else 0
 
     def escrow_balance(self, escrow: EscrowId) -> Amount:
         row = self._conn.execute("SELECT balance FROM escrows WHERE id=?", (escrow,)).fetchone()
-        return int(row[0]) if row else 0
+        return _get_amount(row[0], f"escrow {escrow!r}") if row else 0
 
-
-def _row_to_event(row: tuple) -> Event:
-    seq, kind, op_id, src, dst, amount, memo, prev, digest = row
-    return Event(int(seq), kind, op_id, src, dst, int(amount), memo, bytes(prev), bytes(digest))
+    def total_supply(self) -> Amount:
+        row = self._conn.execute("SELECT value FROM meta WHERE key='supply'").fetchone()
+        text = None if row is None else row[0]
+        if not isinstance(text, str) or not _DECIMAL.fullmatch(text) or int(text) > MAX_AMOUNT:
+            raise LedgerCorrupt(f"the stored supply is {text!r:.40}, not the decimal text of an integer amount")
+        return int(text)
 
 
 class SqliteLedger:
     """A `Ledger` in one SQLite file. Opening an existing file keeps its seed; `seed` (for tests) is used only
-    when the file is created. Raises LedgerCorrupt if the file has an unknown schema version."""
+    when the file is created. With `create=False` only an existing ledger is opened (`pol ledger show`): nothing is
+    created, and a file that is not a ledger is left untouched.
 
-    def __init__(self, path: str | Path, seed: bytes | None = None, *, synchronous: str = "FULL") -> None:
+    Raises NotALedger if the file is not a pol ledger of this schema version (with `create=False`, also if it is
+    missing, empty or a database without tables; any sqlite3 error while opening becomes one), LedgerCorrupt if its
+    stored seed or supply is malformed, InvalidIdentifier for a bad `seed` or `synchronous`."""
+
+    def __init__(self, path: str | Path, seed: bytes | None = None, *, synchronous: str = "FULL",
+                 create: bool = True) -> None:
         if seed is not None and (not isinstance(seed, bytes) or not seed):
-            raise InvalidIdentifier("ledger seed", seed)
+            raise InvalidIdentifier("ledger seed", seed, "non-empty bytes")
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise InvalidIdentifier("synchronous mode", synchronous)
+            raise InvalidIdentifier("synchronous mode", synchronous, "OFF, NORMAL, FULL or EXTRA")
         self.path = Path(path)
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60.0)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        header = _get_header(self.path)
+        blank = _is_blank(self.path, header) if header else True
+        if blank and not create:
+            raise NotALedger(self.path, "no such file" if header is None else
+                             "an SQLite database with no tables" if header else "an empty file")
+        try:
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise NotALedger(self.path, f"cannot open it ({exc})") from exc
+        try:
+            self._open(seed, synchronous, create=blank)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise NotALedger(self.path, f"cannot open it ({exc})") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self, seed: bytes | None, synchronous: str, *, create: bool) -> None:
+        if create:  # in one transaction, checking again: another process may be making this ledger too
+            with self._transaction():
+                tables = _get_tables(self._conn)
+                if tables:
+                    _verify_schema(self.path, self._conn, tables)
+                else:
+                    for statement in _STATEMENTS:
+                        self._conn.execute(statement)
+                    self._conn.execute("INSERT INTO meta VALUES ('version', ?)", (SCHEMA_VERSION,))
+                    self._conn.execute("INSERT INTO meta VALUES ('seed', ?)", ((seed or os.urandom(32)).hex(),))
+                    self._conn.execute("INSERT INTO meta VALUES ('supply', '0')")
+        _set_wal(self._conn, _TIMEOUT)
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
-        with self._transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._conn.execute(statement)
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (SCHEMA_VERSION,))
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('seed', ?)", ((seed or os.urandom(32)).hex(),))
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('supply', '0')")
-        version = self._meta("version")
-        if version != SCHEMA_VERSION:
-            self.close()
-            raise LedgerCorrupt(f"unknown schema version {version!r}")
-        self._seed = bytes.fromhex(self._meta("seed"))
+        row = self._conn.execute("SELECT value FROM meta WHERE key='seed'").fetchone()
+        stored = None if row is None else row[0]
+        if not isinstance(stored, str) or not re.fullmatch(r"(?:[0-9a-f]{2})+", stored):
+            raise LedgerCorrupt(f"the stored seed is {stored!r:.40}, not hex")
+        self._seed = bytes.fromhex(stored)
+        _View(self._conn).total_supply()  # raises LedgerCorrupt now rather than at the first read
 
     def __enter__(self) -> Self:
         return self
@@ -123,9 +276,6 @@ class SqliteLedger:
             raise
         self._conn.execute("COMMIT")
 
-    def _meta(self, key: str) -> str:
-        return str(self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
-
     def _append(self, op_id: OpId, op: Operation) -> Event:
         event = compute_event(self._count(), op_id, op, self.head())
         self._conn.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
@@ -144,19 +294,22 @@ class SqliteLedger:
             row = self._conn.execute("SELECT key, seq FROM ops WHERE op_id=?", (op_id,)).fetchone()
             if row is not None:
                 recorded = self._conn.execute("SELECT * FROM events WHERE seq=?", (row[1],)).fetchone()
+                if recorded is None or type(row[0]) is not str:
+                    raise LedgerCorrupt(f"op id {op_id!r} is recorded without its event")
                 return get_retry_event(op_id, op, row[0], _row_to_event(recorded))
-            for eff in compute_effects(op, _View(self._conn)):
+            view = _View(self._conn)
+            for eff in compute_effects(op, view):  # new values computed here, exact: no SQL arithmetic
                 if eff.table == "open":
                     self._conn.execute("INSERT INTO accounts VALUES (?, 0)", (eff.key,))
                 elif eff.table == "account":
-                    self._conn.execute("UPDATE accounts SET balance = balance + ? WHERE id=?",
-                                       (eff.delta, eff.key))
+                    self._conn.execute("UPDATE accounts SET balance=? WHERE id=?",
+                                       (view.balance(eff.key) + eff.delta, eff.key))
+                elif eff.table == "escrow":
+                    self._conn.execute("INSERT INTO escrows VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET "
+                                       "balance=excluded.balance", (eff.key, view.escrow_balance(eff.key) + eff.delta))
                 else:
-                    self._conn.execute("INSERT INTO escrows VALUES (?, 0) ON CONFLICT(id) DO NOTHING", (eff.key,))
-                    self._conn.execute("UPDATE escrows SET balance = balance + ? WHERE id=?", (eff.delta, eff.key))
-            if op.kind == "mint":
-                self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='supply'",
-                                   (op.amount,))
+                    self._conn.execute("UPDATE meta SET value=? WHERE key='supply'",
+                                       (str(view.total_supply() + eff.delta),))
             event = self._append(op_id, op)
             self._conn.execute("INSERT INTO ops VALUES (?,?,?)", (op_id, compute_op_key(op), event.seq))
             return event
@@ -167,7 +320,7 @@ class SqliteLedger:
         with self._transaction():
             row = self._conn.execute("SELECT value FROM beacons WHERE round_id=?", (round_id,)).fetchone()
             if row is not None:
-                return bytes(row[0])
+                return _get_digest(row[0], f"beacon {round_id!r}")
             value = compute_beacon(self._seed, round_id, self.head())
             self._append(f"beacon/{round_id}", Operation("beacon", dst=round_id, memo=value.hex()))
             self._conn.execute("INSERT INTO beacons VALUES (?, ?)", (round_id, value))
@@ -182,14 +335,16 @@ class SqliteLedger:
     def escrow_balance(self, escrow: EscrowId) -> Amount:
         return _View(self._conn).escrow_balance(escrow)
 
+    def total_supply(self) -> Amount:
+        return _View(self._conn).total_supply()
+
     def get_accounts(self) -> dict[AccountId, Amount]:
-        return {k: int(v) for k, v in self._conn.execute("SELECT id, balance FROM accounts ORDER BY id")}
+        rows = self._conn.execute("SELECT id, balance FROM accounts ORDER BY id")
+        return {k: _get_amount(v, f"account {k!r}") for k, v in rows}
 
     def get_escrows(self) -> dict[EscrowId, Amount]:
-        return {k: int(v) for k, v in self._conn.execute("SELECT id, balance FROM escrows ORDER BY id")}
-
-    def total_supply(self) -> Amount:
-        return int(self._meta("supply"))
+        rows = self._conn.execute("SELECT id, balance FROM escrows ORDER BY id")
+        return {k: _get_amount(v, f"escrow {k!r}") for k, v in rows}
 
     def events(self, start: int = 0) -> list[Event]:
         rows = self._conn.execute("SELECT * FROM events WHERE seq >= ? ORDER BY seq", (start,))
@@ -197,4 +352,4 @@ class SqliteLedger:
 
     def head(self) -> Digest:
         row = self._conn.execute("SELECT hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-        return bytes(row[0]) if row else GENESIS
+        return _get_digest(row[0], "the last event's hash") if row else GENESIS

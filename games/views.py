@@ -11,7 +11,10 @@ __all__ = ["ledger_to_dict", "render_ledger"]
 
 def ledger_to_dict(ledger: Ledger, *, last_events: int | None = None, check: bool = True) -> dict[str, Any]:
     """Balances, non-zero escrows, supply, head and events (all, or the last `last_events`) as JSON-ready data.
-    With `check`, verifies the ledger first and raises LedgerCorrupt if an invariant is broken."""
+    With `check`, verifies the ledger first and raises LedgerCorrupt if an invariant is broken; an SQLite ledger
+    raises LedgerCorrupt for a stored value of the wrong type even without `check`. Every amount in the result is an
+    int of at most MAX_AMOUNT (2**63 - 1): exact in JSON for Python, but above 2**53 a JavaScript reader loses
+    precision."""
     if check:
         verify_ledger(ledger)
     events = ledger.events()

@@ -15,12 +15,15 @@ from games.errors import (
     InvalidAmount,
     InvalidIdentifier,
     LedgerCorrupt,
+    NotALedger,
     OperationConflict,
+    SupplyOverflow,
     UnknownAccount,
     UnknownEscrow,
 )
 from games.ledger import (
     GENESIS,
+    MAX_AMOUNT,
     Ledger,
     Operation,
     event_to_dict,
@@ -118,6 +121,17 @@ def test_reused_op_id_with_other_arguments_is_refused(new_ledger, op: Operation)
     (Operation("open", dst="alice"), AccountExists),
     (Operation("open", dst=""), InvalidIdentifier),
     (Operation("open", dst="x", amount=5), InvalidAmount),
+    (Operation("open", dst="x", amount=0.0), InvalidAmount),  # type: ignore[arg-type]
+    (Operation("open", dst="x", amount=False), InvalidAmount),
+    (Operation("open", src="alice", dst="x"), InvalidIdentifier),
+    (Operation("mint", src="bob", dst="alice", amount=5), InvalidIdentifier),
+    (Operation("mint", dst="alice", amount=MAX_AMOUNT + 1), InvalidAmount),
+    (Operation("mint", dst="alice", amount=2**64), InvalidAmount),
+    (Operation("mint", dst="alice", amount=MAX_AMOUNT), SupplyOverflow),
+    (Operation("mint", dst="alice", amount=MAX_AMOUNT - 999), SupplyOverflow),
+    (Operation("transfer", src="alice", dst="bob", amount=2**63), InvalidAmount),
+    (Operation("lock", src="alice", dst="e", amount=-(2**63)), InvalidAmount),
+    (Operation("release", src="task/1/bond", dst="alice", amount=2**64), InvalidAmount),
     (Operation("mint", dst="carol", amount=5), UnknownAccount),
     (Operation("mint", dst="alice", amount=0), InvalidAmount),
     (Operation("mint", dst="alice", amount=-5), InvalidAmount),
@@ -246,12 +260,16 @@ def test_sqlite_persists_and_keeps_its_seed(tmp_path: Path) -> None:
         assert event_to_dict(ledger.events()[0])["prev"] == GENESIS.hex()
 
 
-def test_sqlite_refuses_unknown_schema_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("create", [True, False])
+def test_sqlite_refuses_unknown_schema_version(tmp_path: Path, create: bool) -> None:
     path = tmp_path / "l.db"
     SqliteLedger(path, b"s").close()
     conn = sqlite3.connect(path)
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerCorrupt, match="version"):
-        SqliteLedger(path)
+    before = path.read_bytes()
+    with pytest.raises(NotALedger, match="schema version '99'") as info:
+        SqliteLedger(path, create=create)
+    assert info.value.exit_code == 2
+    assert path.read_bytes() == before, "a ledger of another version is left untouched"
