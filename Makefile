@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/pol train --model transformer --out $(DEMO)
-	$(BIN)/pol verify $(DEMO) --seed 7
+	$(BIN)/pol verify $(DEMO) --job-id $$($(BIN)/pol job --model transformer --id)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -281,6 +281,7 @@ def job(
     optimizer: OptimOpt = None,
     numerics: NumericsOpt = None,
     data_dir: DataDirOpt = None,
+    id_only: Annotated[bool, typer.Option("--id", help="Print the job id alone (for scripts: --job-id $(pol job ... --id)).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a job's id and its canonical spec without training: what a client posts, and what
@@ -294,6 +295,8 @@ def job(
 
       pol job --model transformer --steps 200
 
+      pol verify run1 --job-id $(pol job --model transformer --id)
+
       pol job --spec job.toml --json > job.json && pol verify run1 --spec job.json
     """
     from pol.components import CodePolicy
@@ -303,6 +306,9 @@ def job(
                           batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
     code = CodePolicy.trust_all_code()
     spec = resolve_job(build_spec(fields, code), code=code, data_dir=data_dir)
+    if id_only:
+        sys.stdout.write(spec.job_id + "\n")
+        return
     if as_json:
         print_json({"job_id": spec.job_id, "spec": spec.to_dict(), "canonical": spec.canonical().decode("utf-8")})
         return

@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import RESULTS, markdown_table, write_results
 from pol import rng
-from pol.bundle import Manifest, checkpoint_name, write_checkpoint, write_manifest
-from pol.digest import state_digest
+from pol.bundle import write_bundle
 from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, restore_state, run_steps
 from pol.spec import spec_from_dict
-from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
+from pol.trace import EMPTY_DATA
 from pol.verify import (
     choose_segments,
     compute_escape_probability,
@@ -48,25 +47,23 @@ CONFIDENCE = 0.999
 
 
 def cheating_bundle(spec, faked: set[int], out: Path, honest_data: dict[int, str]) -> Path:
-    """Train `spec` but skip the segments in `faked` (end state := start state), claiming the committed data."""
+    """Train `spec` but skip the segments in `faked` (end state := start state), claiming the committed data and,
+    for the real segments, their real losses (the loss of a faked segment is claimed as the last real one)."""
     rt = build_runtime(spec)
-    state = initial_state(rt)
-    out.mkdir(parents=True)
-    steps = spec.checkpoint_steps
-    files = {checkpoint_name(0): write_checkpoint(out, 0, state, spec.job_id)}
-    records = [Record(0, state_digest(state), EMPTY_DATA, None)]
-    for i, step in enumerate(steps[1:], start=1):
-        if i in faked:
-            frozen = capture_state(rt)
-            frozen["meta/step"] = torch.tensor(step, dtype=torch.int64)
-            restore_state(rt, frozen)
-        else:
-            run_steps(rt, step)
-        state = capture_state(rt)
-        files[checkpoint_name(step)] = write_checkpoint(out, step, state, spec.job_id)
-        records.append(Record(step, state_digest(state), honest_data[step], 1.0))
-    merkle, root = compute_trace_commitment(spec.job_id, records)
-    write_manifest(out, Manifest(spec, tuple(records), merkle, root, files, {}))
+
+    def checkpoints():
+        yield 0, initial_state(rt), EMPTY_DATA, None
+        loss = None
+        for i, step in enumerate(spec.checkpoint_steps[1:], start=1):
+            if i in faked:
+                frozen = capture_state(rt)
+                frozen["meta/step"] = torch.tensor(step, dtype=torch.int64)
+                restore_state(rt, frozen)
+            else:
+                loss = run_steps(rt, step).loss
+            yield step, capture_state(rt), honest_data[step], loss if loss is not None else 2.3
+
+    write_bundle(out, spec, checkpoints(), {})
     return out
 
 

@@ -436,15 +436,17 @@ def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
             raise UsageError(f"segments {bad} do not exist: this bundle has segments 1..{n}")
         plan = [(i, "forced") for i in sorted(set(req.forced))]
         return plan, len(plan)
-    if req.confidence is not None:
+    if req.confidence is not None:  # the uniform part alone reaches the confidence; largest-update ones come on top
         uniform = compute_required_samples(n, req.confidence, req.cheat_fraction)  # type: ignore[arg-type]
         largest = max(1, uniform // 4) if uniform < n else 0
-    else:
+        if req.largest is not None:
+            largest = min(req.largest, n - uniform)
+    else:  # `samples` in all: a quarter (or `largest`) of them largest-update, the rest uniform
         total = min(req.samples or 4, n)
         largest = total // 4 if total < n else 0
+        if req.largest is not None:
+            largest = min(req.largest, total)
         uniform = total - largest
-    if req.largest is not None:
-        largest = min(req.largest, n - uniform)
     norms = _update_norms(b) if largest else None
     return choose_segments(n, req.randomness, b.manifest.root, uniform, largest, norms), uniform
 
