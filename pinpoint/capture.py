@@ -15,6 +15,9 @@ can re-derive or check against the agreed state digest.
 `run_captured_step` runs `pol.engine.one_step` itself, with the capture as a step hook;
 a `Fault` makes the capture corrupt one element of one node's output, which is how faulty solvers are built.
 
+Building a runtime follows the trust rule: `code` (a `pol.components.CodePolicy`, default pol's built-ins only)
+says which user code the spec may import; anything else is CodeNotAllowed before anything is imported.
+
 Raises CaptureError when a step reads a tensor the capture cannot name or that changed behind its back.
 """
 
@@ -31,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from pol import engine
 from pol.canonical import Digest, compute_hash
+from pol.components import CodePolicy
 from pol.digest import state_digest, tensor_digest
 from pol.engine import Runtime, StepHooks, build_runtime, capture_state, restore_state
 from pol.spec import JobSpec
@@ -521,12 +525,15 @@ def get_fault_candidates(graph: StepGraph) -> list[int]:
 
 
 def capture_step_from_state(spec: JobSpec, state: Mapping[str, torch.Tensor], *, fault: Fault | None = None,
-                            device: str = "cpu", runtime: Runtime | None = None) -> StepGraph:
-    """Capture the step that starts from `state` (its `meta/step` says which) of a resolved spec.
+                            device: str = "cpu", runtime: Runtime | None = None, data_dir: str | None = None,
+                            code: CodePolicy = CodePolicy()) -> StepGraph:
+    """Capture the step that starts from `state` (its `meta/step` says which) of a resolved spec. Without a
+    `runtime`, one is built with the user code `code` allows.
 
-    Raises CaptureError, StateMismatch, DataDiffers, NumericsUnavailable, TrainingError.
+    Raises CodeNotAllowed, CodeDiffers (before importing anything), CaptureError, StateMismatch, DataDiffers,
+    NumericsUnavailable, TrainingError.
     """
-    rt = runtime if runtime is not None else build_runtime(spec, device=device)
+    rt = runtime if runtime is not None else build_runtime(spec, device=device, data_dir=data_dir, code=code)
     restore_state(rt, state)
     step = rt.step
     if step >= spec.steps:
@@ -536,17 +543,20 @@ def capture_step_from_state(spec: JobSpec, state: Mapping[str, torch.Tensor], *,
     return StepGraph(spec.job_id, step, spec.numerics, start, captured.nodes)
 
 
-def capture_step(bundle: Any, step: int, *, fault: Fault | None = None, device: str = "cpu") -> StepGraph:
-    """Capture the operator graph of step `step -> step + 1` of an opened bundle (`pol.bundle.Bundle`).
+def capture_step(bundle: Any, step: int, *, fault: Fault | None = None, device: str = "cpu", data_dir: str | None = None,
+                 code: CodePolicy = CodePolicy()) -> StepGraph:
+    """Capture the operator graph of step `step -> step + 1` of an opened bundle (`pol.bundle.Bundle`), building its
+    model and data with the user code `code` allows.
 
     The state at `step` is the bundle's checkpoint at or before it, replayed forward to `step` if needed.
-    Raises CaptureError, BundleError, DigestMismatch and what `capture_step_from_state` raises.
+    Raises CodeNotAllowed, CodeDiffers (before importing anything), CaptureError, BundleError, DigestMismatch and
+    what `capture_step_from_state` raises.
     """
     spec = bundle.spec
     if not 0 <= step < spec.steps:
         raise CaptureError(f"step {step} is outside the job's steps 0..{spec.steps - 1}")
     start = max(r.step for r in bundle.records if r.step <= step)
-    rt = build_runtime(spec, device=device)
+    rt = build_runtime(spec, device=device, data_dir=data_dir, code=code)
     restore_state(rt, bundle.load_state(start))
     engine.run_steps(rt, step)
     return capture_step_from_state(spec, capture_state(rt), fault=fault, runtime=rt)

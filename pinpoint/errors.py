@@ -3,8 +3,9 @@
     PinpointError                     (a pol.errors.PolError, so callers catching PolError see it too)
     ├── CaptureError                  a step cannot be captured as an operator graph (untracked tensor, bad fault)
     ├── GraphError                    a serialised graph or node record is malformed
+    ├── InvalidParams                 the venue's rules (Params) are out of range (exit 2: a usage error)
     ├── ProtocolError                 a dispute message is rejected; the dispute state is left exactly as it was
-    │   ├── MalformedMessage          wrong kind, field, type or value; names the field
+    │   ├── MalformedMessage          wrong kind, field, type or value (or a line that is no message); names it
     │   ├── OutOfTurn                 the sender is not the party whose move it is
     │   ├── ReplayedMessage           a sequence number already used (or skipped ahead)
     │   ├── ClockExpired              the mover's chess clock ran out before the message arrived
@@ -13,17 +14,21 @@
     │   └── DisputeOver               the dispute is already settled
     └── TranscriptError               a transcript does not re-check (edited, truncated or inconsistent)
 
+Errors raised while *building* what a ruling needs come from `pol.errors` unchanged: CodeNotAllowed and
+CodeDiffers (the checker does not run that code: "cannot check", exit 2), DataDiffers (other data here, exit 2).
+
 Every raise is reached by a test. `assert` is kept for our own bugs only.
 """
 
 from __future__ import annotations
 
-from pol.errors import PolError
+from pol.errors import EXIT_USAGE, PolError
 
 __all__ = [
     "PinpointError",
     "CaptureError",
     "GraphError",
+    "InvalidParams",
     "ProtocolError",
     "MalformedMessage",
     "OutOfTurn",
@@ -46,6 +51,12 @@ class CaptureError(PinpointError):
 
 class GraphError(PinpointError):
     """A serialised operator graph or node record is malformed."""
+
+
+class InvalidParams(PinpointError):
+    """The venue's rules for a dispute (`pinpoint.protocol.Params`) are out of range."""
+
+    exit_code = EXIT_USAGE
 
 
 class ProtocolError(PinpointError):

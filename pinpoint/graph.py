@@ -33,7 +33,7 @@ from typing import Any
 
 import networkx as nx
 
-from pol.canonical import Digest, canonical_bytes, compute_hash
+from pol.canonical import MAX_SAFE_INTEGER, Digest, canonical_bytes, compute_hash
 from pol.merkle import InclusionProof, get_proof, leaf_hash, merkle_root, node_hash, verify_proof
 
 from .errors import GraphError, InvalidClaim
@@ -47,6 +47,11 @@ __all__ = [
     "EMPTY_ROOT",
     "LEAF_OP",
     "STATE_OP",
+    "STATE_PREFIXES",
+    "POINTABLE",
+    "MAX_DIMS",
+    "is_state_leaf",
+    "is_pointable",
     "compute_structure",
     "compute_structure_hash",
     "compute_structure_leaves",
@@ -72,6 +77,23 @@ Position = int  # a node id: its execution position in the step, 0..n-1
 LEAF_OP = "pol.leaf"
 STATE_OP = "pol.state"
 EMPTY_ROOT = "0" * 64  # the Merkle root of an empty prefix
+STATE_PREFIXES = ("param/", "buffer/", "optim/")  # leaves that are tensors of the agreed start state
+POINTABLE = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")  # products ruled one element at a time
+MAX_DIMS = 64  # dimensions of a recorded shape (torch's own limit)
+
+
+def is_state_leaf(name: str) -> bool:
+    """True for a leaf that is a tensor of the agreed start state."""
+    return name.startswith(STATE_PREFIXES)
+
+
+def is_pointable(op: str) -> bool:
+    """True for the matrix products, where the referee checks one pointed-at output element instead of all of them.
+
+    Exact products split operands under per-row and per-column scales (pol.exact.matmul), so element (i, j) is a
+    function of row i and column j alone: computing it from the 1 x K and K x 1 slices gives the same bits.
+    """
+    return op in POINTABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +331,7 @@ def node_from_dict(value: Any, index: int) -> Node:
         inputs = tuple(InputRef(_int(a), _int(b)) for a, b in value["inputs"])
         if any(not 0 <= ref.node < index for ref in inputs):
             raise GraphError(f"node {index}: an input comes from a node that is not earlier")
-        outputs = tuple(TensorMeta(str(o["kind"]), str(o["dtype"]), tuple(_int(s) for s in o["shape"])) for o in value["outputs"])
+        outputs = tuple(TensorMeta(str(o["kind"]), str(o["dtype"]), _shape(o["shape"])) for o in value["outputs"])
         node = Node(index, str(value["op"]), value["args"], inputs, outputs, tuple(str(d) for d in value["digests"]),
                     tuple(str(s) for s in value["scalars"]), _int(value["flops"]), _int(value["reduction"]))
         if len(node.digests) != len(node.outputs):
@@ -322,7 +344,15 @@ def node_from_dict(value: Any, index: int) -> Node:
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer, got {type(value).__name__}")
+    if not 0 <= value <= MAX_SAFE_INTEGER:
+        raise ValueError(f"integer {value} is outside [0, 2**53 - 1]")
     return value
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_DIMS:
+        raise TypeError(f"expected a shape: a list of at most {MAX_DIMS} sizes")
+    return tuple(_int(s) for s in value)
 
 
 def graph_from_dict(value: Any) -> StepGraph:

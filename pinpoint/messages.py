@@ -8,7 +8,10 @@ kind, except for `Timeout`, which names its claimant.
     solver:     StepClaim* -> GraphCommit -> NodeClaim* -> Reveal | StateReveal   (and Timeout)
     referee:    Ruling
 
-`message_from_dict` raises MalformedMessage naming the field.
+`message_from_dict` raises MalformedMessage naming the field. Every integer is at most `MAX_SAFE_INTEGER` (transcript
+heads hash the RFC 8785 encoding, which has no larger integers), every list and text is bounded, and digests are
+read by `pol.canonical.is_digest` (exact, no trailing newline). Parse JSON from outside with
+`pol.canonical.parse_json_strict` first: it bounds nesting, so nothing here recurses deeper than 64 levels.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pol.canonical import Digest, canonical_bytes
+from pol.canonical import MAX_SAFE_INTEGER, Digest, canonical_bytes, is_digest
 
 from .errors import MalformedMessage
 
@@ -56,8 +58,7 @@ CHALLENGER: Party = "challenger"
 REFEREE: Party = "referee"
 PARTIES = (SOLVER, CHALLENGER)
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_INT = 2**62
+_MAX_INT = MAX_SAFE_INTEGER
 _MAX_LIST = 1 << 16
 _MAX_TEXT = 1 << 12
 
@@ -86,7 +87,7 @@ def _check(kind: str, field: str, value: Any) -> Any:
             raise MalformedMessage(field, "expected true or false")
         return value
     if kind == "digest":
-        if not isinstance(value, str) or not _HEX64.match(value):
+        if not is_digest(value):
             raise MalformedMessage(field, "expected 64 lowercase hex characters")
         return value
     if kind == "text":
@@ -106,7 +107,7 @@ def _check(kind: str, field: str, value: Any) -> Any:
             raise MalformedMessage(field, "expected a JSON object")
         try:
             canonical_bytes(dict(value))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise MalformedMessage(field, f"not canonical JSON: {exc}") from None
         return dict(value)
     if kind == "tables":
@@ -116,7 +117,9 @@ def _check(kind: str, field: str, value: Any) -> Any:
     if kind == "digest_table":
         if not isinstance(value, Mapping) or len(value) > _MAX_LIST:
             raise MalformedMessage(field, "expected an object of digests")
-        return {str(k): _check("digest", f"{field}.{k}", v) for k, v in value.items()}
+        if not all(isinstance(k, str) and len(k) <= _MAX_TEXT for k in value):
+            raise MalformedMessage(field, f"expected names of at most {_MAX_TEXT} characters")
+        return {k: _check("digest", f"{field}.{k[:80]}", v) for k, v in value.items()}
     raise AssertionError(f"unknown field kind {kind}")
 
 
@@ -319,7 +322,8 @@ def message_from_dict(value: Any) -> Message:
     """Parse a message strictly: known kind, exactly its fields, each of the right type. Raises MalformedMessage."""
     if not isinstance(value, Mapping):
         raise MalformedMessage("message", "expected a JSON object")
-    cls = MESSAGE_KINDS.get(value.get("kind"))  # type: ignore[arg-type]
+    kind = value.get("kind")
+    cls = MESSAGE_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise MalformedMessage("kind", f"unknown message kind {str(value.get('kind'))[:40]!r}")
     expected = {"kind", "seq", "prev", *cls.FIELDS}

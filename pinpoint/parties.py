@@ -1,13 +1,17 @@
 """The parties of a dispute: a solver answering from its own checkpoints and recomputation, a challenger replaying
 honestly, their faulty and lying variants, and training a bundle with one corrupted operator.
 
-A party is anything with `observe(at, message)` and `next_message(state) -> Message | None` (None: it stays
-silent, and its clock runs). In-process parties read the shared state; `pinpoint.party` runs one as a separate
+A party is anything with `observe(at, message)`, `next_message(state, timeout) -> Message | None` (None: it stays
+silent, and its clock runs; `timeout`: wall seconds left on its clock) and `refused(reason)` (its last message was
+refused and cost it time). In-process parties read the shared state; `pinpoint.party` runs one as a separate
 process that rebuilds the state from the messages alone.
+
+Parties build their bundle's model and data with the user code their `CodePolicy` allows (default pol's built-ins
+only; CodeNotAllowed before anything is imported).
 
 Misbehaviour is data (`Behaviour`): a fault in the solver's computation (a corrupted operator, as a buggy or
 cheating machine would compute it), a lie about a midpoint digest, a challenger that answers falsely, and a party
-that goes silent from a given phase on.
+that goes silent from a given phase on. The challenger's answer behaviours are `ANSWERS`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 
 from pol.bundle import Bundle
 from pol.canonical import Digest, compute_hash
+from pol.components import CodePolicy
 from pol.digest import state_digest, tensor_digests
 from pol.engine import (
     Runtime,
@@ -57,7 +62,9 @@ from .messages import (
 from .protocol import DisputeState, Millis
 from .referee import is_pointable, is_state_leaf
 
-__all__ = ["Behaviour", "PartyLike", "Solver", "Challenger", "train_with_fault", "HONEST"]
+__all__ = ["ANSWERS", "Behaviour", "PartyLike", "Solver", "Challenger", "train_with_fault", "HONEST"]
+
+ANSWERS = ("honest", "disagree", "agree", "random", "dispute-structure")  # how a challenger answers (Behaviour.answers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,7 @@ class Behaviour:
 
     fault: Fault | None = None  # solver: its computation corrupts this operator (and its bundle was trained so)
     lie_step: int | None = None  # solver: claims a wrong digest if asked about this step
-    answers: str = "honest"  # challenger: "honest", "disagree"/"agree" (always), "random", "dispute-structure"
+    answers: str = "honest"  # challenger: one of ANSWERS: "honest", "disagree"/"agree" (always), "random", "dispute-structure"
     silent_from: str | None = None  # either: stops moving when the dispute reaches this phase
     seed: int = 0  # challenger: the draws of "random" answers (keyed by the message number)
 
@@ -75,18 +82,23 @@ HONEST = Behaviour()
 
 
 class PartyLike(Protocol):
-    def observe(self, at: Millis, message: Message) -> None: ...
+    def observe(self, at: Millis, message: Message) -> None:
+        """An accepted message (any party's), at venue time `at`."""
 
-    def next_message(self, state: DisputeState) -> Message | None: ...
+    def next_message(self, state: DisputeState, timeout: float | None = None) -> Message | None:
+        """This party's move in `state` (None: silent). `timeout`: wall seconds left on its clock (None: no limit)."""
+
+    def refused(self, reason: str) -> None:
+        """The venue refused this party's last message (the state is unchanged; its clock kept running)."""
 
 
 class _Replayer:
     """States and graphs of one job, computed from a trusted starting state, with an optional fault."""
 
-    def __init__(self, spec: JobSpec, device: str, fault: Fault | None) -> None:
+    def __init__(self, spec: JobSpec, device: str, fault: Fault | None, code: CodePolicy) -> None:
         self.spec = spec
         self.fault = fault
-        self.rt: Runtime = build_runtime(spec, device=device)
+        self.rt: Runtime = build_runtime(spec, device=device, code=code)
         self.states: dict[int, dict[str, torch.Tensor]] = {}
         self.graphs: dict[int, StepGraph] = {}
         self.steps_run = 0  # training steps computed (plain, captured or re-run to reveal): this party's work
@@ -124,15 +136,20 @@ def _lie(digest: Digest) -> Digest:
 
 
 class Solver:
-    """Answers from its bundle's checkpoints and its own recomputation (with its fault, if it has one)."""
+    """Answers from its bundle's checkpoints and its own recomputation (with its fault, if it has one).
+    Raises CodeNotAllowed, CodeDiffers (before importing anything) and what `pol.engine.build_runtime` raises."""
 
-    def __init__(self, bundle: Bundle, behaviour: Behaviour = HONEST, *, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, behaviour: Behaviour = HONEST, *, device: str = "cpu",
+                 code: CodePolicy = CodePolicy()) -> None:
         self.bundle = bundle
         self.behaviour = behaviour
-        self.replayer = _Replayer(bundle.spec, device, behaviour.fault)
+        self.replayer = _Replayer(bundle.spec, device, behaviour.fault, code)
         self._checkpoints = {r.step for r in bundle.records}
 
     def observe(self, at: Millis, message: Message) -> None:
+        return None
+
+    def refused(self, reason: str) -> None:
         return None
 
     def _state_at(self, step: int) -> dict[str, torch.Tensor]:
@@ -149,7 +166,7 @@ class Solver:
         self._state_at(step)
         return self.replayer.graph(step)
 
-    def next_message(self, state: DisputeState) -> Message | None:
+    def next_message(self, state: DisputeState, timeout: float | None = None) -> Message | None:
         if state.phase == self.behaviour.silent_from:
             return None
         seq, prev = state.seq, state.head
@@ -210,15 +227,20 @@ def _build_reveal(state: DisputeState, graph: StepGraph, start: dict[str, torch.
 
 
 class Challenger:
-    """Replays the disputed segment honestly from its agreed start (or answers falsely, as `behaviour` says)."""
+    """Replays the disputed segment honestly from its agreed start (or answers falsely, as `behaviour` says).
+    Raises CodeNotAllowed, CodeDiffers (before importing anything) and what `pol.engine.build_runtime` raises."""
 
-    def __init__(self, bundle: Bundle, segment: int, behaviour: Behaviour = HONEST, *, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, segment: int, behaviour: Behaviour = HONEST, *, device: str = "cpu",
+                 code: CodePolicy = CodePolicy()) -> None:
         self.bundle = bundle
         self.segment = segment
         self.behaviour = behaviour
-        self.replayer = _Replayer(bundle.spec, device, None)
+        self.replayer = _Replayer(bundle.spec, device, None, code)
 
     def observe(self, at: Millis, message: Message) -> None:
+        return None
+
+    def refused(self, reason: str) -> None:
         return None
 
     def open_message(self, state: DisputeState) -> Open:
@@ -240,7 +262,7 @@ class Challenger:
             return random.Random(f"{self.behaviour.seed}/{seq}").random() < 0.5
         return {"honest": honest, "disagree": False, "agree": True}.get(self.behaviour.answers, honest)
 
-    def next_message(self, state: DisputeState) -> Message | None:
+    def next_message(self, state: DisputeState, timeout: float | None = None) -> Message | None:
         if state.phase == self.behaviour.silent_from:
             return None
         seq, prev = state.seq, state.head
@@ -270,11 +292,13 @@ class Challenger:
         return int(differs[0]) if differs.numel() else 0
 
 
-def train_with_fault(spec: JobSpec, out: str | Path, fault: Fault, *, device: str = "cpu", force: bool = False) -> Path:
+def train_with_fault(spec: JobSpec, out: str | Path, fault: Fault, *, device: str = "cpu", force: bool = False,
+                     code: CodePolicy | None = None) -> Path:
     """Train `spec` into a bundle at `out` whose computation corrupts operator `fault.node` at step `fault.step`.
 
     `pol.prove.train_and_prove` with that one step run under a faulting capture: the bundle is internally consistent
-    (digests, records, Merkle root, commitment), so only replay can catch it.
+    (digests, records, Merkle root, commitment), so only replay can catch it. `code` as in train_and_prove (the
+    trainer trusts the spec it chose to train).
     Raises CaptureError if the fault does not name an operator of that step, and what pol.prove raises.
     """
     if not 0 <= fault.step < spec.steps:
@@ -290,16 +314,8 @@ def train_with_fault(spec: JobSpec, out: str | Path, fault: Fault, *, device: st
         modes.append(step_modes)
         return step_hooks
 
-    result = train_and_prove(spec, out, device=device, force=force, hooks=hooks,
+    result = train_and_prove(spec, out, device=device, force=force, hooks=hooks, code=code,
                              env_note=f"FAULTY: step {fault.step} node {fault.node}")
     verify_fault_applied(modes[0][0], fault.step)
     return result.path
-
-
-def _step_data_part(rt: Runtime, step: int) -> bytes:
-    from pol import engine
-    from pol.data import batch_indices
-
-    idx = batch_indices(rt.spec.seed, len(rt.dataset), rt.spec.batch_size, step)
-    return engine.compute_batch_digest(step, idx, rt.dataset.batch(idx))
 

@@ -16,12 +16,25 @@ Phases (the party to move in brackets):
                              wrong (the solver revealed its whole output); the referee then computes that element
                              alone: one K-long dot product instead of the whole product.
     state_reveal [solver]    StateReveal: the whole start state, for the referee to trace the structure.
-    ruling [referee]         Ruling: computed by `compute_ruling` (one operator), re-checked by a third party.
+    ruling [referee]         Ruling: computed by `pinpoint.referee.compute_ruling` (one operator), re-checked by a
+                             third party. This module executes no operator: it checks bindings, digests and clocks.
     over                     the outcome is set.
 
 Clocks: each party has `params.budget_ms`; the clock of the party to move runs from `turn_started`. A move at
 `now < turn_started + remaining` is accepted and charged; at or after that deadline it is refused (ClockExpired) and
 the other party may claim a Timeout, which is accepted exactly from the deadline on (earlier: PrematureTimeout).
+
+Refused messages cost their sender. A message the state machine refuses (a line that is no message, a replayed or
+skipped `seq`, the wrong `prev`, out of turn, an invalid claim, or a late message: ClockExpired) changes nothing, and
+the sender's clock keeps running while it was sent and checked. After `params.max_refused` refused messages from one
+party the venue stops listening to that party: it is then silent, and the other party claims the Timeout at its
+deadline. So misbehaviour never aborts a dispute: it ends by a ruling or by a timeout, within the two clocks (the
+venue's loop is `pinpoint.runner.run_parties`). Only accepted messages, and that Timeout, enter the transcript.
+
+Bounds: a message's canonical encoding is at most `compute_message_limit(params)` bytes (base64 of at most
+`max_reveal_bytes` of tensors, 4/3 of them, plus MESSAGE_MARGIN_BYTES for the rest); times and every integer are at
+most MAX_SAFE_INTEGER (heads hash RFC 8785 JSON); the Open's record count and steps are computed from its spec
+(`n_records`, `checkpoint_step`), never enumerated.
 
 Rounds are counted as solver moves: ceil(log2 k) step claims + 1 graph commit + ceil(log2 n) node claims + 1 reveal.
 
@@ -40,7 +53,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from pol.canonical import Digest, canonical_bytes, compute_hash
+from pol.canonical import MAX_SAFE_INTEGER, Digest, canonical_bytes, compute_hash, is_digest
 from pol.digest import combine_digests, state_digest, tensor_digest
 from pol.errors import CommitmentError, ManifestError, SpecError
 from pol.merkle import InclusionProof, compute_commitment, verify_proof
@@ -53,6 +66,7 @@ from .errors import (
     DisputeOver,
     GraphError,
     InvalidClaim,
+    InvalidParams,
     MalformedMessage,
     OutOfTurn,
     PrematureTimeout,
@@ -70,6 +84,8 @@ from .graph import (
     compute_prefix_commit,
     compute_structure,
     compute_value_leaf,
+    is_pointable,
+    is_state_leaf,
     node_from_dict,
     verify_prefix_proof,
 )
@@ -94,11 +110,13 @@ from .messages import (
     Timeout,
     decode_blob,
 )
-from .referee import Verdict, compute_verdict, is_pointable, is_state_leaf
 
 __all__ = [
     "Millis",
+    "MESSAGE_MARGIN_BYTES",
+    "MAX_REFUSED_LIMIT",
     "Params",
+    "params_from_dict",
     "Outcome",
     "DisputeState",
     "new_dispute",
@@ -107,25 +125,58 @@ __all__ = [
     "get_other",
     "is_over",
     "verify_reveal",
-    "compute_ruling",
     "compute_head",
+    "compute_blob_limit",
+    "compute_message_limit",
     "decode_tensors",
     "max_rounds",
 ]
 
 Millis = int  # milliseconds on the venue's clock
+MESSAGE_MARGIN_BYTES = 4 << 20  # a message's bytes besides its base64 tensors (spec, record, proofs, digests)
+MAX_REFUSED_LIMIT = 1000  # the largest max_refused a venue may set
 
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """The venue's rules for one dispute."""
+    """The venue's rules for one dispute. Raises InvalidParams when a value is out of range."""
 
     budget_ms: Millis = 600_000  # each party's chess clock
     commitment: Digest | None = None  # the commitment the solver posted (None: any the Open proves)
-    max_reveal_bytes: int = 1 << 30
+    max_reveal_bytes: int = 1 << 30  # bytes of revealed tensors (a safetensors file) in one message
+    max_refused: int = 3  # refused messages a party may send before the venue stops listening to it
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("budget_ms", 1, MAX_SAFE_INTEGER), ("max_reveal_bytes", 0, MAX_SAFE_INTEGER // 2),
+                                ("max_refused", 1, MAX_REFUSED_LIMIT)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidParams(f"params: {name} must be an integer in [{low}, {high}], got {str(value)[:40]!r}")
+        if self.commitment is not None and not is_digest(self.commitment):
+            raise InvalidParams("params: commitment must be 64 lowercase hex characters or None")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget_ms": self.budget_ms, "commitment": self.commitment, "max_reveal_bytes": self.max_reveal_bytes}
+        return {"budget_ms": self.budget_ms, "commitment": self.commitment, "max_reveal_bytes": self.max_reveal_bytes,
+                "max_refused": self.max_refused}
+
+
+def params_from_dict(value: Any) -> Params:
+    """Params from their `to_dict` form (a transcript, a party's init line). Raises InvalidParams."""
+    names = ("budget_ms", "commitment", "max_reveal_bytes", "max_refused")
+    if not isinstance(value, Mapping) or set(value) != set(names):
+        raise InvalidParams(f"params must have exactly {', '.join(names)}")
+    return Params(**{name: value[name] for name in names})
+
+
+def compute_blob_limit(params: Params) -> int:
+    """Characters of base64 text that carry at most `params.max_reveal_bytes` bytes (4 per 3, rounded up)."""
+    return 4 * -(-params.max_reveal_bytes // 3)
+
+
+def compute_message_limit(params: Params) -> int:
+    """The most bytes one message may take (its canonical encoding, or one line from a party process): the base64
+    of the largest reveal plus MESSAGE_MARGIN_BYTES for everything else."""
+    return compute_blob_limit(params) + MESSAGE_MARGIN_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +244,15 @@ def compute_head(head: Digest, at: Millis, message: Message) -> Digest:
     return compute_hash("pinpoint/entry/v1", bytes.fromhex(head), at.to_bytes(8, "little"), canonical_bytes(message.to_dict())).hex()
 
 
+def _verify_time(now: Any) -> None:
+    if isinstance(now, bool) or not isinstance(now, int) or not 0 <= now <= MAX_SAFE_INTEGER:
+        raise MalformedMessage("at", f"a time must be an integer in [0, 2**53 - 1] ms, got {str(now)[:40]!r}")
+
+
 def new_dispute(params: Params, now: Millis) -> DisputeState:
-    """A dispute waiting for the challenger's Open; both clocks full, the challenger's running from `now`."""
+    """A dispute waiting for the challenger's Open; both clocks full, the challenger's running from `now`.
+    Raises MalformedMessage if `now` is not a time in [0, 2**53 - 1]."""
+    _verify_time(now)
     head = compute_hash("pinpoint/transcript/v1", canonical_bytes(params.to_dict()), now.to_bytes(8, "little")).hex()
     return DisputeState(params, 0, head, "open", CHALLENGER, now, (params.budget_ms, params.budget_ms))
 
@@ -218,12 +276,14 @@ def apply_message(state: DisputeState, message: Message, now: Millis) -> Dispute
 
     Raises DisputeOver, ReplayedMessage, OutOfTurn, MalformedMessage, ClockExpired, PrematureTimeout, InvalidClaim.
     """
+    _verify_time(now)
     if state.outcome is not None:
         raise DisputeOver(f"the dispute is over: {state.outcome.loser} lost ({state.outcome.reason})")
     if message.seq != state.seq:
         raise ReplayedMessage(message.seq, state.seq)
+    size = _verify_size(state, message)
     if isinstance(message, Timeout):
-        return _apply_timeout(state, message, now)
+        return _apply_timeout(state, message, now, size)
     if message.sender != state.turn:
         raise OutOfTurn(message.sender, state.turn)
     if message.prev != state.head:
@@ -244,11 +304,27 @@ def apply_message(state: DisputeState, message: Message, now: Millis) -> Dispute
     rounds = state.rounds + (1 if message.sender == SOLVER else 0)
     return dataclasses.replace(
         changed, seq=state.seq + 1, head=compute_head(state.head, now, message), turn_started=now, remaining=remaining,
-        rounds=rounds, bytes=state.bytes + message.encoded_size(), messages=state.messages + 1,
+        rounds=rounds, bytes=state.bytes + size, messages=state.messages + 1,
     )
 
 
-def _apply_timeout(state: DisputeState, message: Timeout, now: Millis) -> DisputeState:
+def _verify_size(state: DisputeState, message: Message) -> int:
+    """The message's encoded size, if within the venue's limit (tensors first, before encoding). Raises
+    MalformedMessage."""
+    blob = getattr(message, "tensors", None)
+    if isinstance(blob, str) and len(blob) > compute_blob_limit(state.params):
+        raise MalformedMessage("tensors", f"more than {state.params.max_reveal_bytes} bytes of tensors")
+    try:
+        size = message.encoded_size()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise MalformedMessage("message", f"has no canonical encoding: {str(exc)[:200]}") from None
+    limit = compute_message_limit(state.params)
+    if size > limit:
+        raise MalformedMessage("message", f"{size} bytes, more than the venue's limit of {limit}")
+    return size
+
+
+def _apply_timeout(state: DisputeState, message: Timeout, now: Millis, size: int) -> DisputeState:
     if message.claimant not in PARTIES:
         raise MalformedMessage("claimant", f"expected one of {PARTIES}")
     if state.turn not in PARTIES or message.claimant == state.turn:
@@ -264,7 +340,7 @@ def _apply_timeout(state: DisputeState, message: Timeout, now: Millis) -> Disput
     remaining = tuple(0 if p == state.turn else r for p, r in zip(PARTIES, state.remaining, strict=True))
     return dataclasses.replace(
         state, seq=state.seq + 1, head=compute_head(state.head, now, message), phase="over", turn="", outcome=outcome,
-        remaining=remaining, bytes=state.bytes + message.encoded_size(), messages=state.messages + 1, turn_started=now,
+        remaining=remaining, bytes=state.bytes + size, messages=state.messages + 1, turn_started=now,
     )
 
 
@@ -282,12 +358,12 @@ def _process_open(state: DisputeState, m: Open) -> DisputeState:
         raise MalformedMessage("start/end", str(exc)) from None
     if state.params.commitment is not None and m.commitment != state.params.commitment:
         raise InvalidClaim("the Open names a commitment other than the one the solver posted")
+    if m.n_records != spec.n_records or not 0 <= m.segment < spec.n_records - 1:
+        raise MalformedMessage("segment", f"segment {m.segment} of {m.n_records} records is not one of the job's "
+                                          f"{spec.n_records - 1} segments")
     if compute_commitment(spec.job_id, bytes.fromhex(m.merkle_root), m.n_records) != m.commitment:
         raise InvalidClaim("the Merkle root, job and record count do not give the commitment")
-    steps = spec.checkpoint_steps
-    if m.n_records != len(steps) or not 0 <= m.segment < m.n_records - 1:
-        raise MalformedMessage("segment", f"segment {m.segment} is not one of the job's {len(steps) - 1} segments")
-    if (start.step, end.step) != (steps[m.segment], steps[m.segment + 1]):
+    if (start.step, end.step) != (spec.checkpoint_step(m.segment), spec.checkpoint_step(m.segment + 1)):
         raise InvalidClaim(f"records at steps {start.step}, {end.step} are not the ends of segment {m.segment}")
     try:
         verify_proof(bytes.fromhex(m.merkle_root), start.leaf(spec.job_id), InclusionProof(m.segment, m.n_records, m.start_proof), m.n_records)
@@ -398,7 +474,10 @@ _PROCESS: dict[type[Message], Any] = {
 
 
 def decode_tensors(state: DisputeState, blob: str) -> dict[str, torch.Tensor]:
-    """Decode revealed tensors (safetensors, never pickle). Raises MalformedMessage."""
+    """Decode revealed tensors (safetensors, never pickle), refusing more than `max_reveal_bytes` before decoding.
+    Raises MalformedMessage."""
+    if len(blob) > compute_blob_limit(state.params):
+        raise MalformedMessage("tensors", f"larger than {state.params.max_reveal_bytes} bytes")
     data = decode_blob(blob, "tensors")
     if len(data) > state.params.max_reveal_bytes:
         raise MalformedMessage("tensors", f"larger than {state.params.max_reveal_bytes} bytes")
@@ -487,44 +566,3 @@ def _verify_state_leaf(state: DisputeState, start: Mapping[str, Digest], name: s
         raise InvalidClaim("the revealed per-tensor digests do not combine to the agreed S_t")
     if leaf is None or name not in start or tensor_digest(name, leaf) != start[name]:
         raise InvalidClaim(f"the revealed leaf {name!r} is not that tensor of the agreed S_t")
-
-
-# --- the referee's move --------------------------------------------------------------------------------------
-
-
-def compute_ruling(state: DisputeState, *, data_dir: str | None = None) -> tuple[Ruling, Verdict]:
-    """The referee's Ruling for a dispute in phase `ruling`, and what deciding it cost.
-
-    A Reveal costs one operator; a StateReveal (structure disputed) costs the referee a traced step.
-    Raises OutOfTurn if the dispute is not waiting for a ruling.
-    """
-    if state.phase != "ruling" or state.spec is None or state.reveal is None:
-        raise OutOfTurn(REFEREE, state.turn or "nobody")
-    spec = state.spec
-    if isinstance(state.reveal, StateReveal):
-        verdict, node, op = _rule_structure(state, state.reveal)
-    else:
-        assert isinstance(state.reveal, Reveal)
-        node_obj, tensors = verify_reveal(state, state.reveal)
-        element = state.point if state.point >= 0 else None
-        verdict = compute_verdict(spec, state.lo_step, node_obj, tensors, state.hi_digest, data_dir=data_dir, element=element)
-        node, op = node_obj.index, node_obj.op
-    loser = CHALLENGER if verdict.solver_correct else SOLVER
-    ruling = Ruling(seq=state.seq, prev=state.head, loser=loser, reason=verdict.reason[:1000], node=node, op=op,
-                    executed=verdict.executed, flops=verdict.flops)
-    return ruling, verdict
-
-
-def _rule_structure(state: DisputeState, m: StateReveal) -> tuple[Verdict, int, str]:
-    import time
-
-    from .capture import capture_step_from_state
-
-    assert state.spec is not None
-    started = time.perf_counter()
-    graph = capture_step_from_state(state.spec, decode_tensors(state, m.tensors))
-    ok = graph.structure_hash == state.structure_root and graph.n == state.n_nodes
-    reason = "the solver's graph structure is the traced one" if ok else "the solver's graph structure is not the traced one"
-    flops = sum(n.flops for n in graph.nodes)
-    executed = sum(1 for n in graph.nodes if n.op not in (LEAF_OP, STATE_OP))
-    return Verdict(ok, reason, executed, flops, time.perf_counter() - started), graph.n - 1, "pol.trace"

@@ -17,6 +17,13 @@ Virtual nodes cost no floating-point work: a `pol.leaf` is re-derived (batch fro
 pol.rng, model constant from the model's constructor) or checked against the agreed start state's per-tensor
 digests; `pol.state` re-hashes the revealed end-state tensors.
 
+`compute_ruling` is the referee's move in the protocol: it turns a dispute waiting in phase `ruling` into a Ruling.
+What the referee builds follows the trust rule (DESIGN section 8): operator nodes, state leaves and the state node
+need nothing but the revealed tensors; a leaf that must be re-derived (batch, dropout mask, model constant) and a
+structure dispute (a traced step) build the spec's model and data, and only with code the `CodePolicy` allows
+(pol's built-ins always): otherwise CodeNotAllowed, "cannot check", before anything is imported. The data it builds
+must be the committed data (else DataDiffers).
+
 `compute_verdict` returns the number of aten operators it executed (counted by a dispatch mode), so tests can
 assert the referee's work is one operator.
 """
@@ -34,8 +41,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pol import rng
 from pol.canonical import Digest
-from pol.data import batch_indices, build_dataset
+from pol.components import CodePolicy
+from pol.data import batch_indices, build_dataset, data_digest
 from pol.digest import state_digest
+from pol.engine import verify_code
+from pol.errors import DataDiffers, StateMismatch
 from pol.models import SeededDropout, build_model
 from pol.numerics import numerics_context
 from pol.spec import JobSpec
@@ -49,10 +59,14 @@ from .capture import (
     get_outputs,
     is_uninitialized_op,
 )
-from .graph import LEAF_OP, STATE_OP, Node
+from .errors import OutOfTurn
+from .graph import LEAF_OP, POINTABLE, STATE_OP, STATE_PREFIXES, Node, is_pointable, is_state_leaf
+from .messages import CHALLENGER, REFEREE, SOLVER, Reveal, Ruling, StateReveal
+from .protocol import DisputeState, decode_tensors, verify_reveal
 
 __all__ = [
     "Verdict",
+    "compute_ruling",
     "compute_verdict",
     "compute_leaf_value",
     "compute_native_bound",
@@ -61,10 +75,10 @@ __all__ = [
     "compute_referee_cost",
     "STATE_PREFIXES",
     "POINTABLE",
+    "MAX_DERIVED_ELEMENTS",
 ]
 
-STATE_PREFIXES = ("param/", "buffer/", "optim/")
-POINTABLE = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")
+MAX_DERIVED_ELEMENTS = 1 << 28  # elements of a leaf the referee re-derives from a claimed shape (a dropout mask)
 _EPS32 = float(torch.finfo(torch.float32).eps)
 
 
@@ -87,15 +101,6 @@ class _CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.count += 1
         return func(*args, **(kwargs or {}))
-
-
-def is_pointable(op: str) -> bool:
-    """True for the matrix products, where the referee checks one pointed-at output element instead of all of them.
-
-    Exact products split operands under per-row and per-column scales (pol.exact.matmul), so element (i, j) is a
-    function of row i and column j alone: computing it from the 1 x K and K x 1 slices gives the same bits.
-    """
-    return op in POINTABLE
 
 
 def _slice_for_element(op: str, args: list[Any], shape: tuple[int, ...], element: int) -> list[Any]:
@@ -126,23 +131,30 @@ def compute_referee_cost(node: Node) -> int:
     return node.flops
 
 
-def is_state_leaf(name: str) -> bool:
-    """True for a leaf that is a tensor of the agreed start state."""
-    return name.startswith(STATE_PREFIXES)
-
-
-def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ...], *, data_dir: str | None = None) -> torch.Tensor:
-    """Re-derive a non-state leaf of step `step` from the spec alone. Raises ValueError for an unknown leaf name."""
+def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ...], *, data_dir: str | None = None,
+                       code: CodePolicy = CodePolicy()) -> torch.Tensor:
+    """Re-derive a non-state leaf of step `step` from the spec alone, building the spec's data or model with the
+    code `code` allows. Raises ValueError for an unknown leaf name or a shape beyond MAX_DERIVED_ELEMENTS,
+    CodeNotAllowed and CodeDiffers (before importing anything), DataDiffers (the data here is not the committed
+    data), and what building the data or model raises."""
     if name in ("batch/x", "batch/y"):
-        dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir)
+        verify_code(spec, code)
+        dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code)
+        if spec.data_digest is not None and data_digest(dataset) != spec.data_digest:
+            raise DataDiffers(spec.data_digest, data_digest(dataset))
         return dataset.batch(batch_indices(spec.seed, len(dataset), spec.batch_size, step))[name[-1]]
     if name.startswith("rng/dropout/"):
         layer, call, offset = (int(p) for p in name.removeprefix("rng/dropout/").split("/"))
-        dropouts = [m for m in build_model(spec.model).modules() if isinstance(m, SeededDropout)]
-        full = rng.keep_mask(spec.seed, "dropout", [step, layer, call], (spec.batch_size, *shape[1:]), dropouts[layer].p)
+        mask_shape = (spec.batch_size, *shape[1:])
+        if not shape or math.prod(mask_shape) > MAX_DERIVED_ELEMENTS:
+            raise ValueError(f"a dropout mask of shape {mask_shape} is beyond the {MAX_DERIVED_ELEMENTS} elements a referee derives")
+        verify_code(spec, code)
+        dropouts = [m for m in build_model(spec.model, code).modules() if isinstance(m, SeededDropout)]
+        full = rng.keep_mask(spec.seed, "dropout", [step, layer, call], mask_shape, dropouts[layer].p)
         return full[offset : offset + shape[0]]
     if name.startswith("module/"):
-        return dict(build_model(spec.model).named_buffers())[name.removeprefix("module/")]
+        verify_code(spec, code)
+        return dict(build_model(spec.model, code).named_buffers())[name.removeprefix("module/")]
     raise ValueError(f"unknown leaf {name!r}")
 
 
@@ -187,14 +199,15 @@ def _outputs_match(node: Node, outputs: list[Any], inputs: list[torch.Tensor], c
     return True, "the claimed output is what the operator computes"
 
 
-def _verdict_leaf(spec: JobSpec, step: int, node: Node, tensors: Mapping[str, torch.Tensor], data_dir: str | None) -> tuple[bool, str]:
+def _verdict_leaf(spec: JobSpec, step: int, node: Node, tensors: Mapping[str, torch.Tensor], data_dir: str | None,
+                  code: CodePolicy) -> tuple[bool, str]:
     name = str(node.args["name"])
     meta = node.outputs[0]
     if is_state_leaf(name):
         value = tensors["leaf"]  # bound to the agreed start state by the protocol before the referee is asked
     else:
         try:
-            value = compute_leaf_value(spec, step, name, meta.shape, data_dir=data_dir)
+            value = compute_leaf_value(spec, step, name, meta.shape, data_dir=data_dir, code=code)
         except (ValueError, IndexError, KeyError) as exc:
             return False, f"leaf {name!r} cannot be derived from the spec: {exc}"
     if compute_value_digest(value) != node.digests[0]:
@@ -275,15 +288,19 @@ def compute_verdict(
     *,
     data_dir: str | None = None,
     element: int | None = None,
+    code: CodePolicy = CodePolicy(),
 ) -> Verdict:
     """Rule on the solver's claim at `node` of step `step`, its inputs in `tensors` (`input/<slot>`, `leaf`,
     `output/<k>`) already bound to agreed digests by the protocol. Never raises on a bad claim: a claim that cannot
     be checked is ruled wrong. `element` (a matrix product's pointed-at output element) limits the work to that
-    element. Raises NumericsUnavailable if exact numerics is not available here."""
+    element. Only a leaf to re-derive builds anything, with the code `code` allows.
+
+    Raises NumericsUnavailable if exact numerics is not available here; CodeNotAllowed, CodeDiffers, DataDiffers
+    and what building the spec's data or model raises, when the referee cannot re-derive a leaf here."""
     started = time.perf_counter()
     executed = 0
     if node.op == LEAF_OP:
-        ok, why = _verdict_leaf(spec, step, node, tensors, data_dir)
+        ok, why = _verdict_leaf(spec, step, node, tensors, data_dir, code)
     elif node.op == STATE_OP:
         ok, why = _verdict_state(node, tensors, claimed_end)
     elif element is not None and is_pointable(node.op):
@@ -292,3 +309,51 @@ def compute_verdict(
     else:
         ok, why, executed = _verdict_op(spec, node, tensors)
     return Verdict(ok, why, executed, node.flops if executed else 0, time.perf_counter() - started)
+
+
+# --- the referee's move --------------------------------------------------------------------------------------
+
+
+def compute_ruling(state: DisputeState, *, data_dir: str | None = None, code: CodePolicy = CodePolicy()) -> tuple[Ruling, Verdict]:
+    """The referee's Ruling for a dispute in phase `ruling`, and what deciding it cost.
+
+    A Reveal costs one operator; a StateReveal (structure disputed) costs the referee a traced step. Only a leaf to
+    re-derive and a traced step build the spec's model and data, with the code `code` allows.
+    Raises OutOfTurn if the dispute is not waiting for a ruling; CodeNotAllowed, CodeDiffers, DataDiffers (the
+    referee cannot rule here) and what `compute_verdict` raises.
+    """
+    if state.phase != "ruling" or state.spec is None or state.reveal is None:
+        raise OutOfTurn(REFEREE, state.turn or "nobody")
+    spec = state.spec
+    if isinstance(state.reveal, StateReveal):
+        verdict, node, op = _rule_structure(state, state.reveal, data_dir, code)
+    else:
+        assert isinstance(state.reveal, Reveal)
+        node_obj, tensors = verify_reveal(state, state.reveal)
+        element = state.point if state.point >= 0 else None
+        verdict = compute_verdict(spec, state.lo_step, node_obj, tensors, state.hi_digest, data_dir=data_dir,
+                                  element=element, code=code)
+        node, op = node_obj.index, node_obj.op
+    loser = CHALLENGER if verdict.solver_correct else SOLVER
+    ruling = Ruling(seq=state.seq, prev=state.head, loser=loser, reason=verdict.reason[:1000], node=node, op=op,
+                    executed=verdict.executed, flops=verdict.flops)
+    return ruling, verdict
+
+
+def _rule_structure(state: DisputeState, m: StateReveal, data_dir: str | None, code: CodePolicy) -> tuple[Verdict, int, str]:
+    """Trace the step from the revealed (agreed) start state and compare its structure with the solver's."""
+    from .capture import capture_step_from_state
+
+    assert state.spec is not None
+    started = time.perf_counter()
+    verify_code(state.spec, code)
+    try:
+        graph = capture_step_from_state(state.spec, decode_tensors(state, m.tensors), data_dir=data_dir, code=code)
+    except StateMismatch as exc:  # the solver's revealed start state does not fit the job: its claim cannot stand
+        verdict = Verdict(False, f"the revealed start state cannot be traced: {str(exc)[:300]}", 0, 0, time.perf_counter() - started)
+        return verdict, state.n_nodes - 1, "pol.trace"
+    ok = graph.structure_hash == state.structure_root and graph.n == state.n_nodes
+    reason = "the solver's graph structure is the traced one" if ok else "the solver's graph structure is not the traced one"
+    flops = sum(n.flops for n in graph.nodes)
+    executed = sum(1 for n in graph.nodes if n.op not in (LEAF_OP, STATE_OP))
+    return Verdict(ok, reason, executed, flops, time.perf_counter() - started), graph.n - 1, "pol.trace"

@@ -95,6 +95,11 @@ def test_graph_files_round_trip(honest_bundles: dict[str, Path], tmp_path: Path)
         graph_from_dict({"format": "other"})
     with pytest.raises(GraphError):
         graph_from_dict(dict(body, nodes=[{"index": 0}]))
+    first = body["nodes"][0]
+    for shape in ([1] * 65, [-1], [2**53]):  # bounded before anything is sized from it
+        bad_output = dict(first["outputs"][0], shape=shape)
+        with pytest.raises(GraphError):
+            graph_from_dict(dict(body, nodes=[dict(first, outputs=[bad_output])] + body["nodes"][1:]))
 
 
 def test_prefix_commitments_are_monotone_and_frontiers_fold() -> None:

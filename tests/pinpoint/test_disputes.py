@@ -203,7 +203,7 @@ def test_native_referee_tolerance(case: _Case, honest_bundles: dict[str, Path]) 
 
 
 def test_export_graph_and_bad_requests(honest_bundles: dict[str, Path], tmp_path: Path) -> None:
-    from pinpoint.errors import PinpointError, ProtocolError
+    from pinpoint.errors import PinpointError
     from pinpoint.runner import export_graph
 
     report = export_graph(honest_bundles["cnn"], 3, tmp_path / "g.graphml")
@@ -212,15 +212,22 @@ def test_export_graph_and_bad_requests(honest_bundles: dict[str, Path], tmp_path
     with pytest.raises(PinpointError, match="segment"):
         run_dispute(honest_bundles["mlp"], 3)
     garbage = [sys.executable, "-c", "import sys; sys.stdin.readline(); print('garbage', flush=True)"]
-    with pytest.raises(ProtocolError):
-        run_dispute(honest_bundles["mlp"], 0, solver_cmd=garbage)
-    silent = [sys.executable, "-c", "import sys; sys.stdin.readline()"]
-    with pytest.raises(ProtocolError):
-        run_dispute(honest_bundles["mlp"], 0, solver_cmd=silent)
+    events: list[str] = []
+    result = run_dispute(honest_bundles["mlp"], 0, solver_cmd=garbage, params=Params(budget_ms=2_000),
+                         on_event=lambda e: events.append(e.describe()))
+    assert "refused solver's line: MalformedMessage" in events[1] and "claims a timeout" in events[-1]
+    assert (result.outcome.loser, result.outcome.by) == (SOLVER, "timeout"), "a peer speaking nonsense loses on time"
+    assert [r.party for r in result.refusals] == [SOLVER] and "MalformedMessage" in result.refusals[0].reason
+    exits = [sys.executable, "-c", "import sys; sys.stdin.readline()"]  # reads one line, then closes its output
+    result = run_dispute(honest_bundles["mlp"], 0, solver_cmd=exits, params=Params(budget_ms=600_000))
+    assert (result.outcome.loser, result.outcome.by) == (SOLVER, "timeout") and not result.refusals
 
 
 @pytest.mark.parametrize("params", [{"budget_ms": "x", "commitment": None, "max_reveal_bytes": 1}, {"budget_ms": 1},
-                                    {"budget_ms": 1, "commitment": 5, "max_reveal_bytes": 1}])
+                                    {"budget_ms": 1, "commitment": 5, "max_reveal_bytes": 1},
+                                    {"budget_ms": 1, "commitment": None, "max_reveal_bytes": 1},
+                                    {"budget_ms": 1, "commitment": None, "max_reveal_bytes": 1, "max_refused": 0},
+                                    {"budget_ms": 2**60, "commitment": None, "max_reveal_bytes": 1, "max_refused": 3}])
 def test_transcript_params_are_checked(params: dict[str, Any], tmp_path: Path) -> None:
     path = tmp_path / "t.json"
     body = {"format": "pinpoint-transcript", "version": 1, "params": params, "start": 0, "entries": [], "outcome": {},

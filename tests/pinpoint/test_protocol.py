@@ -37,7 +37,8 @@ from pinpoint.messages import (
     message_from_dict,
 )
 from pinpoint.parties import Behaviour, Challenger, Solver
-from pinpoint.protocol import DisputeState, Params, apply_message, compute_ruling, new_dispute
+from pinpoint.protocol import DisputeState, Params, apply_message, new_dispute
+from pinpoint.referee import compute_ruling
 from pol.bundle import open_bundle
 
 from .conftest import FaultCase
@@ -153,6 +154,10 @@ def test_opening_must_name_the_posted_commitment(mlp) -> None:  # type: ignore[n
     ({"kind": "ruling", "seq": 0, "prev": "0" * 64, "loser": "x" * 5000, "reason": "", "node": 0, "op": "", "executed": 0,
       "flops": 0}, "loser"),
     ({"kind": "graph_answer", "seq": 0, "prev": "0" * 64, "agree": True, "x": {1: 2}}, "message"),
+    ({"kind": ["step_claim"], "seq": 0}, "kind"),
+    ({"kind": "reveal", "seq": 0, "prev": "0" * 64, "node": 0, "record": {}, "structure_proof": [], "frontier": [],
+      "sources": [], "start_digests": {"k" * 5000: "0" * 64}, "tensors": ""}, "start_digests"),
+    ({"kind": "step_claim", "seq": 0, "prev": "0" * 64 + "\n", "step": 1, "digest": "0" * 64}, "prev"),
 ])
 def test_malformed_messages_name_the_field(value: object, field: str) -> None:
     with pytest.raises(MalformedMessage) as info:
@@ -263,3 +268,49 @@ def _retensor(reveal: Reveal, change):  # type: ignore[no-untyped-def]
 def test_ruling_message_is_checked_against_referee_recompute() -> None:
     assert Ruling(0, "0" * 64, loser=SOLVER, reason="", node=0, op="", executed=0, flops=0).sender == "referee"
     assert Open.SENDER == CHALLENGER
+
+
+@pytest.mark.parametrize("fields", [{"budget_ms": 0}, {"budget_ms": 2**53}, {"max_reveal_bytes": -1}, {"max_refused": 0},
+                                    {"max_refused": 10**6}, {"commitment": "x"}, {"budget_ms": True}])
+def test_params_are_bounded(fields: dict[str, object]) -> None:
+    from pinpoint.errors import InvalidParams
+    from pinpoint.protocol import params_from_dict
+
+    with pytest.raises(InvalidParams) as info:
+        Params(**fields)  # type: ignore[arg-type]
+    assert info.value.exit_code == 2
+    with pytest.raises(InvalidParams):
+        params_from_dict({**Params().to_dict(), **fields})
+    assert params_from_dict(Params(max_refused=7).to_dict()) == Params(max_refused=7)
+
+
+def test_message_sizes_are_bounded_before_decoding(mlp) -> None:  # type: ignore[no-untyped-def]
+    from pinpoint.protocol import MESSAGE_MARGIN_BYTES, compute_message_limit, decode_tensors
+
+    tight = Params(max_reveal_bytes=0)
+    assert compute_message_limit(tight) == MESSAGE_MARGIN_BYTES
+    state = new_dispute(tight, 0)
+    opening = Challenger(mlp, 1).open_message(state)
+    refused(state, dataclasses.replace(opening, start_proof=("0" * 64,) * 70_000), 1, MalformedMessage)  # > 4 MiB
+    refused(state, dataclasses.replace(opening, spec={"x": float("nan")}), 1, MalformedMessage)  # no canonical form
+    with pytest.raises(MalformedMessage, match="larger than 0 bytes"):
+        decode_tensors(state, encode_blob(b"1234"))
+    assert apply_message(state, opening, 1).bytes == opening.encoded_size()
+
+
+def test_a_start_state_that_does_not_fit_the_model_loses_the_structure_dispute(mlp) -> None:  # type: ignore[no-untyped-def]
+    """The referee traces the step from the revealed start state; one that hashes to the agreed S_t but is not a
+    state of the job's model is the solver's claim failing, not an error."""
+    import torch
+    from safetensors.torch import save
+
+    from pinpoint.messages import REFEREE, StateReveal
+    from pol.digest import state_digest
+
+    tensors = {"param/nonsense": torch.zeros(3), "meta/step": torch.tensor(4)}
+    reveal = StateReveal(9, "0" * 64, tensors=encode_blob(save(tensors)))
+    state = dataclasses.replace(new_dispute(Params(), 0), phase="ruling", turn=REFEREE, spec=mlp.spec, lo_step=4,
+                                lo_digest=state_digest(tensors), n_nodes=5, reveal=reveal, seq=9)
+    ruling, verdict = compute_ruling(state)
+    assert ruling.loser == SOLVER and "cannot be traced" in ruling.reason and ruling.op == "pol.trace"
+    assert verdict.executed == 0
