@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs are re-wrapped to the terminal's width
 )
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -537,14 +538,17 @@ def graph(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
     step: Annotated[int, typer.Option(min=0, help="Capture the step from state STEP to STEP+1.")],
     out_path: Annotated[Path, typer.Option("--out", help="Output path; .json, .graphml and .dot are written beside it.")],
+    allow_code: AllowCodeOpt = None,
     device: DeviceOpt = "cpu",
+    data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Capture one training step's operator graph (every aten operator in execution order, with digests, shapes
-    and FLOPs) and write it for viewers, with a summary."""
+    and FLOPs) and write it for viewers, with a summary. Runs the bundle's model: user code only from packages
+    allowed with --allow-code."""
     from pinpoint import export_graph
 
-    summary = export_graph(bundle_path, step, out_path, device=device)
+    summary = export_graph(bundle_path, step, out_path, device=device, data_dir=data_dir, code=_code_policy(allow_code))
     if as_json:
         print_json(summary)
         return
@@ -568,6 +572,7 @@ def dispute(
     fault_element: Annotated[int, typer.Option(help="Solver: ... this element of its output.")] = 0,
     lie_step: Annotated[int | None, typer.Option(help="Solver: claims a wrong state digest for this step.")] = None,
     challenger: Annotated[str, typer.Option(help="Challenger: honest, disagree, agree, random or dispute-structure.")] = "honest",
+    allow_code: AllowCodeOpt = None,
     silent_solver: Annotated[str | None, typer.Option(help="Solver stops answering in this phase (e.g. steps, nodes).")] = None,
     silent_challenger: Annotated[str | None, typer.Option(help="Challenger stops answering in this phase.")] = None,
     budget_ms: Annotated[int, typer.Option(min=1, help="Each party's chess clock, in milliseconds.")] = 600_000,
@@ -579,7 +584,13 @@ def dispute(
 ) -> None:
     """Settle a disagreement over one segment: bisection over its steps, then over one step's operator graph,
     then a referee executes the single disputed operator. Exit code 1 when the solver loses, 0 when its
-    commitment stands. With --check TRANSCRIPT: exit 0 when the transcript checks out, 1 otherwise.
+    commitment stands (a challenger out of time is a 0). Each party has a chess clock (--budget-ms); a party
+    that stops answering, or whose messages are refused too often, loses on time.
+
+    With --check TRANSCRIPT, a third party re-checks a dispute from what the transcript holds: exit 0 when it
+    checks out, 1 otherwise, 2 when checking its ruling would need code or data this machine does not have. The
+    job's code runs only for rulings that re-derive a batch, a dropout mask or a model buffer, and only from
+    packages allowed with --allow-code.
 
     Examples:
 
@@ -592,18 +603,20 @@ def dispute(
     import pinpoint
     from pinpoint import Behaviour, Fault, Params
 
+    code = _code_policy(allow_code)
     if check is not None:
-        result = pinpoint.check_transcript(check, data_dir=data_dir)
+        result = pinpoint.check_transcript(check, data_dir=data_dir, code=code)
         if as_json:
             print_json(result.to_dict())
         else:
             o = result.outcome
-            out.print(f"transcript ok: {result.messages} messages, {result.rounds} rounds; {o.loser} loses by {o.by}: {o.reason}")
+            out.print(f"transcript ok: {result.messages} messages, {result.rounds} rounds; {o.loser} loses by {o.by}: {o.reason}",
+                      markup=False, highlight=False)
         return
     if bundle_path is None:
         raise typer.BadParameter("give a BUNDLE to dispute, or --check TRANSCRIPT", param_hint="BUNDLE")
-    if challenger not in ("honest", "disagree", "agree", "random", "dispute-structure"):
-        raise typer.BadParameter(f"unknown challenger behaviour {challenger!r}", param_hint="--challenger")
+    if challenger not in pinpoint.ANSWERS:
+        raise typer.BadParameter(f"unknown challenger behaviour {challenger!r}: one of {', '.join(pinpoint.ANSWERS)}", param_hint="--challenger")
     from pol.bundle import open_bundle
 
     with open_bundle(bundle_path) as b:
@@ -613,8 +626,9 @@ def dispute(
     challenger_b = Behaviour(answers=challenger, silent_from=silent_challenger)
     kwargs: dict[str, Any] = {}
     if processes:
-        kwargs["solver_cmd"] = pinpoint.party_command("solver", bundle_path, solver_b)
-        kwargs["challenger_cmd"] = pinpoint.party_command("challenger", bundle_path, challenger_b, segment=segment - 1)
+        kwargs["solver_cmd"] = pinpoint.party_command("solver", bundle_path, solver_b, code=code, device=device)
+        kwargs["challenger_cmd"] = pinpoint.party_command("challenger", bundle_path, challenger_b, segment=segment - 1,
+                                                          code=code, device=device)
 
     def show(event: Any) -> None:
         if not as_json:
@@ -622,13 +636,13 @@ def dispute(
 
     result = pinpoint.run_dispute(bundle_path, segment - 1, solver=solver_b, challenger=challenger_b,
                                   params=Params(budget_ms=budget_ms, commitment=root), on_event=show,
-                                  transcript=transcript, device=device, data_dir=data_dir, **kwargs)
+                                  transcript=transcript, device=device, data_dir=data_dir, code=code, **kwargs)
     if as_json:
         print_json(result.to_dict())
     else:
         o = result.outcome
         where = f" at step {result.step}, node {result.node} ({result.op})" if result.node is not None else ""
-        out.print(f"ruling: {o.loser} loses by {o.by}{where}: {o.reason}")
+        out.print(f"ruling: {o.loser} loses by {o.by}{where}: {o.reason}", markup=False, highlight=False)
         out.print(f"{result.rounds} rounds, {result.messages} messages, {result.bytes:,} bytes; referee ran "
                   f"{result.referee_executed} operator(s), {result.referee_flops:,} FLOPs")
         if result.transcript:

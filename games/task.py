@@ -46,7 +46,6 @@ BidRejected, BadMove, SaltMismatch; and the ledger's InsufficientFunds / Unknown
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,6 +63,7 @@ from games.errors import (
     WrongPhase,
 )
 from games.ledger import AccountId, Amount, Ledger, lock, release, slash
+from pol.canonical import is_digest
 
 __all__ = [
     "ASSIGNED",
@@ -107,7 +107,6 @@ TaskId = str
 POSTED, ASSIGNED, COMMITTED, CHALLENGED, FINAL = "posted", "assigned", "committed", "challenged", "final"
 RULINGS = ("solver_wrong", "challenger_wrong")
 BPS = 10_000
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 SALT_DOMAIN = b"pol.games.task.salt.v1\x00"
 FORCED_DOMAIN = b"pol.games.task.forced.v1\x00"
 SEGMENT_DOMAIN = b"pol.games.task.segments.v1\x00"
@@ -373,7 +372,7 @@ def _verify_not_before(move: Move, opens: Tick, rule: str) -> None:
 
 
 def _verify_hex(value: object, rule: str) -> None:
-    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+    if not is_digest(value):
         raise BadMove(rule, f"{value!r} is not 64 lowercase hex digits")
 
 

@@ -80,6 +80,7 @@ __all__ = [
 
 MAX_DERIVED_ELEMENTS = 1 << 28  # elements of a leaf the referee re-derives from a claimed shape (a dropout mask)
 _EPS32 = float(torch.finfo(torch.float32).eps)
+MAX_OUTPUT_BYTES = 1 << 30  # the most one executed operator may allocate for its outputs (as a reveal may carry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,11 +260,29 @@ def _verdict_element(spec: JobSpec, node: Node, tensors: Mapping[str, torch.Tens
     return diff <= bound, f"{where}: claimed {float(claimed):.9g}, referee {float(value):.9g}, off by {diff:.3g} (tolerance {bound:.3g})", counter.count, flops
 
 
+def _output_bytes(func: Any, node: Node, tensors: Mapping[str, torch.Tensor], scalars: list[float]) -> int:
+    """What executing the node would allocate for its outputs, found without allocating: the operator run on meta
+    tensors (shapes only); where the meta kernel cannot say (a data-dependent shape), the sizes the node claims."""
+    try:
+        metas = [tensors[f"input/{slot}"].to("meta") for slot in range(len(node.inputs))]
+        args = decode_args(node.args["args"], metas, scalars, device="meta")
+        kwargs = {k: decode_args(v, metas, scalars, device="meta") for k, v in node.args["kwargs"].items()}
+        with torch.device("meta"):  # factories without a device argument allocate nothing either
+            out = func(*args, **kwargs)
+        flat = out if isinstance(out, (tuple, list)) else [out]
+        return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+    except Exception:  # no meta kernel, or a shape that depends on values
+        return sum(math.prod(m.shape) * 8 for m in node.outputs if m.kind == "tensor")
+
+
 def _verdict_op(spec: JobSpec, node: Node, tensors: Mapping[str, torch.Tensor]) -> tuple[bool, str, int]:
     try:
         func = get_aten_op(node.op)
-        inputs = [tensors[f"input/{slot}"].clone() for slot in range(len(node.inputs))]
         scalars = [float.fromhex(h) for h in node.scalars]
+        size = _output_bytes(func, node, tensors, scalars)
+        if size > MAX_OUTPUT_BYTES:  # bounded before memory is spent: no honest step makes such an operator output
+            return False, f"{node.op} on these inputs would allocate {size:,} bytes of output, beyond the referee's {MAX_OUTPUT_BYTES:,}", 0
+        inputs = [tensors[f"input/{slot}"].clone() for slot in range(len(node.inputs))]
         args = decode_args(node.args["args"], inputs, scalars)
         kwargs = {k: decode_args(v, inputs, scalars) for k, v in node.args["kwargs"].items()}
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:

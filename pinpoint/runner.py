@@ -18,8 +18,8 @@ referee may import; `pol.engine.verify_code` is checked before anything is built
 
 `check_transcript(path)` re-checks a written transcript as a third party would: it replays every message through
 the state machine, recomputes the referee's ruling (one operator) and compares the outcome and the head hash. It
-reads at most `max_bytes` (MAX_TRANSCRIPT_BYTES) of a regular file, checks the Open's spec against its code policy,
-and builds model or data only when the ruling re-derives a leaf or traces a step.
+reads at most `max_bytes` (MAX_TRANSCRIPT_BYTES) of a regular file and builds model or data only when the ruling
+re-derives a leaf or traces a step, and then only code its policy allows.
 """
 
 from __future__ import annotations
@@ -424,8 +424,10 @@ def check_transcript(path: str | Path, *, data_dir: str | None = None, code: Cod
                      max_bytes: int = MAX_TRANSCRIPT_BYTES) -> CheckResult:
     """Re-check a transcript as a third party: replay every message, recompute the ruling, compare the outcome.
 
-    The Open's spec must name only code `code` allows (checked before anything is built); the ruling builds model
-    or data only for a leaf it re-derives or a step it traces.
+    It checks a ruling from what the transcript holds (revealed inputs, digests): an operator node, a state leaf or
+    the state node needs no model, data or user code, so a third party without the job's code can check it. Only a
+    leaf the referee re-derives (a batch, a dropout mask, a model buffer) or a traced step builds the job, and then
+    only with code `code` allows, after checking its code digest.
     Raises TranscriptError naming the first problem; CodeNotAllowed, CodeDiffers, DataDiffers (and what building the
     job raises) when this machine cannot check the ruling ("cannot check", exit 2).
     """
@@ -457,9 +459,6 @@ def check_transcript(path: str | Path, *, data_dir: str | None = None, code: Cod
             if isinstance(exc, TranscriptError):
                 raise
             raise TranscriptError(f"entry {i} is refused: {exc}") from None
-        if isinstance(message, Open):
-            assert state.spec is not None
-            verify_code(state.spec, code)
     if state.outcome is None:
         raise TranscriptError("the transcript ends before the dispute is settled")
     recorded = {"outcome": body["outcome"], "head": body["head"], "rounds": body["rounds"], "bytes": body["bytes"]}

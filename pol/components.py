@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,19 +132,25 @@ def _code_files(package: str) -> list[tuple[str, Path]]:
                 if len(files) > MAX_CODE_FILES:
                     raise ComponentError(f"package {package!r} has more than {MAX_CODE_FILES} code files to pin")
         return sorted(files)
+    if found.origin in ("frozen", "built-in"):  # part of the interpreter: pinned by the interpreter's version
+        return []
     if found.origin is None or not Path(found.origin).is_file():
         raise ComponentError(f"package {package!r} has no source file to pin (origin {found.origin!r})")
     return [(Path(found.origin).name, Path(found.origin))]
 
 
 def compute_code_digest(ref: str) -> Digest:
-    """blake3 over the names and bytes of every code file of `ref`'s top-level package, in sorted name order.
-    Reads files only: nothing is imported or run. Raises ComponentError if the package cannot be found or is
+    """blake3 over the names and bytes of every code file of `ref`'s top-level package, in sorted name order (for a
+    module frozen into or built into the interpreter, over the interpreter's version). Reads files only: nothing is
+    imported or run. Raises ComponentError if the package cannot be found or is
     larger than MAX_CODE_FILES files or MAX_CODE_BYTES bytes."""
     package = get_package(ref)
     h = blake3.blake3(b"pol/code/v1\x00")
+    files = _code_files(package)
+    if not files:  # a frozen or built-in module: its code is the interpreter's
+        h.update(f"interpreter:{package}:{sys.implementation.name}:{sys.version}".encode())
     total = 0
-    for name, path in _code_files(package):
+    for name, path in files:
         data = path.read_bytes()
         total += len(data)
         if total > MAX_CODE_BYTES:

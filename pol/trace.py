@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .canonical import Digest, canonical_bytes
+from .canonical import Digest, canonical_bytes, is_digest
 from .errors import ManifestError
 from .merkle import compute_commitment, merkle_root
 
 __all__ = ["Record", "record_from_dict", "compute_trace_commitment", "EMPTY_DATA"]
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 EMPTY_DATA: Digest = "0" * 64  # data digest of record 0: no data consumed yet
 
 
@@ -43,7 +41,7 @@ def record_from_dict(value: Any, where: str) -> Record:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 10**9:
         raise ManifestError(f"{where}.step", "expected an integer step in [0, 1e9]")
     for name, digest in (("state", state), ("data", data)):
-        if not isinstance(digest, str) or not _HEX64.match(digest):
+        if not is_digest(digest):
             raise ManifestError(f"{where}.{name}", "expected 64 lowercase hex characters")
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise ManifestError(f"{where}.loss", "expected a finite number or null")

@@ -67,3 +67,14 @@ def test_rfc8785_key_order_is_by_utf16_code_units():
 def test_values_without_a_canonical_form_are_refused(value):
     with pytest.raises(ValueError):
         canonical_bytes(value)
+
+
+def test_transcript_head():
+    """A dispute transcript's head chain: the opening head over the venue's params, then one entry."""
+    from pinpoint.messages import Timeout
+    from pinpoint.protocol import Params, compute_head, new_dispute
+
+    state = new_dispute(Params(budget_ms=1000, commitment="aa" * 32), 0)
+    assert state.head == "a71b11e0b2e5a6dc839b98173fa2fc95416c07244f03663f7087e9910742b849"
+    after = compute_head(state.head, 1000, Timeout(0, state.head, claimant="solver"))
+    assert after == "341be8c048b3d3db7dcb584b048620c16c170703c8b3d75781241f0f9318c7fc"
