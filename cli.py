@@ -412,7 +412,8 @@ def _print_report(report: Any) -> None:
             rel = "-" if c.max_rel_l2 is None else f"{c.max_rel_l2:.2e}"
             cos = "-" if c.update_cosine is None else f"{c.update_cosine:.6f}"
             loss = "-" if c.replayed_loss is None else f"{c.replayed_loss:.4f}"
-            table.add_row(str(c.index), f"{c.start}->{c.end}", c.why, "ok" if c.ok else "[red]FAIL[/]", loss, rel, cos, escape(c.problem or ""))
+            why = {"largest-update": "largest"}.get(c.why, c.why)
+            table.add_row(str(c.index), f"{c.start}->{c.end}", why, "ok" if c.ok else "[red]FAIL[/]", loss, rel, cos, escape(c.problem or ""))
         out.print(table)
     if report.thresholds:
         t = report.thresholds
@@ -517,6 +518,47 @@ def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None) -> str:
     if set(fields) >= {"job_id", "spec"}:  # the output of pol job --json
         fields = fields["spec"] if isinstance(fields["spec"], dict) else {}
     return resolve_job(build_spec(fields, code), code=code, data_dir=data_dir).job_id
+
+
+@app.command()
+@handle_errors()
+def export(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    out_path: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
+    step: Annotated[int | None, typer.Option(min=0, help="The checkpoint to export (default: the last).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the model's weights at a checkpoint as a plain state_dict in safetensors, loadable with
+    `model.load_state_dict(safetensors.torch.load_file(PATH))`. The checkpoint is checked against the bundle's
+    commitment first; the file's metadata names the job, the commitment and the step. Verify the bundle to know
+    the weights were really trained.
+
+    Example: pol export run1 --out model.safetensors
+    """
+    from safetensors.torch import save_file
+
+    from pol.bundle import open_bundle
+    from pol.errors import OutputExists, UsageError
+
+    if out_path.exists() and not force:
+        raise OutputExists(f"output {out_path} exists: pass --force to replace it")
+    with open_bundle(bundle_path) as b:
+        chosen = b.spec.steps if step is None else step
+        if not (chosen <= b.spec.steps and (chosen % b.spec.every == 0 or chosen == b.spec.steps)):
+            raise UsageError(f"step {chosen} is not a checkpoint of this bundle (0, {b.spec.every}, ..., {b.spec.steps})")
+        weights = {n: t.contiguous() for n, t in b.model_state_dict(chosen).items()}
+        meta = {"pol_job_id": b.manifest.job_id, "pol_commitment": b.manifest.root, "pol_step": str(chosen)}
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(weights, str(tmp), metadata=meta)
+    tmp.replace(out_path)
+    summary = {"out": str(out_path), "step": chosen, "tensors": len(weights), "job_id": meta["pol_job_id"],
+               "parameters": sum(t.numel() for t in weights.values())}
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"wrote {out_path}: {len(weights)} tensors, {summary['parameters']:,} numbers, step {chosen} of job "
+                  f"{meta['pol_job_id'][:16]}...", markup=False, highlight=False)
 
 
 @app.command()

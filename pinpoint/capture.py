@@ -8,7 +8,7 @@ under `exact_mode()` and get the same bits. In native mode the operators run on 
 
 Inputs are tracked by tensor identity and version counter: a tensor made by an earlier node (or mutated in place
 by one) points at that node's output; a tensor the step only reads becomes a `pol.leaf` node named by where it
-comes from (`param/...`, `buffer/...`, `optim/...` of the agreed start state, `batch/x` and `batch/y`,
+comes from (`param/...`, `buffer/...`, `optim/...` of the agreed start state, `batch/<name>` (x, y, ...),
 `rng/dropout/<layer>/<call>/<row offset>` from pol.rng, `module/<buffer>` for model constants), which the referee
 can re-derive or check against the agreed state digest.
 
@@ -468,7 +468,7 @@ def capture_hooks(rt: Runtime, fault: Fault | None = None, watch: int | None = N
     modes: list[CaptureMode] = []
 
     def capture(batch: Mapping[str, torch.Tensor]) -> CaptureMode:
-        leaves = {**_state_tensors(rt), **_module_constants(rt), "batch/x": batch["x"], "batch/y": batch["y"]}
+        leaves = {**_state_tensors(rt), **_module_constants(rt), **{f"batch/{name}": t for name, t in batch.items()}}
         modes.append(CaptureMode(leaves, fault if fault is not None and fault.step == s else None, watch))
         return modes[-1]
 

@@ -138,12 +138,14 @@ def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ..
     code `code` allows. Raises ValueError for an unknown leaf name or a shape beyond MAX_DERIVED_ELEMENTS,
     CodeNotAllowed and CodeDiffers (before importing anything), DataDiffers (the data here is not the committed
     data), and what building the data or model raises."""
-    if name in ("batch/x", "batch/y"):
+    if name.startswith("batch/"):
         verify_code(spec, code)
         dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code)
         if spec.data_digest is not None and data_digest(dataset) != spec.data_digest:
             raise DataDiffers(spec.data_digest, data_digest(dataset))
-        return dataset.batch(batch_indices(spec.seed, len(dataset), spec.batch_size, step))[name[-1]]
+        if name.removeprefix("batch/") not in dataset.tensors:
+            raise ValueError(f"the data holds no tensor {name.removeprefix('batch/')!r}")
+        return dataset.batch(batch_indices(spec.seed, len(dataset), spec.batch_size, step))[name.removeprefix("batch/")]
     if name.startswith("rng/dropout/"):
         layer, call, offset = (int(p) for p in name.removeprefix("rng/dropout/").split("/"))
         mask_shape = (spec.batch_size, *shape[1:])

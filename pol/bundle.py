@@ -439,6 +439,12 @@ class Bundle:
             raise BundleFileError(name, f"not a safetensors file: a header of {header_len} bytes does not fit")
         return _parse_layout(name, self._source.read(name, 8, header_len))
 
+    def model_state_dict(self, step: int) -> dict[str, torch.Tensor]:
+        """The model's `state_dict` at `step` (parameters and persistent buffers, names as the model has them),
+        read through `load_state`, so it is checked against the commitment. Raises as `load_state`."""
+        state = self.load_state(step)
+        return {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith(("param/", "buffer/"))}
+
     def load_state(self, step: int) -> dict[str, torch.Tensor]:
         """Read the checkpoint at `step` and check it against its committed state digest.
 

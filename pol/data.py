@@ -23,6 +23,7 @@ from .canonical import Digest, compute_hash
 from .components import CodePolicy, is_import_path, load_callable
 from .digest import combine_digests, tensor_digests
 from .errors import ComponentError, DataError
+from .spec import MAX_BATCH_TENSORS
 
 __all__ = ["Dataset", "BUILTIN_DATA", "MAX_BUILTIN_ELEMENTS", "build_dataset", "data_digest", "batch_indices", "steps_per_epoch"]
 
@@ -33,19 +34,26 @@ CHARS_ALPHABET = " abcdefghijklmnopqrstuvwxyz.,!?\n"  # 32 symbols: token id = p
 
 @dataclass(frozen=True)
 class Dataset:
-    """Named tensors sharing their first dimension: `x` (inputs) and `y` (targets)."""
+    """Named tensors sharing their first dimension (one row per sample): the model's inputs (`x`, or e.g.
+    `input_ids` and `attention_mask`) and the target (`y`, or as the spec names it). A batch is the same names,
+    each tensor indexed by the batch's sample indices."""
 
     tensors: Mapping[str, torch.Tensor]
 
     def __post_init__(self) -> None:
-        if set(self.tensors) != {"x", "y"}:
-            raise DataError(f"a dataset needs tensors named 'x' and 'y', got {sorted(self.tensors)}")
+        if not 0 < len(self.tensors) <= MAX_BATCH_TENSORS:
+            raise DataError(f"a dataset holds 1 to {MAX_BATCH_TENSORS} named tensors, got {len(self.tensors)}")
+        for name, t in self.tensors.items():
+            if not isinstance(name, str) or not name.isidentifier() or len(name) > 64:
+                raise DataError(f"dataset tensor name {str(name)[:80]!r} is not an identifier of at most 64 characters")
+            if not isinstance(t, torch.Tensor):
+                raise DataError(f"dataset entry {name!r} is a {type(t).__name__}, not a tensor")
         n = {t.shape[0] if t.dim() else -1 for t in self.tensors.values()}
         if len(n) != 1 or -1 in n:
-            raise DataError("dataset tensors 'x' and 'y' must share their first dimension")
+            raise DataError(f"dataset tensors {sorted(self.tensors)} must share their first dimension (one row per sample)")
 
     def __len__(self) -> int:
-        return int(self.tensors["x"].shape[0])
+        return int(next(iter(self.tensors.values())).shape[0])
 
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         index = torch.from_numpy(np.array(idx, dtype=np.int64))
@@ -129,20 +137,21 @@ def _check_builtin_size(name: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def _from_directory(path: Path) -> Dataset:
-    """Concatenate `x` and `y` from every `*.safetensors` file of a directory, in sorted file-name order."""
+    """Concatenate the tensors of every `*.safetensors` file of a directory, in sorted file-name order. Every file
+    holds the same tensor names (e.g. `x` and `y`, or `input_ids`, `attention_mask` and `labels`)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise DataError(f"data directory {path} holds no .safetensors files")
-    parts: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
+    parts: dict[str, list[torch.Tensor]] = {}
     for f in files:
         try:
             tensors = load_file(str(f))
         except (SafetensorError, OSError) as exc:
             raise DataError(f"cannot read data file {f}: {exc}") from None
-        if set(tensors) != {"x", "y"}:
-            raise DataError(f"data file {f} must hold tensors 'x' and 'y', has {sorted(tensors)}")
-        for name in parts:
-            parts[name].append(tensors[name])
+        if parts and set(tensors) != set(parts):
+            raise DataError(f"data file {f} holds tensors {sorted(tensors)}, the files before it {sorted(parts)}")
+        for name, t in tensors.items():
+            parts.setdefault(name, []).append(t)
     try:
         return Dataset({name: torch.cat(ts) for name, ts in parts.items()})
     except RuntimeError as exc:
@@ -158,7 +167,7 @@ def _coerce(value: Any, name: str) -> Dataset:
         return Dataset({"x": value[0], "y": value[1]})
     if isinstance(value, torch.utils.data.TensorDataset) and len(value.tensors) == 2:
         return Dataset({"x": value.tensors[0], "y": value.tensors[1]})
-    raise ComponentError(f"dataset {name!r} returned {type(value).__name__}; expected {{'x', 'y'}} tensors or (x, y)")
+    raise ComponentError(f"dataset {name!r} returned {type(value).__name__}; expected a dict of named tensors or (x, y)")
 
 
 def build_dataset(name: str, kwargs: Mapping[str, Any], *, data_dir: str | Path | None = None, code: CodePolicy | None = None) -> Dataset:

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import math
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from .canonical import Digest
 from .components import CodePolicy, compute_code_digest, get_package, verify_code_allowed
 from .data import Dataset, batch_indices, build_dataset, data_digest, steps_per_epoch
 from .digest import State, combine_digests, tensor_digests
-from .errors import CodeDiffers, DataDiffers, DeviceUnavailable, PolError, StateMismatch, TrainingError, UserCodeError
+from .errors import CodeDiffers, DataDiffers, DataError, DeviceUnavailable, PolError, StateMismatch, TrainingError, UserCodeError
 from .models import SeededDropout, build_model, init_parameters
 from .numerics import numerics_context
 from .optim import apply_update, compute_lr, init_optimizer_state, make_workspace
@@ -55,6 +55,9 @@ __all__ = [
     "verify_layout",
     "build_spec",
     "resolve_job",
+    "get_model_inputs",
+    "verify_batch_names",
+    "select_output",
 ]
 
 StepCallback = Callable[[int, float], None]  # (step reached, loss of the step)
@@ -199,6 +202,7 @@ def build_runtime(
     if dataset is None:
         dataset = build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code)
     steps_per_epoch(len(dataset), spec.batch_size)
+    verify_batch_names(spec, dataset)
     if spec.data_digest is not None:
         got = data_digest(dataset)
         if got != spec.data_digest:
@@ -313,17 +317,58 @@ def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y.to(out.dtype))
 
 
-def _forward_loss(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The model's forward pass and the loss. An exception from the model (user code) becomes one UserCodeError
-    naming the model, the batch's shapes and what went wrong; pol's own errors pass through."""
+def get_model_inputs(spec: JobSpec, names: Iterable[str]) -> tuple[str, ...]:
+    """The batch tensors the model is called with: the spec's `inputs`, or every tensor but the target."""
+    return spec.inputs or tuple(sorted(set(names) - {spec.target}))
+
+
+def verify_batch_names(spec: JobSpec, dataset: Dataset) -> None:
+    """Raise DataError unless the data holds the spec's target and inputs (and the model has an input)."""
+    names = set(dataset.tensors)
+    missing = sorted(({spec.target} | set(spec.inputs)) - names)
+    if missing:
+        raise DataError(f"the data holds tensors {sorted(names)}, not {missing} that the spec's inputs and target name")
+    if not get_model_inputs(spec, names):
+        raise DataError(f"the data holds only the target {spec.target!r}: nothing to feed the model")
+
+
+def select_output(out: Any, which: str) -> torch.Tensor:
+    """The tensor the loss reads from a model's output: the output itself if it is a tensor; else `which` (a key,
+    an attribute or an index), or by default `.logits` / `["logits"]` / the first element. Raises ValueError."""
+    if isinstance(out, torch.Tensor) and not which:
+        return out
+    picked: Any
+    if which.isdigit() and isinstance(out, (tuple, list)):
+        picked = out[int(which)] if int(which) < len(out) else None
+    elif which:
+        picked = out.get(which) if isinstance(out, Mapping) else getattr(out, which, None)
+    elif isinstance(out, Mapping) or hasattr(out, "logits"):
+        picked = out.get("logits") if isinstance(out, Mapping) else out.logits
+    elif isinstance(out, (tuple, list)) and out:
+        picked = out[0]
+    else:
+        picked = None
+    if not isinstance(picked, torch.Tensor):
+        wanted = f"output {which!r}" if which else "a tensor, .logits, ['logits'] or a first element"
+        raise ValueError(f"the model returned {type(out).__name__}, with no {wanted} that is a tensor (set the spec's output)")
+    return picked
+
+
+def _forward_loss(rt: Runtime, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's forward pass on one (micro-)batch and the loss. The inputs go in as keyword arguments (a lone
+    `x` positionally); an exception from the model (user code) becomes one UserCodeError naming the model, the
+    batch's shapes and what went wrong; pol's own errors pass through."""
+    spec = rt.spec
+    names = get_model_inputs(spec, batch)
     try:
-        return _loss(rt.spec.loss, rt.model(x), y)
+        out = rt.model(batch["x"]) if names == ("x",) else rt.model(**{n: batch[n] for n in names})
+        return _loss(spec.loss, select_output(out, spec.output), batch[spec.target])
     except PolError:
         raise
     except Exception as exc:
+        shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in sorted(batch.items()))
         raise UserCodeError(
-            f"model {rt.spec.model.name!r} failed on a batch x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}, "
-            f"y {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')} with loss {rt.spec.loss!r}: "
+            f"model {spec.model.name!r} failed on a batch {shapes} with loss {spec.loss!r}: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         ) from exc
 
@@ -337,7 +382,7 @@ def dry_run(rt: Runtime) -> None:
     batch = {name: t[:micro].to(rt.device) for name, t in rt.dataset.batch(idx).items()}
     _bind_randomness(rt, 0, 0, spec.batch_size)
     with torch.no_grad(), numerics_context(spec.numerics):
-        _forward_loss(rt, batch["x"], batch["y"])
+        _forward_loss(rt, batch)
 
 
 def compute_batch_digest(step: int, idx: np.ndarray, batch: Mapping[str, torch.Tensor]) -> bytes:
@@ -390,9 +435,7 @@ def one_step(
         for offset in range(0, size, micro):
             _bind_randomness(rt, s, offset, size)
             with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
-                x = on_device["x"][offset : offset + micro]
-                y = on_device["y"][offset : offset + micro]
-                loss = _forward_loss(rt, x, y)
+                loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()})
                 (loss * (micro / size) if micro != size else loss).backward()
                 loss_sum += float(loss.detach()) * micro
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}

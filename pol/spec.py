@@ -34,6 +34,7 @@ __all__ = [
     "NUMERICS",
     "LOSSES",
     "MAX_CHECKPOINTS",
+    "MAX_BATCH_TENSORS",
     "apply_flags",
     "load_spec_file",
     "spec_from_dict",
@@ -52,6 +53,8 @@ _MAX_STEPS = 10**9
 MAX_CHECKPOINTS = 1 << 20  # records (checkpoints) a job may have: bounds every list built from a spec
 _MAX_KWARGS_BYTES = 1 << 16
 _MAX_SPEC_FILE_BYTES = 1 << 20
+MAX_BATCH_TENSORS = 32  # named tensors in a batch (inputs and target)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 # Defaults for the built-in models, so `pol train --model transformer` works alone. User models name their data.
 BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -79,6 +82,13 @@ def _check_float(name: str, value: Any, low: float, high: float) -> float:
     value = float(value)
     if not math.isfinite(value) or not low <= value <= high:
         raise _fail(name, f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _check_name(name: str, value: Any) -> str:
+    """A batch tensor name: an identifier of at most 64 characters (it becomes a keyword argument)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise _fail(name, f"{str(value)[:80]!r} is not a tensor name (an identifier of at most 64 characters)")
     return value
 
 
@@ -184,6 +194,9 @@ class JobSpec:
     seed: int = 0
     numerics: str = "native"  # "native" or "exact"
     dtype: str = "float32"
+    inputs: tuple[str, ...] = ()  # batch tensors passed to the model; () = every one but the target (a lone "x" positionally)
+    target: str = "y"  # the batch tensor the loss compares the output with
+    output: str = ""  # the part of the model's output the loss reads: "" = the tensor itself, else .logits/["logits"]/[0]; a name or an index picks one
     data_digest: Digest | None = None  # bound by `resolve`; required in a bundle
     versions: Mapping[str, str] = field(default_factory=dict)  # {"pol": ..., "torch": ...}, bound by `resolve`
 
@@ -206,6 +219,16 @@ class JobSpec:
         _check_int("seed", self.seed, 0, _MAX_SEED)
         _check_choice("numerics", self.numerics, NUMERICS)
         _check_choice("dtype", self.dtype, ("float32",))
+        if isinstance(self.inputs, str) or not isinstance(self.inputs, (list, tuple)) or len(self.inputs) > MAX_BATCH_TENSORS:
+            raise _fail("inputs", f"expected a list of at most {MAX_BATCH_TENSORS} batch tensor names")
+        object.__setattr__(self, "inputs", tuple(_check_name("inputs", n) for n in self.inputs))
+        if len(set(self.inputs)) != len(self.inputs):
+            raise _fail("inputs", "names a tensor twice")
+        _check_name("target", self.target)
+        if self.target in self.inputs:
+            raise _fail("target", f"{self.target!r} is also an input")
+        if not isinstance(self.output, str) or len(self.output) > 64 or (self.output and not (self.output.isidentifier() or self.output.isdigit())):
+            raise _fail("output", "expected \"\" (automatic), an output name or an index")
         if self.data_digest is not None and not is_digest(self.data_digest):
             raise _fail("data_digest", "expected 64 lowercase hex characters")
         if not isinstance(self.versions, Mapping) or len(self.versions) > 16 or not all(
@@ -252,6 +275,9 @@ class JobSpec:
             "seed": self.seed,
             "numerics": self.numerics,
             "dtype": self.dtype,
+            "inputs": list(self.inputs),
+            "target": self.target,
+            "output": self.output,
             "data_digest": self.data_digest,
             "versions": dict(self.versions),
         }

@@ -176,3 +176,30 @@ def test_exact_training_reports_whether_the_compiled_kernels_ran(tmp_path):
     assert "exact math  compiled kernels loaded" in human.output
     native = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "native"), "--json"])
     assert "exact_kernels" not in json.loads(native.output)
+
+
+def test_export_writes_a_plain_state_dict(honest_bundles, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pol.bundle import open_bundle
+    from pol.models import build_model
+
+    out = tmp_path / "model.safetensors"
+    result = runner.invoke(app, ["export", str(honest_bundles["transformer"]), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    weights = load_file(str(out))
+    with open_bundle(honest_bundles["transformer"]) as b:
+        model = build_model(b.spec.model)
+        state = b.load_state(b.spec.steps)
+        job = b.manifest.job_id
+    model.load_state_dict(weights)  # strict: exactly the model's own names
+    assert all(torch.equal(t, state[f"param/{n}"] if f"param/{n}" in state else state[f"buffer/{n}"]) for n, t in weights.items())
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["pol_job_id"] == job and f.metadata()["pol_step"] == "12"
+    assert runner.invoke(app, ["export", str(honest_bundles["transformer"]), "--out", str(out)]).exit_code == 2  # exists
+    bad = runner.invoke(app, ["export", str(honest_bundles["transformer"]), "--out", str(tmp_path / "x.safetensors"), "--step", "5"])
+    assert bad.exit_code == 2 and "not a checkpoint" in bad.stderr
+    step4 = runner.invoke(app, ["export", str(honest_bundles["transformer"]), "--out", str(tmp_path / "s4.safetensors"), "--step", "4"])
+    assert step4.exit_code == 0

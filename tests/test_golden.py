@@ -17,16 +17,16 @@ SPEC = {"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "sy
         "versions": {"pol": "0.4.0", "torch": "2.13.0"}}
 CANONICAL = (
     '{"batch_size":16,"data":{"code":null,"kwargs":{"n":512},"name":"synthetic"},"data_digest":"' + "1" * 64 + '",'
-    '"dtype":"float32","every":4,"loss":"cross_entropy","microbatch":0,"model":{"code":null,"kwargs":{"hidden":32},'
-    '"name":"mlp"},"numerics":"native","optimizer":{"beta1":0.9,"beta2":0.999,"eps":1e-8,"lr":0.001,"momentum":0.9,'
-    '"name":"adamw","schedule":"constant","warmup":0,"weight_decay":0},"seed":0,"steps":8,'
-    '"versions":{"pol":"0.4.0","torch":"2.13.0"}}'
+    '"dtype":"float32","every":4,"inputs":[],"loss":"cross_entropy","microbatch":0,"model":{"code":null,'
+    '"kwargs":{"hidden":32},"name":"mlp"},"numerics":"native","optimizer":{"beta1":0.9,"beta2":0.999,"eps":1e-8,'
+    '"lr":0.001,"momentum":0.9,"name":"adamw","schedule":"constant","warmup":0,"weight_decay":0},"output":"",'
+    '"seed":0,"steps":8,"target":"y","versions":{"pol":"0.4.0","torch":"2.13.0"}}'
 )
-JOB_ID = "e608d8cd52fbbd7ac3c7d0c95acd707a526c03f92a15feedc6db5a87c97dc362"
+JOB_ID = "89db8d203bc68256d5692da1f536ce5bbac02952efa3a4e7bebb65afba90efee"
 RECORDS = (Record(0, "22" * 32, "0" * 64, None), Record(4, "33" * 32, "44" * 32, 2.25), Record(8, "55" * 32, "66" * 32, 1.0000000000000002))
-MERKLE = "3d658f374d265c35d55ad16daaecec8c72e86cadd57433b9a34c87f9f02eb63b"
-COMMITMENT = "ae3c74f5109de76255d61e8d966d95c3f8b21e722a558ed5f08907b41e4777b6"
-MANIFEST_BLAKE3 = "989157df0c82a2ec1206a4801f476e913362fe53754f4bf25e5c6aeb013df9d4"
+MERKLE = "b3726b9f0e563aaa43499281a0e35c6b6f5e5c3ebe704b34983910da48a4e646"
+COMMITMENT = "775cfccc8c07b01a6a32c7bd3ac119a7f2f62b4baf7c167194473a15e875bb86"
+MANIFEST_BLAKE3 = "ed52f71b57d8fae52fb3e759093e930db0ad778e2c5a2fb35680b5b87345e473"
 
 
 def test_canonical_spec_and_job_id():

@@ -30,3 +30,41 @@ def nan_data(n: int = 64) -> dict[str, torch.Tensor]:
     """Data whose inputs are NaN: the loss of the very first step is not finite."""
     x = torch.full((n, 4), float("nan"))
     return {"x": x, "y": torch.zeros(n, 1)}
+
+
+class _Output:
+    """What transformers models return: an object whose `.logits` holds the output."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class MaskedTokens(nn.Module):
+    """A tiny sequence classifier called as `model(input_ids=..., attention_mask=...)`, returning `returns`:
+    "object" (with .logits), "dict" ({"logits": ...}), "tuple" ((hidden, logits)) or "tensor"."""
+
+    def __init__(self, vocab: int = 16, width: int = 8, classes: int = 3, returns: str = "object") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, classes)
+        self.returns = returns
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # (B, T), (B, T)
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1).to(torch.float32)  # (B, T, C)
+        pooled = h.sum(dim=1) / attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)  # (B, C)
+        logits = self.head(pooled)  # (B, classes)
+        return {"object": lambda: _Output(logits), "dict": lambda: {"logits": logits, "hidden": pooled},
+                "tuple": lambda: (pooled, logits), "tensor": lambda: logits}[self.returns]()
+
+
+def masked_tokens(**kwargs) -> nn.Module:
+    return MaskedTokens(**kwargs)
+
+
+def token_data(n: int = 96, length: int = 6, vocab: int = 16, classes: int = 3) -> dict[str, torch.Tensor]:
+    """Token sequences with a padding mask and a label: a dataset with three named tensors."""
+    ids = (torch.arange(n * length).reshape(n, length) * 7 + 3) % vocab
+    lengths = 2 + torch.arange(n) % (length - 1)
+    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+    labels = (ids * mask).sum(dim=1) % classes
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
