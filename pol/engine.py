@@ -381,8 +381,14 @@ def dry_run(rt: Runtime) -> None:
     micro = spec.microbatch or spec.batch_size
     batch = {name: t[:micro].to(rt.device) for name, t in rt.dataset.batch(idx).items()}
     _bind_randomness(rt, 0, 0, spec.batch_size)
-    with torch.no_grad(), numerics_context(spec.numerics):
-        _forward_loss(rt, batch)
+    saved = {n: b.detach().clone() for n, b in rt.model.named_buffers()}  # a forward may update them (batch norm)
+    try:
+        with torch.no_grad(), numerics_context(spec.numerics):
+            _forward_loss(rt, batch)
+    finally:
+        with torch.no_grad():
+            for n, b in rt.model.named_buffers():
+                b.copy_(saved[n])
 
 
 def compute_batch_digest(step: int, idx: np.ndarray, batch: Mapping[str, torch.Tensor]) -> bytes:

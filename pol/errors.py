@@ -16,6 +16,7 @@ PolError too.
     │   └── DataDiffers                 2   the verifier's data is not the data the spec committed to (not fraud!)
     ├── NumericsError                   1   a numerics mode cannot do what was asked
     │   ├── NumericsUnavailable         2   the mode is not available here
+    │   ├── CannotVerifySoundly         2   native thresholds would need to exceed their caps: use exact numerics
     │   └── UnsupportedOperator         2   exact mode met an operator it cannot make exact (names the operator)
     ├── VersionMismatch                 2   made by another pol (or, exact, another torch): cannot verify here
     ├── CommitmentError                 1   a Merkle proof or commitment does not check out
@@ -51,6 +52,7 @@ __all__ = [
     "CodeDiffers",
     "VersionMismatch",
     "BundleNotFound",
+    "CannotVerifySoundly",
     "OutputExists",
     "DataError",
     "DataDiffers",
@@ -156,6 +158,13 @@ class NumericsError(PolError):
 
 class NumericsUnavailable(NumericsError):
     """The requested numerics mode is not available in this build or on this device."""
+
+    exit_code = EXIT_USAGE
+
+
+class CannotVerifySoundly(NumericsError):
+    """Native numerics cannot tell an honest replay of this job from a shaped one: the honest spread needs
+    thresholds beyond their caps. Not an accusation; exact numerics can verify such a job."""
 
     exit_code = EXIT_USAGE
 

@@ -42,6 +42,7 @@ from .engine import (
 from .errors import OutputExists, PolError, ResumeError, SpecError
 from .spec import JobSpec, spec_from_dict
 from .trace import EMPTY_DATA, Record, record_from_dict
+from .verify import is_batch_coupled
 
 __all__ = ["train_and_prove", "check_output", "ProveResult", "PROGRESS_NAME"]
 
@@ -149,6 +150,9 @@ def train_and_prove(
     rt = build_runtime(spec, device=device, data_dir=data_dir, code=code or CodePolicy.trust_all_code())
     if not spec.is_resolved:
         spec = rt.spec = resolve_spec(spec, rt.dataset)
+    if split is not None and split != (spec.microbatch or spec.batch_size) and is_batch_coupled(rt.model):
+        raise SpecError("the model has batch norm, whose statistics depend on how a batch is split: splitting it is "
+                        "not an execution choice here; set microbatch in the spec instead of split")
     if not resume:
         dry_run(rt)
     created = _prepare_output(directory, resume=resume, force=force)

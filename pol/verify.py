@@ -40,7 +40,7 @@ from .canonical import Digest, compute_hash, is_digest
 from .components import CodePolicy
 from .digest import state_digest, tensor_digests
 from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps, verify_code, verify_layout
-from .errors import BundleError, BundleNotFound, BundleVersionError, UsageError, VersionMismatch
+from .errors import BundleError, BundleNotFound, BundleVersionError, CannotVerifySoundly, UsageError, VersionMismatch
 from .spec import JobSpec
 
 __all__ = [
@@ -56,6 +56,8 @@ __all__ = [
     "compare_states",
     "calibrate_thresholds",
     "MIN_BEACON_BYTES",
+    "is_batch_coupled",
+    "verify_sound",
 ]
 
 ProgressCallback = Callable[[int, int], None]  # (steps replayed so far, steps to replay in all)
@@ -64,7 +66,16 @@ CALIBRATION_MARGIN = 10.0  # thresholds sit this far above the largest honest sp
 FLOOR_REL_L2 = 1e-5  # never tighter than this relative L2 distance per tensor (float32 drift over k steps)
 FLOOR_LOG_RATIO = 1e-4  # never tighter than this |log| of the update norm ratio
 FLOOR_COSINE_GAP = 1e-6  # the update cosine threshold is at most 1 minus this
+ABS_FLOOR_RMS = 1e-3  # relative L2 distances are measured against at least this RMS per element
 FLOOR_LOSS_REL = 1e-5  # never tighter than this relative difference of a segment's mean loss (native numerics)
+# Hard caps on native thresholds. The built-in models need at most rel L2 2.8e-2 (cnn: 10 x an honest spread of
+# 2.8e-3), an update cosine of 0.999997, |log norm ratio| 1.2e-4 and a loss gap of 7e-6; the caps sit about 2x
+# above. A threshold beyond them would accept updates a cheater can shape (a ResNet's BatchNorm split calibrated
+# rel L2 <= 14.5 on main): the verdict is then "cannot verify soundly in native numerics", never ACCEPT.
+CAP_REL_L2 = 5e-2
+CAP_MIN_COSINE = 0.99
+CAP_LOG_RATIO = 5e-2
+CAP_LOSS_REL = 1e-3
 MIN_BEACON_BYTES = 16  # a beacon carries at least 128 bits
 REPORT_FRACTIONS = (0.01, 0.05, 0.1, 0.25)
 
@@ -220,7 +231,10 @@ def compare_states(start: dict, claimed: dict, replayed: dict) -> dict[str, Any]
     worst, worst_name = 0.0, None
     for n in _float_names(claimed):
         c, r = claimed[n].double(), replayed[n].double()
-        rel = float((r - c).norm()) / max(float(c.norm()), 1e-12)
+        # relative to the tensor's norm, floored at an RMS of ABS_FLOOR_RMS per element: a tensor the mathematics
+        # keeps at zero (a bias before batch norm, its momentum) holds only rounding noise, and noise relative to
+        # noise would make every honest replay look different
+        rel = float((r - c).norm()) / max(float(c.norm()), ABS_FLOOR_RMS * math.sqrt(max(c.numel(), 1)))
         if not math.isfinite(rel):
             rel = math.inf
         if rel > worst or worst_name is None:
@@ -239,16 +253,18 @@ class _Replayed:
 
 
 def _replay(rt: Runtime, start_state: dict, end: int, *, microbatch: int | None = None, threads: int | None = None,
-            on_step: Callable[[int, float], None] | None = None) -> _Replayed:
-    previous_threads = torch.get_num_threads()
+            mkldnn: int = 1, on_step: Callable[[int, float], None] | None = None) -> _Replayed:
+    previous_threads, previous_mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     if threads:
         torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = bool(mkldnn)  # (its flags() context also sets TF32 and warns about it)
     try:
         restore_state(rt, start_state)
         segment = run_steps(rt, end, microbatch=microbatch, on_step=on_step)
         return _Replayed(capture_state(rt), segment.data_digest, segment.loss)
     finally:
         torch.set_num_threads(previous_threads)
+        torch.backends.mkldnn.enabled = previous_mkldnn
 
 
 def _loss_gap(claimed: float | None, replayed: float | None) -> float:
@@ -258,9 +274,19 @@ def _loss_gap(claimed: float | None, replayed: float | None) -> float:
     return abs(claimed - replayed) / max(abs(replayed), 1e-12)
 
 
-def _perturbations(batch_size: int, spec_micro: int) -> list[dict[str, int]]:
-    """Honest but different ways to run a step: another thread count, another batch split."""
+def is_batch_coupled(model: torch.nn.Module) -> bool:
+    """True if a layer mixes the rows of a batch (batch norm's statistics): splitting such a batch changes the
+    step's mathematics, not only its rounding."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _perturbations(rt: Runtime) -> list[dict[str, int]]:
+    """Honest ways to run a step that leave its mathematics unchanged: another thread count, and another batch
+    split (an execution choice the solver may make) or, for a batch-coupled model, oneDNN kernels off."""
+    batch_size, spec_micro = rt.spec.batch_size, rt.spec.microbatch
     out: list[dict[str, int]] = [{"threads": 1 if torch.get_num_threads() > 1 else 2}]
+    if is_batch_coupled(rt.model):
+        return [*out, {"mkldnn": 0}]
     current = spec_micro or batch_size
     for parts in (2, 4, 3):
         if batch_size % parts == 0 and batch_size // parts != current:
@@ -284,7 +310,7 @@ def calibrate_thresholds(
     start = bundle.load_state(start_rec.step)
     reference = _replay(rt, start, end_rec.step, threads=threads)
     rel, cos, ratio, loss, steps = 0.0, 1.0, 0.0, 0.0, end_rec.step - start_rec.step
-    for change in _perturbations(rt.spec.batch_size, rt.spec.microbatch):
+    for change in _perturbations(rt):
         other = _replay(rt, start, end_rec.step, **change)
         d = compare_states(start, reference.state, other.state)
         rel = max(rel, d["max_rel_l2"])
@@ -301,6 +327,23 @@ def calibrate_thresholds(
         observed={"rel_l2": rel, "cosine": cos, "log_ratio": ratio, "loss_rel": loss},
     )
     return thresholds, steps, reference
+
+
+def verify_sound(thresholds: Thresholds) -> None:
+    """Raise CannotVerifySoundly if a calibrated threshold is beyond its hard cap (the honest spread is too large
+    for native numerics to tell an honest replay from a shaped one)."""
+    over = [(name, got, cap) for name, got, cap, beyond in (
+        ("relative L2", thresholds.rel_l2, CAP_REL_L2, thresholds.rel_l2 > CAP_REL_L2),
+        ("update cosine", thresholds.min_cosine, CAP_MIN_COSINE, thresholds.min_cosine < CAP_MIN_COSINE),
+        ("log norm ratio", thresholds.max_log_ratio, CAP_LOG_RATIO, thresholds.max_log_ratio > CAP_LOG_RATIO),
+        ("loss", thresholds.loss_rel, CAP_LOSS_REL, thresholds.loss_rel > CAP_LOSS_REL),
+    ) if beyond]
+    if over:
+        name, got, cap = over[0]
+        raise CannotVerifySoundly(
+            f"cannot verify soundly in native numerics: the honest spread of a replay (observed {thresholds.observed}) "
+            f"needs a {name} threshold of {got:.3g}, beyond the cap {cap:g}; train with --numerics exact"
+        )
 
 
 def _judge(index: int, why: str, start: dict, claimed: dict, replayed: _Replayed, claimed_loss: float | None, exact: bool,
@@ -500,11 +543,12 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
     if not exact:
         calib_on = plan[0][0]
         span = m.records[calib_on].step - m.records[calib_on - 1].step
-        plan_steps += span * len(_perturbations(spec.batch_size, spec.microbatch))
+        plan_steps += span * len(_perturbations(rt))
         try:
             thresholds, steps_done, calibrated[calib_on] = calibrate_thresholds(rt, b, calib_on, req.threads)
         except BundleError as exc:
             return _reject(req, f"bundle integrity: {exc}", b)
+        verify_sound(thresholds)
         if req.on_progress:
             req.on_progress(steps_done, plan_steps)
 

@@ -68,3 +68,24 @@ def token_data(n: int = 96, length: int = 6, vocab: int = 16, classes: int = 3) 
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
     labels = (ids * mask).sum(dim=1) % classes
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ThreadSensitive(nn.Module):
+    """A model whose output depends on the thread count (as some kernels' rounding does, much amplified): its
+    honest replays disagree far more than native thresholds may allow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) + 0.05 * torch.get_num_threads()
+
+
+def thread_sensitive() -> nn.Module:
+    return ThreadSensitive()
+
+
+def batchnorm_mlp(width: int = 8) -> nn.Module:
+    """A batch-coupled model: batch norm's statistics mix the rows of a batch."""
+    return nn.Sequential(nn.Linear(4, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 1))
