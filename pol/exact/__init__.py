@@ -6,7 +6,9 @@ optimizer step) to an exact implementation, or raises `pol.errors.UnsupportedOpe
 - matrix products and convolutions: int8 limbs under power-of-two row/column scales, exact integer GEMMs, one
   rounding (`exact_mm`, `exact_bmm`; `exact_mm_reference` is the plain definition the fast path is held to);
 - reductions and scatter-additions: exact fixed-point accumulation, one rounding (`exact_sum`, `exact_index_add`...);
-- transcendentals from IEEE basic operations in a fixed order (`exact_exp`, `exact_log`, `exact_erf`...);
+- transcendentals from IEEE basic operations in a fixed order (`exact_exp`, `exact_log`, `exact_erf`, `exact_sin`...);
+- layers: norms (layer, batch, group), attention (pol/exact/attention.py), grouped and transposed convolution,
+  pooling and upsampling backwards (pol/exact/resample.py), cumulative sums;
 - single-rounding IEEE ops pass through; multi-rounding ops are split; random draws are refused.
 
 Errors (from `pol.errors`): NumericsError -> UnsupportedOperator(op, why).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from pol.exact.conv import exact_avg_pool2d, exact_convolution, exact_convolution_backward
 from pol.exact.elementwise import (
+    exact_cos,
     exact_erf,
     exact_exp,
     exact_expm1,
@@ -24,6 +27,7 @@ from pol.exact.elementwise import (
     exact_pow_scalar,
     exact_rsqrt,
     exact_sigmoid,
+    exact_sin,
     exact_sqrt,
     exact_tanh,
 )
@@ -58,4 +62,6 @@ __all__ = [
     "exact_rsqrt",
     "exact_sqrt",
     "exact_pow_scalar",
+    "exact_sin",
+    "exact_cos",
 ]

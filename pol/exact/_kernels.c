@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_kernels.h"
+
 /* ---------------------------------------------------------------- bits and powers of two */
 
 static inline uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
@@ -591,12 +593,7 @@ static inline double absd(double x) { return x < 0 ? -x : x; } /* as torch's abs
  * mantissa bits (both additions exact), shifted into the exponent field. Garbage, never undefined, for NaN. */
 static inline double pow2d(double n) { return f64_from(f64_bits((n + 0x1p52) + 1023.0) << 52); }
 
-typedef struct {
-    const double *exp_c;   /* 1/i!, i = 0..EXP_DEGREE */
-    const double *expm1_c; /* 0, 1/1!, ..., 1/EXPM1_DEGREE! */
-    const double *log_c;   /* 1/(2i+1), i < LOG_TERMS */
-    const double *erf_t;   /* (ERF_DEGREE + 1, ERF_CENTRES) row-major */
-} tables_t;
+/* tables_t (the coefficient tables) is declared in _kernels.h */
 
 static inline double exp_f64(const tables_t *t, double x) {
     x = clampd(x, -700.0, 700.0);
@@ -744,16 +741,7 @@ UNARY(rsqrt)
  * uses split into single IEEE roundings in the handlers' order (mul_ by a scalar; lerp_ as start + diff * w or
  * end - diff * (1 - w); addcmul_ as x + (t1 * t2) * value; addcdiv_ as x + (t1 / t2) * value; a value of 1 skips
  * its multiply). Scalars arrive already rounded to float32, as torch rounds a Python scalar for a float32 tensor. */
-typedef struct {
-    float decay;                 /* 1 - lr * weight_decay */
-    int32_t has_decay;
-    float w1, w1c;               /* lerp weight 1 - beta1, and 1 - weight */
-    int32_t w1_small;            /* |w1| < 0.5: start + diff * w1, else end - diff * w1c */
-    float beta2, w2;             /* v * beta2 + (g * g) * w2 */
-    int32_t w2_one;
-    float bias2_sqrt, eps, value; /* p + (m / (sqrt(v) / bias2_sqrt + eps)) * value */
-    int32_t value_one;
-} adamw_t;
+/* adamw_t (the step's scalars) is declared in _kernels.h */
 
 void adamw_f32(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
                const adamw_t *h) {

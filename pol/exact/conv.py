@@ -10,7 +10,11 @@ A bias is added after the product (a second IEEE rounding). Average pooling sums
 once; its backward spreads grad/divisor and adds overlapping windows with one exact sum per input element. Max
 pooling's backward is an exact scatter-add.
 
-Raises `UnsupportedOperator` for grouped or transposed convolutions, 3-D convolutions, ceil_mode pooling and
+Grouped (and depthwise) convolutions take one exact product per group; a transposed convolution is computed as the
+input gradient of the convolution it transposes (and its backward as that convolution's forward and weight
+gradient), so every output element is still one exact sum rounded once.
+
+Raises `UnsupportedOperator` for 3-D convolutions, ceil_mode pooling and
 avg_pool2d with count_include_pad=False and padding, or a divisor override.
 """
 
@@ -43,11 +47,7 @@ def _pair(v: Sequence[int] | int, n: int) -> list[int]:
     return v * n if len(v) == 1 else v
 
 
-def _verify_conv(weight: torch.Tensor, transposed: bool, groups: int) -> None:
-    if transposed:
-        raise UnsupportedOperator("aten.convolution", "transposed convolution is not supported")
-    if groups != 1:
-        raise UnsupportedOperator("aten.convolution", "grouped convolution is not supported")
+def _verify_conv(weight: torch.Tensor) -> None:
     if weight.dim() not in (3, 4):
         raise UnsupportedOperator("aten.convolution", f"{weight.dim() - 2}-D convolution is not supported")
 
@@ -74,6 +74,15 @@ def _params_2d(one_d: bool, stride: Sequence[int], padding: Sequence[int], dilat
     return _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2)
 
 
+def _conv_params(one_d: bool, output_padding: Sequence[int]) -> list[int]:
+    return [0, _pair(output_padding, 1)[0]] if one_d else _pair(output_padding, 2)
+
+
+def _transposed_size(x: torch.Tensor, w: torch.Tensor, s: list[int], p: list[int], d: list[int], op: list[int]) -> list[int]:
+    """Spatial size of a transposed convolution's output (that of the convolution it is the input gradient of)."""
+    return [(x.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (w.shape[2 + i] - 1) + op[i] + 1 for i in range(2)]
+
+
 def exact_convolution(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -85,11 +94,20 @@ def exact_convolution(
     output_padding: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """aten.convolution for 1-D/2-D, groups=1, not transposed. Raises UnsupportedOperator otherwise."""
-    _verify_conv(weight, transposed, groups)
+    """aten.convolution for 1-D/2-D, grouped (depthwise) and transposed: per group one exact product (see module
+    docstring); a transposed convolution is the input gradient of the convolution it transposes. Raises
+    UnsupportedOperator for 3-D convolutions."""
+    _verify_conv(weight)
     one_d = weight.dim() == 3
     s, p, d = _params_2d(one_d, stride, padding, dilation)
-    out = _conv2d_nobias(_as_2d(x), _as_2d(weight), (s[0], s[1]), (p[0], p[1]), (d[0], d[1]))
+    x2, w2 = _as_2d(x), _as_2d(weight)
+    outs = []
+    for xg, wg in zip(x2.chunk(groups, 1), w2.chunk(groups, 0), strict=True):
+        if transposed:
+            outs.append(_grad_input(xg, wg, _transposed_size(x2, w2, s, p, d, _conv_params(one_d, output_padding)), s, p, d))
+        else:
+            outs.append(_conv2d_nobias(xg, wg, (s[0], s[1]), (p[0], p[1]), (d[0], d[1])))
+    out = outs[0] if groups == 1 else torch.cat(outs, 1)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out.squeeze(2) if one_d else out
@@ -110,6 +128,14 @@ def _grad_input(g: torch.Tensor, w: torch.Tensor, in_hw: Sequence[int], s: list[
     return out
 
 
+def _grad_weight(g: torch.Tensor, x: torch.Tensor, k: Sequence[int], s: list[int], p: list[int], d: list[int]) -> torch.Tensor:
+    """Gradient of a 2-D convolution with respect to its weight: grad_output (O, N*L) @ patches (N*L, C*kh*kw)."""
+    n, o = g.shape[:2]
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, CKK, L)
+    a = g.reshape(n, o, -1).transpose(0, 1).reshape(o, -1)  # (O, N*L)
+    return exact_mm(a, cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+
+
 def exact_convolution_backward(
     grad_output: torch.Tensor,
     x: torch.Tensor,
@@ -123,22 +149,30 @@ def exact_convolution_backward(
     groups: int,
     output_mask: Sequence[bool],
 ):
-    """aten.convolution_backward -> (grad_input, grad_weight, grad_bias), each None where not asked for.
+    """aten.convolution_backward -> (grad_input, grad_weight, grad_bias), each None where not asked for. Per group:
+    a convolution's input gradient is `_grad_input`, a transposed one's is the plain convolution of grad_output; the
+    weight gradient is `_grad_weight` with the roles of input and grad_output swapped for a transposed one.
 
     Raises UnsupportedOperator as `exact_convolution` does."""
-    _verify_conv(weight, transposed, groups)
+    _verify_conv(weight)
     one_d = weight.dim() == 3
     s, p, d = _params_2d(one_d, stride, padding, dilation)
     g, x2, w2 = _as_2d(grad_output), _as_2d(x), _as_2d(weight)
+    gis, gws = [], []
+    for gg, xg, wg in zip(g.chunk(groups, 1), x2.chunk(groups, 1), w2.chunk(groups, 0), strict=True):
+        if output_mask[0]:
+            if transposed:
+                gis.append(_conv2d_nobias(gg, wg, (s[0], s[1]), (p[0], p[1]), (d[0], d[1])))
+            else:
+                gis.append(_grad_input(gg, wg, x2.shape[2:], s, p, d))
+        if output_mask[1]:
+            gws.append(_grad_weight(xg, gg, wg.shape[2:], s, p, d) if transposed else _grad_weight(gg, xg, wg.shape[2:], s, p, d))
     gi = gw = gb = None
     if output_mask[0]:
-        gi = _grad_input(g, w2, x2.shape[2:], s, p, d)
+        gi = gis[0] if groups == 1 else torch.cat(gis, 1)
         gi = gi.squeeze(2) if one_d else gi
     if output_mask[1]:
-        n, o = g.shape[:2]
-        cols = F.unfold(x2, w2.shape[2:], dilation=d, padding=p, stride=s)  # (N, CKK, L)
-        a = g.reshape(n, o, -1).transpose(0, 1).reshape(o, -1)  # (O, N*L)
-        gw = exact_mm(a, cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(weight.shape)
+        gw = (gws[0] if groups == 1 else torch.cat(gws, 0)).reshape(weight.shape)
     if output_mask[2]:
         gb = exact_sum(grad_output, [0] + list(range(2, grad_output.dim())))
     return gi, gw, gb

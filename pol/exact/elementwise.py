@@ -14,15 +14,26 @@ Raises `UnsupportedOperator` for dtypes other than float32.
 
 from __future__ import annotations
 
-import decimal
 from collections.abc import Callable
-from functools import cache
 
 import torch
 
 from pol.errors import UnsupportedOperator
 from pol.exact import native
 from pol.exact._fixed import FloatTensor, pow2_f64
+from pol.exact.polys import (
+    ERF_CENTRES,
+    ERF_DEGREE,
+    ERF_ONE,
+    ERF_STEP,
+    EXP_DEGREE,
+    EXPM1_DEGREE,
+    cos_coefficients,
+    erf_table,
+    inv_factorials,
+    log_coefficients,
+    sin_coefficients,
+)
 
 __all__ = [
     "exact_exp",
@@ -35,6 +46,8 @@ __all__ = [
     "exact_rsqrt",
     "exact_sqrt",
     "exact_pow_scalar",
+    "exact_sin",
+    "exact_cos",
     "exp_f64",
     "log_f64",
     "erf_f64",
@@ -44,13 +57,6 @@ INV_LN2 = 1.4426950408889634
 LN2_HI = 6.93147180369123816490e-01  # fdlibm split: n * LN2_HI is exact for |n| < 2**11
 LN2_LO = 1.90821492927058770002e-10
 SQRT2 = 1.4142135623730951
-EXP_DEGREE = 10
-LOG_TERMS = 8
-EXPM1_DEGREE = 12
-ERF_DEGREE = 12
-ERF_STEP = 0.5  # centres at 0, 0.5, ..., 4.0; |h| <= 0.25
-ERF_CENTRES = 9
-ERF_ONE = 4.0  # float32(erf(x)) == 1 for x >= 4
 
 
 def _verify_float32(name: str, x: torch.Tensor) -> None:
@@ -67,25 +73,17 @@ def _horner(coeffs: list[float], x: FloatTensor) -> FloatTensor:
     return acc
 
 
-def _inv_factorials(n: int) -> list[float]:
-    out, f = [], 1
-    for i in range(n + 1):
-        f = f * i if i else 1
-        out.append(float(decimal.Decimal(1) / decimal.Decimal(f)))  # correctly rounded
-    return out
-
-
 def exp_f64(x: FloatTensor) -> FloatTensor:
     """exp of float64 `x` clamped to [-700, 700] (callers handle the ends), ~1e-16 relative."""
     x = x.clamp(-700.0, 700.0)
     n = torch.round(x * INV_LN2)
     r = (x - n * LN2_HI) - n * LN2_LO
-    return _horner(_inv_factorials(EXP_DEGREE), r) * pow2_f64(n.to(torch.int64))
+    return _horner(inv_factorials(EXP_DEGREE), r) * pow2_f64(n.to(torch.int64))
 
 
 def expm1_f64(x: FloatTensor) -> FloatTensor:
     """exp(x) - 1 for float64 `x` without cancellation near 0 (Taylor below |x| < 0.5)."""
-    small = _horner([0.0] + _inv_factorials(EXPM1_DEGREE)[1:], x)
+    small = _horner([0.0] + inv_factorials(EXPM1_DEGREE)[1:], x)
     return torch.where(x.abs() < 0.5, small, exp_f64(x) - 1.0)
 
 
@@ -100,37 +98,8 @@ def log_f64(x: FloatTensor) -> FloatTensor:
     f = m - 1.0
     s = f / (f + 2.0)
     s2 = s * s
-    poly = _horner([1.0 / (2 * i + 1) for i in range(LOG_TERMS)], s2)
+    poly = _horner(log_coefficients(), s2)
     return e * LN2_HI + (e * LN2_LO + (s + s) * poly)
-
-
-@cache
-def _erf_table() -> tuple[tuple[float, ...], ...]:
-    """Taylor coefficients of erf around each centre c = j * ERF_STEP: erf(c + h) = sum_n a_n h**n (60 digits)."""
-    ctx = decimal.Context(prec=60)
-    two_over_sqrt_pi = ctx.divide(2, ctx.sqrt(ctx.create_decimal("3.14159265358979323846264338327950288419716939937510")))
-    rows = []
-    for j in range(ERF_CENTRES):
-        c = decimal.Decimal(j) * decimal.Decimal(str(ERF_STEP))
-        # erf(c) by its Maclaurin series, in 60-digit decimal
-        total, term, n = decimal.Decimal(0), c, 0
-        while True:
-            add = ctx.divide(term, 2 * n + 1)
-            total = ctx.add(total, add)
-            if abs(add) < decimal.Decimal("1e-45"):
-                break
-            n += 1
-            term = ctx.multiply(term, ctx.divide(-c * c, n))
-        coeffs = [total * two_over_sqrt_pi]
-        g = ctx.multiply(two_over_sqrt_pi, ctx.exp(-c * c))
-        h_prev, h = decimal.Decimal(0), decimal.Decimal(1)  # H_{-1} (unused), H_0
-        fact = decimal.Decimal(1)
-        for k in range(1, ERF_DEGREE + 1):  # a_k = g * (-1)**(k-1) * H_{k-1}(c) / k!
-            fact *= k
-            coeffs.append(ctx.divide(g * (-1) ** (k - 1) * h, fact))
-            h_prev, h = h, 2 * c * h - 2 * (k - 1) * h_prev
-        rows.append(tuple(float(a) for a in coeffs))
-    return tuple(rows)
 
 
 def erf_f64(x: FloatTensor) -> FloatTensor:
@@ -139,7 +108,7 @@ def erf_f64(x: FloatTensor) -> FloatTensor:
     ax = x.abs()
     j = torch.clamp(torch.round(ax * (1.0 / ERF_STEP)), 0, ERF_CENTRES - 1).to(torch.int64)
     h = ax - j.to(torch.float64) * ERF_STEP
-    table = torch.tensor(_erf_table(), dtype=torch.float64, device=x.device).t().contiguous()  # (degree+1, centres)
+    table = torch.tensor(erf_table(), dtype=torch.float64, device=x.device).t().contiguous()  # (degree+1, centres)
     acc = torch.take(table[ERF_DEGREE], j)
     for k in range(ERF_DEGREE - 1, -1, -1):
         acc = acc * h
@@ -342,8 +311,9 @@ def _blockwise_op(op: str, block: Callable[[FloatTensor], FloatTensor]) -> Calla
         return fused if fused is not None else _blockwise(block, x)
 
     apply.__name__ = apply.__qualname__ = f"exact_{op}"
-    apply.__doc__ = f"{op} of float32 `x` (see `{block.__name__}`), computed block by block.\n\n" \
-        "Raises UnsupportedOperator for other dtypes."
+    apply.__doc__ = (
+        f"{op} of float32 `x` (see `{block.__name__}`), computed block by block.\n\nRaises UnsupportedOperator for other dtypes."
+    )
     return apply
 
 
@@ -356,3 +326,62 @@ exact_sigmoid = _blockwise_op("sigmoid", _exact_sigmoid_block)
 exact_erf = _blockwise_op("erf", _exact_erf_block)
 exact_sqrt = _blockwise_op("sqrt", _sqrt_block)
 exact_rsqrt = _blockwise_op("rsqrt", _rsqrt_block)
+
+
+INV_PIO2 = 6.36619772367581382433e-01  # fdlibm's pi/2 in three 33-bit pieces: n * PIO2_k is exact for |n| < 2**20
+PIO2_1 = 1.57079632673412561417e00
+PIO2_2 = 6.07710050630396597660e-11
+PIO2_3 = 2.02226624871116645580e-21
+PIO2_3T = 8.47842766036889956997e-32
+
+
+def _sin_cos_f64(xd: FloatTensor, cosine: bool) -> FloatTensor:
+    """sin or cos of float64 `xd` (float32 values): n = round(x * 2/pi), r = x - n * pi/2 by fdlibm's three-piece
+    reduction (accurate for |x| < 2**20 * pi/2, a fixed IEEE sequence beyond), then the Taylor polynomial of sin or
+    cos at r chosen by the quadrant (n + 1 for cos) mod 4."""
+    n = torch.round(xd * INV_PIO2)
+    r = ((xd - n * PIO2_1) - n * PIO2_2) - n * PIO2_3
+    r = r - n * PIO2_3T
+    s = r * r
+    sin_r = r * _horner(sin_coefficients(), s)
+    cos_r = _horner(cos_coefficients(), s)
+    q = (n.to(torch.int64) + (1 if cosine else 0)) & 3
+    y = torch.where((q & 1) == 1, cos_r, sin_r)
+    return torch.where(q >= 2, -y, y)
+
+
+def _sin_block(x: FloatTensor) -> FloatTensor:
+    """sin(x), one final rounding; sin(+-0) = +-0, sin(+-inf) = NaN."""
+    _verify_float32("aten.sin", x)
+    xd = x.to(torch.float64)
+    finite = torch.isfinite(xd)
+    y = _sin_cos_f64(torch.where(finite, xd, torch.zeros_like(xd)), cosine=False)
+    y = torch.where(xd == 0, xd, y)
+    return _finish(x, torch.where(finite, y, torch.full_like(y, float("nan"))))
+
+
+def _cos_block(x: FloatTensor) -> FloatTensor:
+    """cos(x), one final rounding; cos(+-inf) = NaN."""
+    _verify_float32("aten.cos", x)
+    xd = x.to(torch.float64)
+    finite = torch.isfinite(xd)
+    y = _sin_cos_f64(torch.where(finite, xd, torch.zeros_like(xd)), cosine=True)
+    return _finish(x, torch.where(finite, y, torch.full_like(y, float("nan"))))
+
+
+def _torch_op(op: str, block: Callable[[FloatTensor], FloatTensor]) -> Callable[[FloatTensor], FloatTensor]:
+    """The public form of a transcendental with no compiled kernel: dtype check, then `block` block by block."""
+
+    def apply(x: FloatTensor) -> FloatTensor:
+        _verify_float32(f"aten.{op}", x)
+        return _blockwise(block, x)
+
+    apply.__name__ = apply.__qualname__ = f"exact_{op}"
+    apply.__doc__ = (
+        f"{op} of float32 `x` (see `{block.__name__}`), computed block by block.\n\nRaises UnsupportedOperator for other dtypes."
+    )
+    return apply
+
+
+exact_sin = _torch_op("sin", _sin_block)
+exact_cos = _torch_op("cos", _cos_block)

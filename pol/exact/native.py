@@ -6,9 +6,10 @@ in the same order, compiled without FMA contraction or fast-math. `tests/exact/t
 to the torch path bit for bit, on random inputs and on the awkward ones (subnormals, signed zeros, NaN, infinities,
 overflow, rounding ties). Exact mode is the same function with or without them; they only make it cheaper.
 
-The library is compiled once per source, flags and compiler, with the machine's C compiler (`$CC`, else `cc`),
-into `$POL_CACHE_DIR` (default `~/.cache/pol`) and loaded with ctypes. Where no compiler works, or with
-`POL_EXACT_NATIVE=0`, every primitive takes its torch path; `status()` says which and why.
+The library is compiled by pol/exact/build.py (the compiler driver, which reads `CC`, `POL_CACHE_DIR` and
+`POL_EXACT_NATIVE` once) and loaded with ctypes; `SIGNATURES` declares each kernel as `_kernels.h` does (a test
+holds the two together). Where no compiler works, or with `POL_EXACT_NATIVE=0`, every primitive takes its torch
+path; `status()` says which and why.
 
 Each wrapper returns None when its kernel does not apply (a CUDA tensor, another dtype, the library missing, or a
 non-finite operand of a product), and the caller then takes the torch path.
@@ -17,21 +18,18 @@ non-finite operand of a product), and the caller then takes the torch path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from pol.exact import build, polys
 
 __all__ = [
     "available", "disabled", "status", "vnni", "sum_rows", "sum_slots", "product", "unary", "adamw", "layer_norm",
@@ -41,12 +39,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("_kernels.c")
-BASE_FLAGS = (
-    "-O3", "-std=c11", "-fPIC", "-shared",
-    "-fno-fast-math", "-ffp-contract=off",  # IEEE: no reassociation, no FMA contraction
-    "-fno-math-errno", "-fno-trapping-math",  # no errno, no FP traps: lets loops vectorise, changes no value
-)  # fmt: skip
 UNARY_OPS = ("exp", "expm1", "log", "log1p", "tanh", "sigmoid", "erf", "sqrt", "rsqrt")
 
 _lock = threading.Lock()
@@ -54,113 +46,48 @@ _state: dict[str, object] = {}
 
 
 def _cpu_flags() -> tuple[str, ...]:
-    """Instruction-set flags for this CPU (x86-64 levels only; they change speed, never a result)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2", "movbe"} <= flags:
-        return ("-march=x86-64-v4", "-mavx512vnni") if "avx512_vnni" in flags else ("-march=x86-64-v4",)
-    if {"avx2", "fma", "bmi2", "movbe"} <= flags:
-        return ("-march=x86-64-v3",)
-    if {"sse4_2", "popcnt"} <= flags:
-        return ("-march=x86-64-v2",)
-    return ()
+    """This CPU's instruction-set flags for the build (a seam: tests build for other levels)."""
+    return build.get_cpu_flags()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("POL_CACHE_DIR") or Path.home() / ".cache" / "pol")
-
-
-def _compile(cc: str, flags: tuple[str, ...], version: str) -> Path:
-    """The library built with `flags`, from the cache or compiled now. Raises OSError when the compiler fails."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, flags, version, platform.machine())).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lib = out_dir / f"pol_exact_kernels-{key}.so"
-    if not lib.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise OSError(f"{cc} failed: {proc.stderr.strip()[:500]}")
-            os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return lib
-
-
-def _build() -> ctypes.CDLL:
-    """Compile `_kernels.c` (once per source, flags and compiler) and load it: for this CPU's instruction-set level,
-    else (an older compiler that does not know the level) without one. Raises OSError or subprocess.SubprocessError
-    when neither is possible."""
-    cc = os.environ.get("CC", "cc")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    cpu = _cpu_flags()
-    try:
-        lib = _compile(cc, (*BASE_FLAGS, *cpu), version)
-    except OSError:
-        if not cpu:
-            raise
-        lib = _compile(cc, BASE_FLAGS, version)
+def _build(env: build.BuildEnvironment | None = None) -> ctypes.CDLL:
+    """Compile `_kernels.c` for this CPU's level (see pol/exact/build.py) and load it with its signatures declared.
+    Raises OSError, RuntimeError or subprocess.SubprocessError when that is not possible."""
+    lib = build.build_library(env or build.read_environment(), _cpu_flags())
     return _declare(ctypes.CDLL(str(lib)))
 
 
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {
+    "sum_rows_f32": (_I32, (_P, _I64, _I64, _I64, _I64, _P)),
+    "sum_slots_f32": (_I32, (_P, _P, _I64, _I64, _P)),
+    "split_rows_f32": (_I64, (_P, _I64, _I64, _P, _P)),
+    "split_cols_f32": (_I64, (_P, _I64, _I64, _I64, _P, _P, _P)),
+    "combine_f32": (None, (_P, _I64, _I64, _I64, _P, _P, _P)),
+    "split_rows_i8": (_I64, (_P, _I64, _I64, _P, _P)),
+    "split_cols_i8": (_I64, (_P, _I64, _I64, _I64, _P, _P, _P)),
+    "gemm_f64_exact": (_I64, (_P, _P, _P, _I64, _I64, _I64, _I64)),
+    "combine_i8": (None, (_P, _I64, _I64, _I64, _P, _P, _P, _I64)),
+    "product_i8_vnni": (_I64, (_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64)),
+    **{f"{op}_f32": (None, (_P, _P, _I64, _P)) for op in UNARY_OPS},
+    "layer_norm_f32": (None, (_P, _P, _P, _I64, _I64, _F32, _P, _P, _P, _P)),
+    "layer_norm_bwd_f32": (None, (_P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P)),
+    "softmax_f32": (_I64, (_P, _I64, _I64, _P, _P)),
+    "softmax_bwd_f32": (None, (_P, _P, _I64, _I64, _P)),
+    "log_softmax_f32": (_I64, (_P, _I64, _I64, _P, _P)),
+    "log_softmax_bwd_f32": (None, (_P, _P, _I64, _I64, _P, _P)),
+    "gelu_f32": (None, (_P, _P, _I64, _F32, _P)),
+    "gelu_bwd_f32": (None, (_P, _P, _P, _I64, _F32, _F32, _P)),
+    "adamw_f32": (None, (_P, _P, _P, _P, _I64, _P)),
+    "kernel_constants": (None, (_P,)),
+}
+"""Each kernel's (restype, argtypes) for ctypes, as `_kernels.h` declares it (tests/exact/test_native.py checks)."""
+
+
 def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    dll.sum_rows_f32.argtypes = [p, i64, i64, i64, i64, p]
-    dll.sum_rows_f32.restype = ctypes.c_int
-    dll.sum_slots_f32.argtypes = [p, p, i64, i64, p]
-    dll.sum_slots_f32.restype = ctypes.c_int
-    dll.split_rows_f32.argtypes = [p, i64, i64, p, p]
-    dll.split_rows_f32.restype = i64
-    dll.split_cols_f32.argtypes = [p, i64, i64, i64, p, p, p]
-    dll.split_cols_f32.restype = i64
-    dll.combine_f32.argtypes = [p, i64, i64, i64, p, p, p]
-    dll.combine_f32.restype = None
-    dll.split_rows_i8.argtypes = [p, i64, i64, p, p]
-    dll.split_rows_i8.restype = i64
-    dll.split_cols_i8.argtypes = [p, i64, i64, i64, p, p, p]
-    dll.split_cols_i8.restype = i64
-    dll.gemm_f64_exact.argtypes = [p, p, p, i64, i64, i64, i64]
-    dll.gemm_f64_exact.restype = i64
-    dll.combine_i8.argtypes = [p, i64, i64, i64, p, p, p, i64]
-    dll.combine_i8.restype = None
-    dll.product_i8_vnni.argtypes = [p, p, i64, i64, i64, p, p, p, i64, i64, i64, i64, i64]
-    dll.product_i8_vnni.restype = i64
-    for op in UNARY_OPS:
-        fn = getattr(dll, f"{op}_f32")
-        fn.argtypes = [p, p, i64, p]
-        fn.restype = None
-    dll.layer_norm_f32.argtypes = [p, p, p, i64, i64, ctypes.c_float, p, p, p, p]
-    dll.layer_norm_f32.restype = None
-    dll.layer_norm_bwd_f32.argtypes = [p, p, p, p, p, i64, i64, p, p, p]
-    dll.layer_norm_bwd_f32.restype = None
-    dll.softmax_f32.argtypes = [p, i64, i64, p, p]
-    dll.softmax_f32.restype = i64
-    dll.softmax_bwd_f32.argtypes = [p, p, i64, i64, p]
-    dll.softmax_bwd_f32.restype = None
-    dll.log_softmax_f32.argtypes = [p, i64, i64, p, p]
-    dll.log_softmax_f32.restype = i64
-    dll.log_softmax_bwd_f32.argtypes = [p, p, i64, i64, p, p]
-    dll.log_softmax_bwd_f32.restype = None
-    dll.gelu_f32.argtypes = [p, p, i64, ctypes.c_float, p]
-    dll.gelu_f32.restype = None
-    dll.gelu_bwd_f32.argtypes = [p, p, p, i64, ctypes.c_float, ctypes.c_float, p]
-    dll.gelu_bwd_f32.restype = None
-    dll.adamw_f32.argtypes = [p, p, p, p, i64, p]
-    dll.adamw_f32.restype = None
-    dll.kernel_constants.argtypes = [p]
-    dll.kernel_constants.restype = None
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(dll, name)
+        fn.argtypes, fn.restype = list(argtypes), restype
     _check_constants(dll)
     return dll
 
@@ -188,11 +115,12 @@ def _library() -> ctypes.CDLL | None:
     with _lock:
         if "dll" not in _state:
             dll: ctypes.CDLL | None = None
-            if os.environ.get("POL_EXACT_NATIVE", "1") == "0":
+            env = build.read_environment()  # once per process
+            if not env.enabled:
                 _state["why"] = "disabled by POL_EXACT_NATIVE=0"
             else:
                 try:
-                    dll = _build()
+                    dll = _build(env)
                     _state["why"] = "compiled kernels loaded"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home directory
                     _state["why"] = f"no compiled kernels ({exc}); exact mode takes its torch path"
@@ -406,18 +334,16 @@ def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 @cache
 def _tables() -> tuple[ctypes.Array[ctypes.c_double], ...]:
-    """The coefficient tables of pol/exact/elementwise.py, as C arrays (the same constants both paths read)."""
-    from pol.exact import elementwise as ew
-
+    """The coefficient tables of pol/exact/polys.py, as C arrays (the same constants both paths read)."""
     def arr(values: list[float]) -> ctypes.Array[ctypes.c_double]:
         return (ctypes.c_double * len(values))(*values)
 
-    erf_rows = ew._erf_table()  # (centres, degree + 1)
-    erf_flat = [erf_rows[c][d] for d in range(ew.ERF_DEGREE + 1) for c in range(ew.ERF_CENTRES)]
+    erf_rows = polys.erf_table()  # (centres, degree + 1)
+    erf_flat = [erf_rows[c][d] for d in range(polys.ERF_DEGREE + 1) for c in range(polys.ERF_CENTRES)]
     return (
-        arr(ew._inv_factorials(ew.EXP_DEGREE)),
-        arr([0.0] + ew._inv_factorials(ew.EXPM1_DEGREE)[1:]),
-        arr([1.0 / (2 * i + 1) for i in range(ew.LOG_TERMS)]),
+        arr(polys.inv_factorials(polys.EXP_DEGREE)),
+        arr([0.0] + polys.inv_factorials(polys.EXPM1_DEGREE)[1:]),
+        arr(polys.log_coefficients()),
         arr(erf_flat),
     )
 
@@ -432,14 +358,12 @@ def _table_struct() -> _Tables:
 
 
 def _check_constants(dll: ctypes.CDLL) -> None:
-    """Raise OSError unless the kernels' polynomial degrees are those of pol/exact/elementwise.py."""
-    from pol.exact import elementwise as ew
-
+    """Raise OSError unless the kernels' polynomial degrees are those of pol/exact/polys.py."""
     got = (ctypes.c_int64 * 5)()
     dll.kernel_constants(got)
-    want = (ew.EXP_DEGREE, ew.EXPM1_DEGREE, ew.LOG_TERMS, ew.ERF_DEGREE, ew.ERF_CENTRES)
+    want = (polys.EXP_DEGREE, polys.EXPM1_DEGREE, polys.LOG_TERMS, polys.ERF_DEGREE, polys.ERF_CENTRES)
     if tuple(got) != want:
-        raise OSError(f"kernel constants {tuple(got)} differ from pol.exact.elementwise's {want}")
+        raise OSError(f"kernel constants {tuple(got)} differ from pol.exact.polys's {want}")
 
 
 def unary(op: str, x: torch.Tensor) -> torch.Tensor | None:

@@ -38,6 +38,7 @@ __all__ = [
     "exact_mean",
     "exact_index_add",
     "exact_scatter_add",
+    "exact_cumsum",
     "accumulate_digits",
     "digits_to_f32",
 ]
@@ -318,3 +319,26 @@ def exact_scatter_add(base: FloatTensor, dim: int, index: IntTensor, src: FloatT
         flat = flat + coord * int(strides[d])
     out = _sum_by_target(src.reshape(-1), flat.reshape(-1), base.numel(), base.reshape(-1))
     return out.reshape(base.shape)
+
+
+CUMSUM_BLOCK = 1 << 22
+"""Prefix-sum terms materialised at once by `exact_cumsum` (rows of prefixes are taken in blocks of this size)."""
+
+
+def exact_cumsum(x: FloatTensor, dim: int) -> FloatTensor:
+    """torch.cumsum(x, dim) with every prefix an exact sum rounded once (not a chain of roundings): prefix j is
+    exact_sum of x[..., :j + 1], the rest of its row filled with -0 (which changes no sum, -0 included).
+
+    Raises UnsupportedOperator for non-float32 input."""
+    _verify_float32("aten.cumsum", x)
+    if x.dim() == 0:
+        return x.clone()
+    dim = dim % x.dim()
+    moved = x.movedim(dim, -1)
+    n = moved.shape[-1]
+    if moved.numel() == 0:
+        return x.clone()
+    keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # (j, i): term i in prefix j
+    step = max(1, CUMSUM_BLOCK // max(moved.numel(), 1))
+    parts = [exact_sum(torch.where(keep[j0 : j0 + step], moved.unsqueeze(-2), -0.0), [-1]) for j0 in range(0, n, step)]
+    return torch.cat(parts, -1).movedim(-1, dim).contiguous()

@@ -58,6 +58,6 @@ def test_conv_is_layout_independent() -> None:
     assert torch.equal(a, b)
 
 
-def test_grouped_convolution_is_refused() -> None:
-    with pytest.raises(UnsupportedOperator, match="grouped"), exact_mode():
-        F.conv2d(torch.ones(1, 4, 5, 5), torch.ones(4, 2, 3, 3), groups=2)
+def test_three_d_convolution_is_refused() -> None:
+    with pytest.raises(UnsupportedOperator, match="3-D"), exact_mode():
+        F.conv3d(torch.ones(1, 4, 5, 5, 5), torch.ones(4, 4, 3, 3, 3))

@@ -3,9 +3,12 @@ random inputs and on the awkward ones (subnormals, signed zeros, NaN, infinities
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pol.exact import elementwise, exact_index_add, exact_mm_reference, exact_scatter_add, exact_sum, native
+from pol.exact import build, elementwise, exact_index_add, exact_mm_reference, exact_scatter_add, exact_sum, native
 from pol.exact import matmul as mm
 from tests.exact.helpers import exact_sum_reference, f32, wide_rows
 
@@ -368,7 +371,7 @@ def test_no_home_directory_falls_back_to_the_torch_path(monkeypatch) -> None:  #
     def no_home() -> None:
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.setattr(native, "_cache_dir", no_home)
+    monkeypatch.setattr(build, "get_cache_dir", lambda env: no_home())
     monkeypatch.setattr(native, "_state", {})  # a fresh process's state; the real one comes back after the test
     assert not native.available()
     assert "home directory" in native.status() and "torch path" in native.status()
@@ -420,3 +423,35 @@ def test_kernels_built_for_another_cpu_level_give_the_same_bits(level: tuple[str
         native.vnni.cache_clear()
     for i, (u, v) in enumerate(zip(here, other, strict=True)):
         assert same_bits(u, v), i
+
+
+_CTYPES = {"void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+
+
+def _header_prototypes() -> dict[str, tuple[object, tuple[object, ...]]]:
+    """(restype, argtypes) of every function `_kernels.h` declares, in ctypes terms (any pointer is a void pointer)."""
+    text = re.sub(r"/\*.*?\*/", "", build.HEADER.read_text(), flags=re.S)
+    text = re.sub(r"typedef struct \{.*?\} \w+;", "", text, flags=re.S)
+    out = {}
+    for ret, name, params in re.findall(r"^(\w+)\s+(\w+)\(([^)]*)\);", text, flags=re.M):
+        args = tuple(ctypes.c_void_p if "*" in a else _CTYPES[a.split()[-2]] for a in " ".join(params.split()).split(","))
+        out[name] = (_CTYPES[ret], args)
+    return out
+
+
+def test_the_header_declares_exactly_the_ctypes_signatures() -> None:
+    declared = _header_prototypes()
+    assert declared == dict(native.SIGNATURES)
+    assert len(declared) == len(native.SIGNATURES) > 20
+
+
+def test_the_build_reads_its_environment_in_one_place(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CC", "my-cc")
+    monkeypatch.setenv("POL_CACHE_DIR", "/some/dir")
+    monkeypatch.setenv("POL_EXACT_NATIVE", "0")
+    env = build.read_environment()
+    assert env == build.BuildEnvironment(cc="my-cc", cache_dir="/some/dir", enabled=False)
+    assert build.get_cache_dir(env) == Path("/some/dir")
+    monkeypatch.delenv("POL_CACHE_DIR")
+    monkeypatch.delenv("POL_EXACT_NATIVE")
+    assert build.read_environment().enabled and build.read_environment().cache_dir is None
