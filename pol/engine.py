@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import math
 import platform
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +20,28 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__, rng
 from .canonical import Digest
 from .components import CodePolicy, compute_code_digest, get_package, verify_code_allowed
 from .data import Dataset, batch_indices, build_dataset, data_digest, steps_per_epoch
 from .digest import State, combine_digests, tensor_digests
-from .errors import CodeDiffers, DataDiffers, DataError, DeviceUnavailable, PolError, StateMismatch, TrainingError, UserCodeError
+from .errors import (
+    CodeDiffers,
+    DataDiffers,
+    DataError,
+    DeviceUnavailable,
+    PolError,
+    StateMismatch,
+    TrainingError,
+    UnsupportedOperator,
+    UserCodeError,
+)
 from .models import SeededDropout, build_model, init_parameters
 from .numerics import numerics_context
 from .optim import apply_update, compute_lr, init_optimizer_state, make_workspace
+from .randomness import random_context
 from .spec import JobSpec
 
 __all__ = [
@@ -77,6 +89,10 @@ class Runtime:
     step: int = 0
     dropouts: list[SeededDropout] = field(default_factory=list)
     workspace: torch.Tensor | None = None  # the optimizer's reusable scratch memory (not part of the state)
+    code: CodePolicy = field(default_factory=CodePolicy)  # the user code this runtime may import (to rebuild the model)
+    pristine: bool = True  # the model holds the initialisation it was built with (no state restored, no step run)
+    random_draws: int = 0  # torch random operators served from pol.rng so far (dropout, noise, augmentation)
+    uses_random: bool | None = None  # the model draws torch random numbers (None: not yet known; see one_step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +223,7 @@ def build_runtime(
         got = data_digest(dataset)
         if got != spec.data_digest:
             raise DataDiffers(spec.data_digest, got)
-    model = build_model(spec.model, code).to(dev)
+    model = build_model(spec.model, code, init_seed=spec.seed if spec.init == "model" else None).to(dev)
     model.train()
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -216,17 +232,30 @@ def build_runtime(
     dropouts = [m for m in model.modules() if isinstance(m, SeededDropout)]
     workspace = make_workspace(spec.optimizer, params)
     return Runtime(
-        spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts, workspace=workspace
+        spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts,
+        workspace=workspace, code=code,
     )
 
 
 def initial_state(rt: Runtime) -> State:
-    """Derive the step-0 state from the seed alone, install it in the runtime and return a copy."""
-    init_parameters(rt.model, rt.spec.seed)
+    """Derive the step-0 state from the seed alone, install it in the runtime and return a copy.
+
+    With the spec's `init` "model" (the default), that is the model's own initialisation with its random draws
+    served by pol.rng (`pol.randomness.init_context`): the model as `build_runtime` built it, or rebuilt if the
+    runtime has trained or restored since. With "pol", pol's rule (`pol.models.init_parameters`)."""
+    if rt.spec.init == "pol":
+        init_parameters(rt.model, rt.spec.seed)
+    elif not rt.pristine:
+        fresh = build_model(rt.spec.model, rt.code, init_seed=rt.spec.seed)
+        live = {**dict(rt.model.named_parameters()), **dict(rt.model.named_buffers())}
+        with torch.no_grad():
+            for name, t in {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}.items():
+                live[name].copy_(t)
     # float64 scalars (running beta powers) stay on the CPU; tensors shaped like parameters live on the device
     opt_state = init_optimizer_state(rt.spec.optimizer, rt.params)
     rt.opt_state = {n: t if t.dtype == torch.float64 else t.to(rt.device) for n, t in opt_state.items()}
     rt.step = 0
+    rt.pristine = False
     return capture_state(rt)
 
 
@@ -295,6 +324,7 @@ def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
         if n.startswith("optim/")
     }
     rt.step = int(state["meta/step"])
+    rt.pristine = False
 
 
 def _bind_randomness(rt: Runtime, step: int, row_offset: int, total_rows: int) -> None:
@@ -373,6 +403,41 @@ def _forward_loss(rt: Runtime, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
         ) from exc
 
 
+@contextlib.contextmanager
+def _randomness(rt: Runtime, step: int, microbatch: int) -> Iterator[None]:
+    """Where a micro-batch's torch random draws come from: pol.rng, keyed by (seed, step, micro-batch, position).
+
+    Serving them costs a dispatch mode around every operator (about 40% of a small native step), so it is paid
+    only by models that draw: a runtime's first step (or the dry run) runs under the mode and finds out. A model
+    found not to draw runs without it, and torch's own generators are watched instead: if one moved during the
+    step, the model drew outside pol's control (only later than its first step) and the step is refused rather
+    than let hardware-dependent values in. Either way the results are the same bits: the mode changes only draws.
+    """
+    if rt.uses_random is not False:
+        with random_context(rt.spec.seed, "step", [step, microbatch]) as mode:
+            yield
+        rt.random_draws += mode.position
+        rt.uses_random = bool(rt.uses_random or mode.position)
+        return
+    before = _generator_states(rt.device)
+    yield
+    if before != _generator_states(rt.device):
+        raise UnsupportedOperator(
+            "torch's random generator",
+            f"model {rt.spec.model.name!r} drew random numbers at step {step} but not in its first step; pol serves "
+            "a model's random draws only if it draws from its first step on",
+        )
+
+
+def _generator_states(device: torch.device) -> list[bytes]:
+    """torch's generators' states, read with every dispatch mode set aside (a capture must not see the reads)."""
+    with _disable_current_modes():
+        states = [torch.default_generator.get_state().numpy().tobytes()]
+        if device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return states
+
+
 def dry_run(rt: Runtime) -> None:
     """One forward pass and loss on the first micro-batch of step 0, without gradients or any change to the state:
     finds a model that cannot run on its data before anything is written. Raises UserCodeError."""
@@ -383,8 +448,10 @@ def dry_run(rt: Runtime) -> None:
     _bind_randomness(rt, 0, 0, spec.batch_size)
     saved = {n: b.detach().clone() for n, b in rt.model.named_buffers()}  # a forward may update them (batch norm)
     try:
-        with torch.no_grad(), numerics_context(spec.numerics):
+        with torch.no_grad(), numerics_context(spec.numerics), random_context(spec.seed, "dry-run", []) as draws:
             _forward_loss(rt, batch)
+        rt.random_draws += draws.position
+        rt.uses_random = True if draws.position else rt.uses_random
     finally:
         with torch.no_grad():
             for n, b in rt.model.named_buffers():
@@ -441,8 +508,9 @@ def one_step(
         for offset in range(0, size, micro):
             _bind_randomness(rt, s, offset, size)
             with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
-                loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()})
-                (loss * (micro / size) if micro != size else loss).backward()
+                with _randomness(rt, s, offset // micro):
+                    loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()})
+                    (loss * (micro / size) if micro != size else loss).backward()
                 loss_sum += float(loss.detach()) * micro
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
         # under a mode (pinpoint's capture) the update allocates its temporaries: a reused buffer would be a tensor
@@ -454,6 +522,7 @@ def one_step(
             exact_kernels=spec.numerics == "exact" and mode is None,
         )  # fmt: skip
     rt.step = s + 1
+    rt.pristine = False
     loss_value = loss_sum / size
     if not math.isfinite(loss_value):
         raise TrainingError(f"the loss became non-finite at step {s}: lower the learning rate")

@@ -17,7 +17,7 @@ PolError too.
     ├── NumericsError                   1   a numerics mode cannot do what was asked
     │   ├── NumericsUnavailable         2   the mode is not available here
     │   ├── CannotVerifySoundly         2   native thresholds would need to exceed their caps: use exact numerics
-    │   └── UnsupportedOperator         2   exact mode met an operator it cannot make exact (names the operator)
+    │   └── UnsupportedOperator         2   an operator pol cannot run reproducibly (names it: not exact, or random)
     ├── VersionMismatch                 2   made by another pol (or, exact, another torch): cannot verify here
     ├── CommitmentError                 1   a Merkle proof or commitment does not check out
     ├── BundleError                     1   a bundle is malformed; always names the file or field
@@ -170,12 +170,13 @@ class CannotVerifySoundly(NumericsError):
 
 
 class UnsupportedOperator(NumericsError):
-    """Exact numerics met an operator it cannot compute exactly."""
+    """An operator pol cannot run reproducibly: one exact numerics cannot compute exactly, or a random operator
+    pol cannot serve from its own generator (in either numerics). The reason says which."""
 
     exit_code = EXIT_USAGE
 
     def __init__(self, op: str, why: str = "no exact implementation") -> None:
-        super().__init__(f"exact numerics cannot run operator {op}: {why}")
+        super().__init__(f"cannot run operator {op}: {why}")
         self.op = op
 
 

@@ -150,11 +150,12 @@ def train_and_prove(
     rt = build_runtime(spec, device=device, data_dir=data_dir, code=code or CodePolicy.trust_all_code())
     if not spec.is_resolved:
         spec = rt.spec = resolve_spec(spec, rt.dataset)
-    if split is not None and split != (spec.microbatch or spec.batch_size) and is_batch_coupled(rt.model):
-        raise SpecError("the model has batch norm, whose statistics depend on how a batch is split: splitting it is "
-                        "not an execution choice here; set microbatch in the spec instead of split")
     if not resume:
         dry_run(rt)
+    if split is not None and split != (spec.microbatch or spec.batch_size) and (is_batch_coupled(rt.model) or rt.uses_random):
+        why = "has batch norm, whose statistics" if is_batch_coupled(rt.model) else "draws random numbers, which are keyed by micro-batch and"
+        raise SpecError(f"the model {why} depend on how a batch is split: splitting it is not an execution choice "
+                        "here; set microbatch in the spec instead of split")
     created = _prepare_output(directory, resume=resume, force=force)
     resumed_from = None
     if resume:

@@ -47,6 +47,7 @@ NUMERICS = ("native", "exact")
 LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "linear")
+INITS = ("model", "pol")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _MAX_SEED = MAX_SAFE_INTEGER  # seeds are JCS numbers
 _MAX_STEPS = 10**9
@@ -196,6 +197,7 @@ class JobSpec:
     dtype: str = "float32"
     inputs: tuple[str, ...] = ()  # batch tensors passed to the model; () = every one but the target (a lone "x" positionally)
     target: str = "y"  # the batch tensor the loss compares the output with
+    init: str = "model"  # "model": the model's own initialisation, its draws served by pol.rng; "pol": pol's rule
     output: str = ""  # the part of the model's output the loss reads: "" = the tensor itself, else .logits/["logits"]/[0]; a name or an index picks one
     data_digest: Digest | None = None  # bound by `resolve`; required in a bundle
     versions: Mapping[str, str] = field(default_factory=dict)  # {"pol": ..., "torch": ...}, bound by `resolve`
@@ -224,6 +226,7 @@ class JobSpec:
         object.__setattr__(self, "inputs", tuple(_check_name("inputs", n) for n in self.inputs))
         if len(set(self.inputs)) != len(self.inputs):
             raise _fail("inputs", "names a tensor twice")
+        _check_choice("init", self.init, INITS)
         _check_name("target", self.target)
         if self.target in self.inputs:
             raise _fail("target", f"{self.target!r} is also an input")
@@ -276,6 +279,7 @@ class JobSpec:
             "numerics": self.numerics,
             "dtype": self.dtype,
             "inputs": list(self.inputs),
+            "init": self.init,
             "target": self.target,
             "output": self.output,
             "data_digest": self.data_digest,

@@ -282,10 +282,11 @@ def is_batch_coupled(model: torch.nn.Module) -> bool:
 
 def _perturbations(rt: Runtime) -> list[dict[str, int]]:
     """Honest ways to run a step that leave its mathematics unchanged: another thread count, and another batch
-    split (an execution choice the solver may make) or, for a batch-coupled model, oneDNN kernels off."""
+    split (an execution choice the solver may make) or, for a batch-coupled model or one that draws random numbers
+    (keyed by micro-batch), oneDNN kernels off."""
     batch_size, spec_micro = rt.spec.batch_size, rt.spec.microbatch
     out: list[dict[str, int]] = [{"threads": 1 if torch.get_num_threads() > 1 else 2}]
-    if is_batch_coupled(rt.model):
+    if is_batch_coupled(rt.model) or rt.uses_random:  # random draws are keyed by micro-batch: a split redraws them
         return [*out, {"mkldnn": 0}]
     current = spec_micro or batch_size
     for parts in (2, 4, 3):

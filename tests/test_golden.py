@@ -17,16 +17,16 @@ SPEC = {"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "sy
         "versions": {"pol": "0.4.0", "torch": "2.13.0"}}
 CANONICAL = (
     '{"batch_size":16,"data":{"code":null,"kwargs":{"n":512},"name":"synthetic"},"data_digest":"' + "1" * 64 + '",'
-    '"dtype":"float32","every":4,"inputs":[],"loss":"cross_entropy","microbatch":0,"model":{"code":null,'
+    '"dtype":"float32","every":4,"init":"model","inputs":[],"loss":"cross_entropy","microbatch":0,"model":{"code":null,'
     '"kwargs":{"hidden":32},"name":"mlp"},"numerics":"native","optimizer":{"beta1":0.9,"beta2":0.999,"eps":1e-8,'
     '"lr":0.001,"momentum":0.9,"name":"adamw","schedule":"constant","warmup":0,"weight_decay":0},"output":"",'
     '"seed":0,"steps":8,"target":"y","versions":{"pol":"0.4.0","torch":"2.13.0"}}'
 )
-JOB_ID = "89db8d203bc68256d5692da1f536ce5bbac02952efa3a4e7bebb65afba90efee"
+JOB_ID = "80a6f33a47dd38e7bdfaf78b2b5ab92972ebe0050c18912a7be024c4f98e5b31"
 RECORDS = (Record(0, "22" * 32, "0" * 64, None), Record(4, "33" * 32, "44" * 32, 2.25), Record(8, "55" * 32, "66" * 32, 1.0000000000000002))
-MERKLE = "b3726b9f0e563aaa43499281a0e35c6b6f5e5c3ebe704b34983910da48a4e646"
-COMMITMENT = "775cfccc8c07b01a6a32c7bd3ac119a7f2f62b4baf7c167194473a15e875bb86"
-MANIFEST_BLAKE3 = "ed52f71b57d8fae52fb3e759093e930db0ad778e2c5a2fb35680b5b87345e473"
+MERKLE = "8851fa0cc1d6334acba280fedb2bcfa902b860571f3e72360fcca898cc0c7aa2"
+COMMITMENT = "6856b5de3bb79e2f44015b454a4ce578c6edae3a01b96662daafbf4cd9e9458a"
+MANIFEST_BLAKE3 = "50479181d0ffbe65d621ae1683dd144068224bc35c8fb864a90df566541767eb"
 
 
 def test_canonical_spec_and_job_id():

@@ -89,3 +89,44 @@ def thread_sensitive() -> nn.Module:
 def batchnorm_mlp(width: int = 8) -> nn.Module:
     """A batch-coupled model: batch norm's statistics mix the rows of a batch."""
     return nn.Sequential(nn.Linear(4, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 1))
+
+
+class DropoutNet(nn.Module):
+    """Two nn.Dropout layers and its own initialisation (a transformers-style `_init_weights`)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, width), nn.Dropout(0.2), nn.Tanh(), nn.Linear(width, width), nn.Dropout(0.1),
+                                 nn.Tanh(), nn.Linear(width, 1))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.3)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def dropout_net(width: int = 16) -> nn.Module:
+    return DropoutNet(width)
+
+
+class LateRandom(nn.Module):
+    """Draws random numbers only from its third call on (so its first step does not reveal that it draws)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        noise = torch.rand(x.shape[0], 1) if self.calls >= 3 else torch.zeros(x.shape[0], 1)
+        return self.layer(x) + 0.01 * noise
+
+
+def late_random() -> nn.Module:
+    return LateRandom()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 from .. import rng
 from ..components import CodePolicy, is_import_path, load_callable
-from ..errors import ComponentError
+from ..errors import ComponentError, PolError
+from ..randomness import init_context
 from ..spec import Component
 from .cnn import CNN
 from .common import SeededDropout
@@ -35,9 +37,11 @@ def _check_builtin_size(component: Component) -> None:
                              f"the {MAX_BUILTIN_PARAMETERS:,} a built-in model may have")
 
 
-def build_model(component: Component, code: CodePolicy | None = None) -> nn.Module:
-    """Construct the model a spec names (parameters not yet initialised). User code is imported only if `code`
-    allows it (default: built-ins only). Raises CodeNotAllowed, ComponentError."""
+def build_model(component: Component, code: CodePolicy | None = None, *, init_seed: int | None = None) -> nn.Module:
+    """Construct the model a spec names. User code is imported only if `code` allows it (default: built-ins only).
+    With `init_seed`, the model is constructed under `pol.randomness.init_context(init_seed)`: its own
+    initialisation (`reset_parameters`, `_init_weights`, `torch.nn.init`) draws from pol.rng, identically on every
+    machine; without, from torch's generator (for counting parameters only). Raises CodeNotAllowed, ComponentError."""
     if component.name in BUILTIN_MODELS:
         _check_builtin_size(component)
         factory = BUILTIN_MODELS[component.name]
@@ -48,7 +52,10 @@ def build_model(component: Component, code: CodePolicy | None = None) -> nn.Modu
             f"unknown model {component.name!r}: use one of {', '.join(BUILTIN_MODELS)} or 'module:callable'"
         )
     try:
-        model = factory(**component.kwargs)
+        with init_context(init_seed) if init_seed is not None else contextlib.nullcontext():
+            model = factory(**component.kwargs)
+    except PolError:
+        raise
     except (TypeError, ValueError, AssertionError) as exc:
         raise ComponentError(f"cannot build model {component.name!r} with {dict(component.kwargs)}: {exc}") from None
     except Exception as exc:  # user code raising anything else: one line, not a traceback
