@@ -43,7 +43,7 @@ def main() -> None:
         rt.uses_random = None  # every step under the mode (as if its first)
         original = engine._randomness
 
-        def always(rt_: engine.Runtime, step: int, micro: int):  # type: ignore[no-untyped-def]  # noqa: B023
+        def always(rt_: engine.Runtime, step: int, micro: int):  # type: ignore[no-untyped-def]
             return random_context(rt_.spec.seed, "step", [step, micro])
 
         engine._randomness = always
