@@ -529,10 +529,11 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the model's weights at a checkpoint as a plain state_dict in safetensors, loadable with
-    `model.load_state_dict(safetensors.torch.load_file(PATH))`. The checkpoint is checked against the bundle's
-    commitment first; the file's metadata names the job, the commitment and the step. Verify the bundle to know
-    the weights were really trained.
+    """Write a checkpoint's model weights as a plain state_dict (safetensors).
+
+    Loadable with `model.load_state_dict(safetensors.torch.load_file(PATH))`. The checkpoint is checked against the
+    bundle's commitment first; the file's metadata names the job, the commitment and the step. Verify the bundle to
+    know the weights were really trained.
 
     Example: pol export run1 --out model.safetensors
     """
