@@ -78,6 +78,7 @@ from games.task import (
     is_approval,
     verify_params,
 )
+from pol.components import CodePolicy
 
 if TYPE_CHECKING:
     from pol.spec import JobSpec
@@ -216,7 +217,7 @@ def compute_job_flops(spec: JobSpec, n_params: int) -> int:
 def _count_params(spec: JobSpec) -> int:
     from pol.engine import build_runtime
 
-    rt = build_runtime(spec)
+    rt = build_runtime(spec, code=CodePolicy.trust_all_code())  # the submitter sizing its own job
     return sum(p.numel() for p in rt.params.values())
 
 
@@ -265,12 +266,12 @@ def _normalise(outcome: DisputeOutcome | str) -> DisputeOutcome:
     return result
 
 
-def replay_dispute(bundle: Path, segment: int) -> DisputeOutcome:
+def replay_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
     """The referee-less ruling: replay the single disputed segment (0-based) with `pol.verify` and rule against the
     solver if it fails. Raises what `pol.verify.verify` raises when it cannot judge."""
     from pol.verify import verify
 
-    report = verify(bundle, segments=[segment + 1], seed=segment)
+    report = verify(bundle, segments=[segment + 1], seed=segment, code=code)
     failed = [c for c in report.checks if not c.ok]
     if report.verdict == "accept":
         return DisputeOutcome("challenger_wrong", f"replay referee (no pinpoint): segment {segment} replays as "
@@ -279,7 +280,7 @@ def replay_dispute(bundle: Path, segment: int) -> DisputeOutcome:
     return DisputeOutcome("solver_wrong", f"replay referee (no pinpoint): segment {segment} does not replay: {why}")
 
 
-def pinpoint_dispute(bundle: Path, segment: int) -> DisputeOutcome:
+def pinpoint_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
     """Settle the dispute with the pinpoint protocol (an honest challenger against the bundle's solver, bisecting to
     one step and one operator that the referee executes). Raises ImportError if `pinpoint` has no `run_dispute`,
     and whatever the protocol raises."""
@@ -288,7 +289,7 @@ def pinpoint_dispute(bundle: Path, segment: int) -> DisputeOutcome:
     run = getattr(pinpoint, "run_dispute", None)
     if run is None:
         raise ImportError("pinpoint has no run_dispute")
-    result = run(bundle, segment)
+    result = run(bundle, segment, code=code)
     ruling = "solver_wrong" if result.outcome.loser == "solver" else "challenger_wrong"
     where = f"step {result.step}, node {result.node}" + (f" ({result.op})" if result.op else "")
     return DisputeOutcome(ruling, f"pinpoint: {result.rounds} rounds, {result.messages} messages, narrowed to "
@@ -296,16 +297,16 @@ def pinpoint_dispute(bundle: Path, segment: int) -> DisputeOutcome:
                                   f"{result.outcome.reason}")
 
 
-def default_dispute(bundle: Path, segment: int) -> DisputeOutcome:
+def default_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
     """`pinpoint_dispute` when pinpoint is importable and works; otherwise `replay_dispute`, saying why in the
     description. Raises what `replay_dispute` raises."""
     try:
-        return pinpoint_dispute(bundle, segment)
+        return pinpoint_dispute(bundle, segment, code=code)
     except ImportError as exc:
         why = f"pinpoint unavailable ({exc})"
     except Exception as exc:  # pinpoint is young: a failure of it must not stall settlement
         why = f"pinpoint failed ({type(exc).__name__}: {exc})"
-    fallback = replay_dispute(bundle, segment)
+    fallback = replay_dispute(bundle, segment, code=code)
     return DisputeOutcome(fallback.ruling, f"{why}; {fallback.description}")
 
 
@@ -420,6 +421,7 @@ class _Setup:
     cheaters: frozenset[AccountId]
     lazy: frozenset[AccountId]
     funding: tuple[tuple[AccountId, Amount], ...]
+    code: CodePolicy = CodePolicy()  # the user code every verifier (and the dispute's parties) may import
 
 
 class _Market:
@@ -617,7 +619,7 @@ class _Market:
         # the segments come from the ledger's beacon, drawn after the commitment (get_verifier_segments); the
         # verifier pins the posted job and commitment, and allows no code beyond pol's built-ins
         report = verify(path, segments=[i + 1 for i in segments], expected_root=task.commitment,
-                        expected_job=task.job_id or None, beacon=task.segment_beacon)
+                        expected_job=task.job_id or None, beacon=task.segment_beacon, code=self.s.code)
         failed = sorted(c.index - 1 for c in report.checks if not c.ok)
         if report.verdict == "accept":
             return {"verdict": "accept", "failed": [], "reason": ""}
@@ -703,6 +705,7 @@ def run_market(
     seed: int = 0,
     on_event: EventCallback | None = None,
     dispute: DisputeFn | None = None,
+    allow_code: Sequence[str] = (),
 ) -> MarketReport:
     """Run a whole market with real work in `workdir` (bundles under `tasks/<id>/`, the journal `JOURNAL_NAME`) and
     return its report. Parties are `submitter`, `solver-1..n`, `verifier-1..n` and the jackpot account.
@@ -710,8 +713,10 @@ def run_market(
     The ledger is `ledger` if given, else a `SqliteLedger` at `ledger_path` (default `workdir/ledger.db`) seeded
     from `seed`. `spec` defaults to `get_default_spec()`; task i trains it with its seed shifted by i. `params`
     defaults to `get_market_params(spec)`; its `n_segments` always becomes the spec's segment count. `cheaters`
-    (solver names) forge half their checkpoints; `lazy_verifiers` approve without replaying. `dispute(bundle,
-    segment)` returns a `DisputeOutcome` (or a bare ruling string); default: `default_dispute`. `on_event` gets
+    (solver names) forge half their checkpoints; `lazy_verifiers` approve without replaying. `allow_code` is the
+    verifiers' allow-list (packages whose user code a spec may name; pol's built-ins always). `dispute(bundle,
+    segment)` returns a `DisputeOutcome` (or a bare ruling string); default: `default_dispute` under the same
+    allow-list. `on_event` gets
     every `MarketEvent`; an exception it raises propagates, and a re-run on the same work directory goes on from
     the journal and finishes exactly once.
 
@@ -733,8 +738,9 @@ def run_market(
     verify_params(game)
     flops = compute_job_flops(spec, _count_params(spec))
     funding = _funding(game, compute_fee_estimate(flops, game), n_tasks, solvers, verifiers)
+    code = CodePolicy.allowing(allow_code)
     setup = _Setup(seed, spec, game, flops, solvers, verifiers, frozenset(cheaters), frozenset(lazy_verifiers),
-                   funding)
+                   funding, code)
     config = json.loads(json.dumps({"seed": seed, "spec": spec.to_dict(), "params": dataclasses.asdict(game),
                                     "n_tasks": n_tasks, "solvers": solvers, "verifiers": verifiers,
                                     "cheaters": sorted(cheaters), "lazy": sorted(lazy_verifiers)}))
@@ -748,7 +754,7 @@ def run_market(
         ledger = own = SqliteLedger(path, blake3(_DOMAIN + f"ledger\x00{seed}".encode()).digest())
     active: Ledger = ledger
     try:
-        market = _Market(setup, active, journal, workdir, on_event, dispute or default_dispute)
+        market = _Market(setup, active, journal, workdir, on_event, dispute or functools.partial(default_dispute, code=code))
         if journal.resumed:
             market.emit("", "resume", f"resuming from {journal.path.name}: {len(journal.moves)} moves recorded")
         market.fund()

@@ -119,3 +119,15 @@ def test_verify_report_says_which_job_it_pinned(honest_bundles):
     assert "the job you asked for" in runner.invoke(app, ["verify", str(honest_bundles["mlp"]), "--job-id", job, "--seed", "0", "--samples", "1"]).stdout
     unpinned = runner.invoke(app, ["verify", str(honest_bundles["mlp"]), "--seed", "0", "--samples", "1"])
     assert "not pinned" in unpinned.stdout
+
+
+def test_the_markets_verifiers_import_only_allowed_code(tmp_path):
+    from pol.errors import CodeNotAllowed
+
+    spec = spec_from_dict({"model": "tests.userpkg:make_model", "data": "tests.userpkg:make_data", "loss": "mse",
+                           "steps": 8, "every": 4, "batch_size": 8})
+    params = dataclasses.replace(market.get_market_params(spec), forced_error_bps=0)
+    with pytest.raises(CodeNotAllowed, match="tests.userpkg"):  # the verifiers never allowed the job's code
+        market.run_market(tmp_path / "a", spec=spec, params=params, n_tasks=1, cheaters=())
+    report = market.run_market(tmp_path / "b", spec=spec, params=params, n_tasks=1, cheaters=(), allow_code=("tests",))
+    assert report.tasks[0].outcome == "accepted"
