@@ -106,7 +106,7 @@ def test_default_dispute_falls_back_to_replay(cheat_run: CheatRun, monkeypatch: 
     job = cheat_run.workdir / "tasks" / "job-0"
     assert market.pinpoint_dispute(job / "honest", 1).ruling == "challenger_wrong"
 
-    def missing(bundle: Path, segment: int) -> DisputeOutcome:
+    def missing(bundle: Path, segment: int, **_: object) -> DisputeOutcome:
         raise ImportError("no pinpoint here")
 
     monkeypatch.setattr(market, "pinpoint_dispute", missing)
