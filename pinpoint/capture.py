@@ -345,7 +345,8 @@ class CaptureMode(TorchDispatchMode):
         if name is None:
             raise CaptureError(
                 f"the step read a {tuple(t.shape)} {t.dtype} tensor that is neither computed in the step nor a named "
-                "leaf (state, batch, pol.rng draw or model constant)"
+                "leaf (state, batch, pol.rng draw or model constant); a model that draws torch random numbers "
+                "(nn.Dropout, torch.rand: served by pol.randomness) cannot be disputed operator by operator yet"
             )
         index = len(self.nodes)
         meta = _meta(t)
