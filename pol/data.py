@@ -24,6 +24,7 @@ from .components import CodePolicy, is_import_path, load_callable
 from .digest import combine_digests, tensor_digests
 from .errors import ComponentError, DataError
 from .spec import MAX_BATCH_TENSORS
+from .zoo import ZOO_DATA
 
 __all__ = ["Dataset", "BUILTIN_DATA", "MAX_BUILTIN_ELEMENTS", "build_dataset", "data_digest", "batch_indices", "steps_per_epoch"]
 
@@ -107,7 +108,7 @@ def _chars(seed: int = 0, length: int = 1 << 16, block_size: int = 32, words: in
     return Dataset({"x": torch.from_numpy(windows[:, :-1].copy()), "y": torch.from_numpy(windows[:, 1:].copy())})
 
 
-BUILTIN_DATA: dict[str, Any] = {"synthetic": _synthetic, "images": _images, "chars": _chars}
+BUILTIN_DATA: dict[str, Any] = {"synthetic": _synthetic, "images": _images, "chars": _chars, **ZOO_DATA}
 
 
 def _builtin_elements(name: str, kwargs: Mapping[str, Any]) -> int:
@@ -123,9 +124,11 @@ def _builtin_elements(name: str, kwargs: Mapping[str, Any]) -> int:
         raise ComponentError(f"dataset {name!r}: every argument must be an integer in [0, {MAX_BUILTIN_ELEMENTS}], got {dict(kwargs)}")
     if name == "synthetic":
         return args["n"] * args["d_in"] + args["d_in"] * args["hidden"] + args["hidden"] * args["classes"] + args["n"]
-    if name == "images":
+    if name in ("images", "pixels"):
         pixels = args["channels"] * args["size"] ** 2
         return (args["n"] + args["classes"]) * pixels + args["n"]
+    if name == "tokens":  # the chars corpus with its default words, and three tensors of windows
+        return 4 * args["length"] + 3 * args["length"] * (args["block_size"] + 1) + 16 * 200
     return 4 * args["length"] + args["length"] * (args["block_size"] + 1) + 16 * args["words"]  # chars: walk, windows
 
 

@@ -43,6 +43,7 @@ from .numerics import numerics_context
 from .optim import apply_update, compute_lr, init_optimizer_state, make_workspace
 from .randomness import random_context
 from .spec import JobSpec
+from .zoo import get_transformers_version, is_zoo_model
 
 __all__ = [
     "Runtime",
@@ -141,6 +142,8 @@ def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
     """Bind the data digest, the digests of the user code it names and the versions that matter into the spec (it
     then has a job id). Raises ComponentError if named user code cannot be found to be hashed."""
     versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
+    if is_zoo_model(spec.model.name):  # transformers' code defines the model: its version is part of the job
+        versions["transformers"] = get_transformers_version()
     pinned = {key: c if not c.is_user_code else dataclasses.replace(c, code=compute_code_digest(c.name))
               for key, c in (("model", spec.model), ("data", spec.data))}
     return spec.replace(data_digest=data_digest(dataset), versions=versions, **pinned)

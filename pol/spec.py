@@ -62,6 +62,13 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"data": "synthetic", "optimizer": {"name": "adamw", "lr": 1e-3}, "batch_size": 64},
     "cnn": {"data": "images", "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "batch_size": 32},
     "transformer": {"data": "chars", "optimizer": {"name": "adamw", "lr": 3e-3}, "batch_size": 16},
+    # the model zoo (pol.zoo: tiny transformers models on pol's own data)
+    "gpt2": {"data": "tokens", "target": "labels", "optimizer": {"name": "adamw", "lr": 3e-3}, "batch_size": 8},
+    "llama": {"data": "tokens", "target": "labels", "optimizer": {"name": "adamw", "lr": 3e-3}, "batch_size": 8},
+    "bert": {"data": {"name": "tokens", "kwargs": {"padded": 1}}, "target": "labels", "optimizer": {"name": "adamw", "lr": 3e-3},
+             "batch_size": 8},
+    "vit": {"data": "pixels", "target": "labels", "optimizer": {"name": "adamw", "lr": 1e-3}, "batch_size": 8},
+    "resnet": {"data": "pixels", "target": "labels", "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "batch_size": 8},
 }
 
 

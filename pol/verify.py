@@ -40,8 +40,17 @@ from .canonical import Digest, compute_hash, is_digest
 from .components import CodePolicy
 from .digest import state_digest, tensor_digests
 from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps, verify_code, verify_layout
-from .errors import BundleError, BundleNotFound, BundleVersionError, CannotVerifySoundly, UsageError, VersionMismatch
+from .errors import (
+    BundleError,
+    BundleNotFound,
+    BundleVersionError,
+    CannotVerifySoundly,
+    ComponentError,
+    UsageError,
+    VersionMismatch,
+)
 from .spec import JobSpec
+from .zoo import get_transformers_version, is_zoo_model
 
 __all__ = [
     "Thresholds",
@@ -496,7 +505,8 @@ def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
 
 
 def check_versions(spec: JobSpec) -> None:
-    """Raise VersionMismatch unless this pol is the one the spec names, and, in exact numerics, this torch too
+    """Raise VersionMismatch unless this pol is the one the spec names, the transformers version it names (a zoo
+    model: transformers' code is the model) is installed, and, in exact numerics, this torch too
     (its decompositions are part of the exact arithmetic). Native numerics tolerates another torch: its
     thresholds absorb kernel differences, which calibration measures here."""
     made = spec.versions.get("pol")
@@ -505,6 +515,17 @@ def check_versions(spec: JobSpec) -> None:
             f"the bundle was made with pol {made}, this is pol {__version__}: a training step is defined per pol "
             f"version, so replaying it here could only raise false alarms; use pol {made}"
         )
+    made_tf = spec.versions.get("transformers")
+    if made_tf is not None or is_zoo_model(spec.model.name):
+        try:
+            here_tf = get_transformers_version()
+        except ComponentError:
+            here_tf = "none (not installed)"
+        if made_tf != here_tf:
+            raise VersionMismatch(
+                f"the bundle was made with transformers {made_tf}, this is transformers {here_tf}: its model is "
+                f"transformers' code, defined per version; install transformers=={made_tf} (pip install 'pol[zoo]')"
+            )
     here = torch.__version__.split("+")[0]
     if spec.numerics == "exact" and spec.versions.get("torch") != here:
         raise VersionMismatch(

@@ -1,9 +1,10 @@
-"""Built-in models (`mlp`, `cnn`, `transformer`), user models by import path, and seeded initialisation."""
+"""Built-in models (`mlp`, `cnn`, `transformer`, and the zoo of `pol.zoo`), user models by import path, and seeded initialisation."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from ..components import CodePolicy, is_import_path, load_callable
 from ..errors import ComponentError, PolError
 from ..randomness import init_context
 from ..spec import Component
+from ..zoo import ZOO_MODELS
 from .cnn import CNN
 from .common import SeededDropout
 from .mlp import MLP
@@ -20,7 +22,7 @@ from .transformer import GPT
 
 __all__ = ["BUILTIN_MODELS", "MAX_BUILTIN_PARAMETERS", "build_model", "init_parameters", "SeededDropout", "MLP", "CNN", "GPT"]
 
-BUILTIN_MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "transformer": GPT}
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "transformer": GPT, **ZOO_MODELS}
 MAX_BUILTIN_PARAMETERS = 1 << 28  # a built-in model's kwargs come from a spec, maybe a stranger's: bounded before memory
 
 

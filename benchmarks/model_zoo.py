@@ -1,0 +1,93 @@
+"""The model zoo (pol.zoo) on this machine: per zoo model, native and exact train-step times (interleaved round by
+round, one run), bundle bytes per step, verify time at the default sample, and the native thresholds calibrated.
+
+    python benchmarks/model_zoo.py [--rounds 7] [--steps 20] [--threads 1]
+
+Writes benchmarks/results/model_zoo.{json,md}."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import markdown_table, write_results
+from pol.engine import build_runtime, initial_state, run_steps
+from pol.prove import train_and_prove
+from pol.spec import spec_from_dict
+from pol.verify import verify
+from pol.zoo import ZOO_MODELS
+
+
+def _runtime(model: str, numerics: str):  # type: ignore[no-untyped-def]
+    rt = build_runtime(spec_from_dict({"model": model, "steps": 1000, "every": 1000, "numerics": numerics}))
+    initial_state(rt)
+    run_steps(rt, 1)  # warm-up (and the first step, which finds out whether the model draws)
+    return rt
+
+
+def _one_step(rt) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    run_steps(rt, rt.step + 1)
+    return time.perf_counter() - start
+
+
+def step_times(model: str, rounds: int) -> dict[str, Any]:
+    rts = {"native": _runtime(model, "native"), "exact": _runtime(model, "exact")}
+    times: dict[str, list[float]] = {k: [] for k in rts}
+    for _ in range(rounds):
+        for k, rt in rts.items():
+            times[k].append(_one_step(rt))
+    params = sum(p.numel() for p in rts["native"].model.parameters())
+    return {"model": model, "params": params, "batch": rts["native"].spec.batch_size,
+            "native_ms": min(times["native"]) * 1e3, "exact_ms": min(times["exact"]) * 1e3,
+            "ratio": min(times["exact"]) / min(times["native"]),
+            "paired_ratio": statistics.median(e / n for e, n in zip(times["exact"], times["native"], strict=True))}
+
+
+def bundle_and_verify(model: str, numerics: str, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = spec_from_dict({"model": model, "steps": steps, "numerics": numerics})
+        result = train_and_prove(spec, Path(tmp) / "b")
+        size = sum(f.stat().st_size for f in Path(result.path).rglob("*") if f.is_file())
+        start = time.perf_counter()
+        report = verify(result.path)
+        seconds = time.perf_counter() - start
+    row: dict[str, Any] = {f"{numerics}_bytes_per_step": size / steps, f"{numerics}_verify_s": seconds,
+                           f"{numerics}_verdict": report.verdict, f"{numerics}_replayed": len(report.checks)}
+    if numerics == "native" and report.thresholds is not None:
+        t = report.thresholds
+        row.update(rel_l2=t.rel_l2, min_cosine=t.min_cosine, max_log_ratio=t.max_log_ratio, loss_rel=t.loss_rel)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default=",".join(ZOO_MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for model in args.models.split(","):
+        row = step_times(model, args.rounds)
+        for numerics in ("native", "exact"):
+            row.update(bundle_and_verify(model, numerics, args.steps))
+        print(row, flush=True)
+        rows.append(row)
+    columns = ["model", "params", "batch", "native_ms", "exact_ms", "ratio", "paired_ratio", "native_bytes_per_step",
+               "native_verify_s", "exact_verify_s", "exact_replayed", "rel_l2", "min_cosine", "max_log_ratio", "loss_rel"]
+    write_results("model_zoo", {"args": vars(args), "rows": rows}, markdown_table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()
