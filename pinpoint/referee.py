@@ -157,7 +157,9 @@ def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ..
         return full[offset : offset + shape[0]]
     if name.startswith("module/"):
         verify_code(spec, code)
-        return dict(build_model(spec.model, code).named_buffers())[name.removeprefix("module/")]
+        # built as the solver built it: under pol's generator when the model initialises itself (a buffer may be random)
+        model = build_model(spec.model, code, init_seed=spec.seed if spec.init == "model" else None)
+        return dict(model.named_buffers())[name.removeprefix("module/")]
     raise ValueError(f"unknown leaf {name!r}")
 
 
