@@ -39,7 +39,7 @@ from .bundle import Bundle, open_bundle
 from .canonical import Digest, compute_hash, is_digest
 from .components import CodePolicy
 from .digest import state_digest, tensor_digests
-from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps, verify_code, verify_layout
+from .engine import Runtime, build_runtime, capture_state, initial_state, restore_state, run_steps, verify_layout
 from .errors import (
     BundleError,
     BundleNotFound,
@@ -543,7 +543,7 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
     if req.expected_root is not None and req.expected_root != m.root:
         return _reject(req, f"commitment {m.root} is not the expected {req.expected_root}", b)
     check_versions(spec)
-    verify_code(spec, req.code)  # before anything is imported: CodeNotAllowed, CodeDiffers
+    # build_runtime checks the code first (CodeNotAllowed, CodeDiffers: before anything is imported), then the data
     rt = build_runtime(spec, device=req.device, data_dir=req.data_dir, code=req.code)  # DataDiffers before any judgement
     try:
         committed0 = b.load_state(0)
