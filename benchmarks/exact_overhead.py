@@ -165,10 +165,11 @@ def family(op: str) -> str:
     return "other routed ops (data movement, + - * / sqrt)"
 
 
-def profile_step(model: str, batch: int, steps: int) -> dict[str, float]:
-    """Seconds per exact step by operator family (outermost dispatched operator only), plus the remainder."""
-    rt = _runtime(model, "exact", batch)
+def profile_operators(rt, steps: int) -> tuple[dict[str, tuple[float, int]], float]:  # type: ignore[no-untyped-def]
+    """Run `steps` exact steps of `rt`, timing each outermost operator the dispatch mode routes (its handler, with
+    whatever it dispatches again). Returns {operator: (seconds per step, calls per step)} and seconds per step."""
     spent: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     original = exact_mode_module.ExactMode.__torch_dispatch__
     depth = [0]
 
@@ -180,7 +181,8 @@ def profile_step(model: str, batch: int, steps: int) -> dict[str, float]:
         finally:
             depth[0] -= 1
             if depth[0] == 0:
-                spent[family(str(func))] += time.perf_counter() - start
+                spent[str(func)] += time.perf_counter() - start
+                calls[str(func)] += 1
 
     exact_mode_module.ExactMode.__torch_dispatch__ = timed  # type: ignore[method-assign]
     try:
@@ -189,9 +191,17 @@ def profile_step(model: str, batch: int, steps: int) -> dict[str, float]:
         total = time.perf_counter() - start
     finally:
         exact_mode_module.ExactMode.__torch_dispatch__ = original  # type: ignore[method-assign]
-    out = {k: v / steps for k, v in spent.items()}
-    out["outside the mode (python, autograd, data)"] = total / steps - sum(out.values())
-    return out
+    return {op: (t / steps, calls[op] // steps) for op, t in spent.items()}, total / steps
+
+
+def profile_step(model: str, batch: int, steps: int) -> dict[str, float]:
+    """Seconds per exact step by operator family (outermost dispatched operator only), plus the remainder."""
+    per_op, total = profile_operators(_runtime(model, "exact", batch), steps)
+    out: dict[str, float] = defaultdict(float)
+    for op, (seconds, _) in per_op.items():
+        out[family(op)] += seconds
+    out["outside the mode (python, autograd, data)"] = total - sum(out.values())
+    return dict(out)
 
 
 def split_independence_cost(batch: int, params: int, repeats: int) -> dict[str, float]:

@@ -2,8 +2,12 @@
 round, one run), bundle bytes per step, verify time at the default sample, and the native thresholds calibrated.
 
     python benchmarks/model_zoo.py [--rounds 7] [--steps 20] [--threads 1]
+    python benchmarks/model_zoo.py --profile [--steps 5] [--top 15]
 
-Writes benchmarks/results/model_zoo.{json,md}."""
+Writes benchmarks/results/model_zoo.{json,md}; with --profile, where an exact step's time goes instead: per zoo
+model, the time of each aten operator's handler summed over a step (outermost operator routed by the exact dispatch
+mode, including what its handler dispatches again), its calls per step and share of the step, and the time outside
+the handlers (Python, autograd, the optimizer's own code, data), written to benchmarks/results/model_zoo_profile.{json,md}."""
 
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import markdown_table, write_results
+from benchmarks.exact_overhead import profile_operators
 from pol.engine import build_runtime, initial_state, run_steps
 from pol.errors import CannotVerifySoundly
+from pol.exact import native
 from pol.prove import train_and_prove
 from pol.spec import spec_from_dict
 from pol.verify import verify
@@ -81,14 +87,41 @@ def exc_rel_l2(exc: CannotVerifySoundly) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
+def profile(models: list[str], steps: int, top: int, command: str) -> None:
+    """Per model, the exact step's time per operator handler (see the module docstring)."""
+    text = f"Command: `{command}`\n\nCompiled kernels: {native.status()}; {torch.get_num_threads()} thread(s); "
+    text += f"mean over {steps} exact steps after one warm-up step. `ms`: time in the operator's handler per step "
+    text += "(outermost operator the exact dispatch mode routes, with whatever its handler dispatches again), "
+    text += "`calls`: per step, `share`: of the whole step.\n"
+    payload: dict[str, Any] = {}
+    for model in models:
+        per_op, total = profile_operators(_runtime(model, "exact"), steps)
+        inside = sum(t for t, _ in per_op.values())
+        rows = [{"operator": op, "ms": t * 1e3, "calls": n, "share": t / total}
+                for op, (t, n) in sorted(per_op.items(), key=lambda kv: -kv[1][0])]
+        payload[model] = {"step_ms": total * 1e3, "outside_ms": (total - inside) * 1e3, "operators": rows}
+        shown = rows[:top] + [{"operator": f"({len(rows) - top} other operators)", "ms": sum(r["ms"] for r in rows[top:]),
+                               "calls": sum(r["calls"] for r in rows[top:]), "share": sum(r["share"] for r in rows[top:])}]
+        shown.append({"operator": "outside the handlers", "ms": (total - inside) * 1e3, "calls": "", "share": 1 - inside / total})
+        text += f"\n## {model}: {total * 1e3:.1f} ms per exact step, {sum(r['calls'] for r in rows)} operators\n\n"
+        text += markdown_table(shown, ["operator", "ms", "calls", "share"]) + "\n"
+        print(f"{model}: {total * 1e3:.1f} ms", flush=True)
+    write_results("model_zoo_profile", {"command": command, "steps": steps, "profiles": payload}, text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(ZOO_MODELS))
+    parser.add_argument("--profile", action="store_true", help="per-operator profile of the exact step instead")
+    parser.add_argument("--top", type=int, default=15, help="--profile: operators listed per model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args.models.split(","), args.steps, args.top, "python benchmarks/model_zoo.py " + " ".join(sys.argv[1:]))
+        return
     rows = []
     for model in args.models.split(","):
         row = step_times(model, args.rounds)

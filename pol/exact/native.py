@@ -245,14 +245,21 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         return None
     k = a.shape[-1]
     # batched: 5 GEMM calls per entry cost more than the float64 form (measured), and so does the one-pass VNNI
-    # kernel at attention's sizes (0.26 against 0.22 ms at (64,32,32)x(64,32,16): splitting into int8 costs more)
-    if k <= INT8_MAX_K and (a.dim() == 2 or k > F64_MAX_K):
+    # kernel at attention's sizes (0.26 against 0.22 ms at (64,32,32)x(64,32,16): splitting into int8 costs more).
+    # 2-D: the int8 form only with the one-pass VNNI kernel; without it `torch._int_mm` has no fast int8 kernel
+    # (measured at 1 thread on an AVX2 CPU: 63 ms against 1.1 ms for the float64 form at 256x256x64)
+    if k <= INT8_MAX_K and (k > F64_MAX_K or (a.dim() == 2 and _one_pass_int8(k))):
         out = _product_int8(dll, _batch_of_one(a), _batch_of_one(b))
     elif k <= F64_MAX_K:
         out = _product_f64(dll, _batch_of_one(a), _batch_of_one(b))
     else:
         return None
     return out if out is None or a.dim() == 3 else out[0]
+
+
+def _one_pass_int8(k: int) -> bool:
+    """True when a 2-D int8-form product of reduction length k runs in one pass of the VNNI kernel."""
+    return use_vnni and k % 4 == 0 and vnni()
 
 
 def _batch_of_one(x: torch.Tensor) -> torch.Tensor:
@@ -294,7 +301,7 @@ def _product_int8(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.T
     left, right, ea, eb = split
     out = torch.empty((z, m, n), dtype=torch.float32)
     narrow = k <= F64_MAX_K
-    if use_vnni and k % 4 == 0 and vnni():  # one pass, no int32 diagonals in memory
+    if _one_pass_int8(k):  # one pass, no int32 diagonals in memory
         pl, pr, pea, peb, po = _ptr(left), _ptr(right), _ptr(ea), _ptr(eb), _ptr(out)
         if z == 1:  # threads take blocks of 4 rows (each packs the right operand's panels itself: small next to the GEMM)
             rcs = _parallel(-(-m // 4), 13 * k * n, lambda lo, hi: dll.product_i8_vnni(pl, pr, m, k, n, pea, peb, po, 0, 1, 4 * lo, min(m, 4 * hi), narrow))

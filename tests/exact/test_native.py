@@ -240,6 +240,21 @@ def test_product_kernels_differential(m: int, k: int, n: int, seed: int, spread:
     assert same_bits(native.product(a.unsqueeze(0), b.unsqueeze(0))[0], ref)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (17, 40, 9), (64, 256, 48), (33, 100, 130)])
+def test_both_product_forms_of_the_kernels_equal_the_reference(m: int, k: int, n: int) -> None:
+    """`native.product` takes the float64 form for 2-D products where the int8 form has no one-pass VNNI kernel
+    (`torch._int_mm` is slow there); both forms stay bit-identical to the definition, signed zeros included."""
+    dll = native._library()
+    rng = np.random.default_rng(m * k + n)
+    a, b = f32(wide_rows(rng, (1, m, k), spread=25)), f32(wide_rows(rng, (1, k, n), spread=25))
+    a[0, 0] = -0.0
+    ref = exact_mm_reference(a[0], b[0])
+    assert same_bits(native._product_f64(dll, a, b)[0], ref)  # type: ignore[index]
+    assert same_bits(native._product_int8(dll, a, b)[0], ref)  # type: ignore[index]
+    assert same_bits(native.product(a[0], b[0]), ref)  # type: ignore[arg-type]
+    assert same_bits(native.product(a[0].t().contiguous().t(), b[0]), ref)  # type: ignore[arg-type]
+
+
 @pytest.mark.skipif(not native.vnni(), reason="the kernels were built without AVX-512 VNNI on this CPU")
 @pytest.mark.parametrize("m,k,n", [(1, 4, 1), (37, 64, 53), (64, 256, 16), (5, 4100, 17), (130, 12, 200)])
 def test_one_pass_vnni_product_equals_the_int_mm_form_and_the_reference(m: int, k: int, n: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
