@@ -260,8 +260,6 @@ DECOMPOSED: frozenset[OpOverload] = frozenset(
         aten.norm.ScalarOpt_dim,
         aten.prelu.default,
         # normalisation: var_mean, rsqrt and single roundings, each routed exactly (running stats by IEEE steps)
-        aten.native_batch_norm.default,
-        aten.native_batch_norm_backward.default,
         aten._native_batch_norm_legit.default,
         aten._native_batch_norm_legit.no_stats,
         aten._native_batch_norm_legit_no_training.default,
@@ -310,6 +308,8 @@ EXACT_HANDLERS: dict[OpOverload, Handler] = {
     aten.nll_loss_backward.default: losses.nll_loss_backward,
     aten.embedding_dense_backward.default: arith.embedding_dense_backward,
     aten.native_layer_norm_backward.default: norms.layer_norm_backward,
+    aten.native_batch_norm.default: norms.batch_norm,
+    aten.native_batch_norm_backward.default: norms.batch_norm_backward,
     aten.pow.Tensor_Scalar: arith.pow_scalar,
     aten.addcmul.default: arith.addcmul,
     aten.addcdiv.default: arith.addcdiv,

@@ -191,3 +191,51 @@ def test_softmax_handlers_refuse_a_dimension_out_of_range_as_torch_does(op) -> N
     backward = SMB if op is SM else LSMB
     with exact_mode(), pytest.raises(IndexError, match="Dimension out of range"):
         backward(x, x, -3, torch.float32)
+
+
+BN, BN_BWD = aten.native_batch_norm.default, aten.native_batch_norm_backward.default
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 8, 8), (4, 3, 5), (6, 4), (2, 5, 3, 4, 2), (1, 3, 1, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_batch_norm_handlers_equal_the_decomposition(shape: tuple[int, ...], affine: bool, training: bool, layout: str) -> None:
+    """native_batch_norm (training and eval, running statistics updated in place) and its backward: the written-out
+    handlers against torch's decomposition run under the exact mode, bit for bit, on wide-range inputs with
+    subnormals, signed zeros and (last test) non-finite values, on several memory layouts."""
+    rng = np.random.default_rng(sum(shape) + affine + 2 * training)
+    n = int(np.prod(shape))
+    x = f32(wide_rows(rng, (1, n), spread=12).reshape(shape))
+    go = f32(wide_rows(rng, (1, n), spread=12).reshape(shape))
+    x.view(-1)[:3] = torch.tensor([1e-45, -0.0, 3e-39])
+    if layout == "channels_last" and x.dim() == 4:
+        x, go = x.to(memory_format=torch.channels_last), go.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x, go = x.transpose(0, -1).contiguous().transpose(0, -1), go.transpose(0, -1).contiguous().transpose(0, -1)
+    c = shape[1]
+    w, b = (f32(rng.standard_normal(c)), f32(rng.standard_normal(c))) if affine else (None, None)
+    stats = [(f32(rng.standard_normal(c)), f32(rng.random(c) + 0.5)) for _ in range(2)]
+    stats[1] = (stats[0][0].clone(), stats[0][1].clone())
+    with exact_mode():
+        new = BN(x, w, b, *stats[0], training, 0.1, 1e-5)
+        old = torch._decomp.decomposition_table[BN](x, w, b, *stats[1], training, 0.1, 1e-5)
+        for mask in ([True, True, True], [True, False, False]):
+            got = BN_BWD(go, x, w, *stats[0], new[1], new[2], training, 1e-5, mask)
+            want = torch._decomp.decomposition_table[BN_BWD](go, x, w, *stats[1], old[1], old[2], training, 1e-5, mask)
+            assert all(_bits_equal(g, h) for g, h in zip(got, want, strict=True)), mask
+    assert all(_bits_equal(g, h) for g, h in zip(new, old, strict=True))
+    assert _bits_equal(stats[0][0], stats[1][0]) and _bits_equal(stats[0][1], stats[1][1])
+
+
+def test_batch_norm_with_non_finite_values_and_without_running_statistics() -> None:
+    x = f32(np.random.default_rng(3).standard_normal((4, 3, 2, 2)))
+    x[0, 0, 0, 0], x[1, 1, 0, 1] = float("nan"), float("inf")
+    go = torch.ones_like(x)
+    go[2, 2, 1, 1] = float("-inf")
+    with exact_mode():
+        new = BN(x, None, None, None, None, True, 0.1, 1e-5)
+        old = torch._decomp.decomposition_table[BN](x, None, None, None, None, True, 0.1, 1e-5)
+        got = BN_BWD(go, x, None, None, None, new[1], new[2], True, 1e-5, [True, False, False])
+        want = torch._decomp.decomposition_table[BN_BWD](go, x, None, None, None, old[1], old[2], True, 1e-5, [True, False, False])
+    assert all(_bits_equal(g, h) for g, h in zip((*new, *got), (*old, *want), strict=True))
