@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pol.errors import EXIT_FAILED, EXIT_USAGE, CodeDiffers, CodeNotAllowed, DataDiffers, PolError, VersionMismatch
+from pol.errors import EXIT_FAILED, EXIT_USAGE, CodeDiffers, CodeNotAllowed, DataDiffers, DataNotProvided, PolError, VersionMismatch
 
 app = typer.Typer(
     name="pol",
@@ -40,6 +40,7 @@ _DEBUG = {"on": False}  # set once per process by the --debug flag of the app ca
 
 _HINTS: tuple[tuple[type[PolError], str], ...] = (
     (DataDiffers, "this is not evidence of fraud: obtain the committed data, or pass --data-dir"),
+    (DataNotProvided, "this is not evidence of fraud: pass --data-dir where you hold the committed data"),
     (CodeDiffers, "this is not evidence of fraud: install the version of that package the spec pins"),
     (CodeNotAllowed, "pol imports no code a bundle names unless you allow its package beforehand"),
     (VersionMismatch, "this is not evidence of fraud: verify with the versions the spec names"),
@@ -170,7 +171,7 @@ MicroOpt = Annotated[int | None, typer.Option(min=0, help="Run each batch in mic
 LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (must be above 0).")]
 OptimOpt = Annotated[str | None, typer.Option(help="sgd or adamw.")]
 NumericsOpt = Annotated[str | None, typer.Option(help="native (deterministic torch kernels) or exact (bitwise on any hardware).")]
-DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Where a dir: dataset lives on this machine.")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Where you hold a dir: dataset's files (a verifier reads no path a bundle names).")]
 
 
 def _spec_fields(spec_file: Path | None, model: str | None, model_kwargs: str | None, data: str | None,
@@ -487,7 +488,7 @@ def verify(
         raise typer.BadParameter("give --job-id or --spec, not both", param_hint="--job-id")
     code = _code_policy(allow_code)
     if spec_file is not None:
-        job_id = _posted_job_id(spec_file, code, data_dir)
+        job_id, data_dir = _posted_job_id(spec_file, code, data_dir)
     progress = None if quiet or as_json else Progress(
         TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
         TextColumn("left"), TimeRemainingColumn(), console=err)
@@ -508,16 +509,20 @@ def verify(
     raise typer.Exit(EXIT_OK if report.accepted else EXIT_FAILED)
 
 
-def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None) -> str:
+def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None) -> tuple[str, str | None]:
     """The job id of a spec file: as written when resolved (pol job --json's output or its "spec"), else resolved
-    here against the data and code (on the verifier's allow-list)."""
+    here against the data and code (on the verifier's allow-list). Also the data directory to verify with: the
+    spec file is the verifier's own, so its `dir:` path is where the verifier's data lives (unless --data-dir)."""
     from pol.engine import build_spec, resolve_job
     from pol.spec import load_spec_file
 
     fields = load_spec_file(spec_file)
     if set(fields) >= {"job_id", "spec"}:  # the output of pol job --json
         fields = fields["spec"] if isinstance(fields["spec"], dict) else {}
-    return resolve_job(build_spec(fields, code), code=code, data_dir=data_dir).job_id
+    spec = build_spec(fields, code)
+    if data_dir is None and spec.data.name.startswith("dir:"):
+        data_dir = spec.data.name[4:]
+    return resolve_job(spec, code=code, data_dir=data_dir).job_id, data_dir
 
 
 @app.command()

@@ -16,10 +16,13 @@ on PYTHONPATH), so a module shipped next to a bundle is never picked up.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ __all__ = [
     "get_package",
     "load_callable",
     "compute_code_digest",
+    "compute_imported_versions",
     "verify_code_allowed",
     "CODE_SUFFIXES",
     "MAX_CODE_FILES",
@@ -142,11 +146,18 @@ def _code_files(package: str) -> list[tuple[str, Path]]:
 def compute_code_digest(ref: str) -> Digest:
     """blake3 over the names and bytes of every code file of `ref`'s top-level package, in sorted name order (for a
     module frozen into or built into the interpreter, over the interpreter's version). Reads files only: nothing is
-    imported or run. Raises ComponentError if the package cannot be found or is
-    larger than MAX_CODE_FILES files or MAX_CODE_BYTES bytes."""
+    imported or run. A digest is reused within a process while every file keeps its size and modification time (a
+    verifier builds a runtime per segment and would otherwise hash the package each time). Raises ComponentError
+    if the package cannot be found or is larger than MAX_CODE_FILES files or MAX_CODE_BYTES bytes."""
     package = get_package(ref)
-    h = blake3.blake3(b"pol/code/v1\x00")
     files = _code_files(package)
+    try:
+        key = (package, tuple((name, (st := path.stat()).st_size, st.st_ino, st.st_mtime_ns) for name, path in files))
+    except OSError as exc:
+        raise ComponentError(f"cannot read the code of package {package!r}: {exc}") from None
+    if (cached := _DIGESTS.get(key)) is not None:
+        return cached
+    h = blake3.blake3(b"pol/code/v1\x00")
     if not files:  # a frozen or built-in module: its code is the interpreter's
         h.update(f"interpreter:{package}:{sys.implementation.name}:{sys.version}".encode())
     total = 0
@@ -158,4 +169,51 @@ def compute_code_digest(ref: str) -> Digest:
         encoded = name.encode("utf-8", "surrogateescape")
         h.update(len(encoded).to_bytes(8, "little") + encoded + len(data).to_bytes(8, "little"))
         h.update(data)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    newest = max((entry[3] for entry in key[1]), default=0)
+    if newest < time.time_ns() - 2_000_000_000:  # a file changed within the clock's granularity could change again unseen
+        if len(_DIGESTS) >= 64:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
+
+
+MAX_PINNED_DISTRIBUTIONS = 12  # third-party distributions a user package may import (the spec's versions hold 16)
+UNPINNED = frozenset({"pol", "torch"})  # pinned by the spec already (pol always, torch always: exact checks it)
+
+
+def compute_imported_versions(ref: str) -> dict[str, str]:
+    """The installed versions of the third-party distributions `ref`'s top-level package imports, found by reading
+    its source (`import x` / `from x import ...`, anywhere in the package's `.py` files; nothing is imported):
+    e.g. {"transformers": "4.57.1"} for a package that builds a transformers model. A spec binds them, like the
+    package's own code digest, because that code runs as part of the model. Standard-library modules, modules of
+    the package itself and modules no installed distribution provides (another package on PYTHONPATH: pin it by
+    naming it as the component) are left out. Raises ComponentError past MAX_PINNED_DISTRIBUTIONS."""
+    package = get_package(ref)
+    modules: set[str] = set()
+    for _, path in _code_files(package):
+        if path.suffix != ".py":
+            continue
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError):
+            continue  # the import of the component reports it, with its line
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    providers = importlib.metadata.packages_distributions()
+    versions: dict[str, str] = {}
+    for module in sorted(modules - set(sys.stdlib_module_names) - {package}):
+        for dist in providers.get(module, []):
+            name = dist.lower().replace("_", "-")
+            if name not in UNPINNED:
+                versions[name] = importlib.metadata.version(dist)
+    if len(versions) > MAX_PINNED_DISTRIBUTIONS:
+        raise ComponentError(f"package {package!r} imports {len(versions)} third-party distributions "
+                             f"({', '.join(sorted(versions))}); a job pins at most {MAX_PINNED_DISTRIBUTIONS}")
+    return versions
+
+
+_DIGESTS: dict[tuple[Any, ...], Digest] = {}  # (package, files' names, sizes, inodes, mtimes) -> digest

@@ -22,7 +22,7 @@ from . import rng
 from .canonical import Digest, compute_hash
 from .components import CodePolicy, is_import_path, load_callable
 from .digest import combine_digests, tensor_digests
-from .errors import ComponentError, DataError
+from .errors import ComponentError, DataError, DataNotProvided
 from .spec import MAX_BATCH_TENSORS
 from .zoo import ZOO_DATA
 
@@ -175,11 +175,16 @@ def _coerce(value: Any, name: str) -> Dataset:
 
 def build_dataset(name: str, kwargs: Mapping[str, Any], *, data_dir: str | Path | None = None, code: CodePolicy | None = None) -> Dataset:
     """Build the dataset a spec names. `data_dir` overrides the directory of a `dir:` dataset (same digest needed).
-    User code is imported only if `code` allows it (default: built-ins only).
+    User code is imported only if `code` allows it (default: built-ins only). The path of a `dir:` dataset is read
+    only by the caller who wrote the spec (`code.trust_all`); anyone else (a verifier, a referee) must say where its
+    copy is (`data_dir`), so a stranger's spec never picks which local files are read.
 
-    Raises CodeNotAllowed, ComponentError (unknown name, bad arguments) or DataError (unreadable or malformed data).
+    Raises CodeNotAllowed, ComponentError (unknown name, bad arguments), DataNotProvided (a `dir:` dataset without
+    `data_dir` for a caller that did not write the spec) or DataError (unreadable or malformed data).
     """
     if name.startswith("dir:"):
+        if data_dir is None and not (code is not None and code.trust_all):
+            raise DataNotProvided(name)
         path = Path(data_dir) if data_dir is not None else Path(name[4:])
         if not path.is_dir():
             raise DataError(f"data directory {path} does not exist")

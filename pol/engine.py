@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__, rng
 from .canonical import Digest
-from .components import CodePolicy, compute_code_digest, get_package, verify_code_allowed
+from .components import CodePolicy, compute_code_digest, compute_imported_versions, get_package, verify_code_allowed
 from .data import Dataset, batch_indices, build_dataset, data_digest, steps_per_epoch
 from .digest import State, combine_digests, tensor_digests
 from .errors import (
@@ -140,10 +140,15 @@ def describe_environment(device: torch.device) -> dict[str, str | int]:
 
 def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
     """Bind the data digest, the digests of the user code it names and the versions that matter into the spec (it
-    then has a job id). Raises ComponentError if named user code cannot be found to be hashed."""
+    then has a job id): pol's, torch's, and those of the third-party distributions the user code imports
+    (`compute_imported_versions`; transformers for a zoo model). Raises ComponentError if named user code cannot be
+    found to be hashed."""
     versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
     if is_zoo_model(spec.model.name):  # transformers' code defines the model: its version is part of the job
         versions["transformers"] = get_transformers_version()
+    for component in (spec.model, spec.data):  # so does the third-party code user code imports (read, not imported)
+        if component.is_user_code:
+            versions.update(compute_imported_versions(component.name))
     pinned = {key: c if not c.is_user_code else dataclasses.replace(c, code=compute_code_digest(c.name))
               for key, c in (("model", spec.model), ("data", spec.data))}
     return spec.replace(data_digest=data_digest(dataset), versions=versions, **pinned)

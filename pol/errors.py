@@ -13,7 +13,8 @@ PolError too.
     │   ├── CodeNotAllowed              2   the spec names code the verifier did not allow (nothing was imported)
     │   └── CodeDiffers                 2   the code here is not the code the spec pins (not fraud!)
     ├── DataError                       2   the data is unusable
-    │   └── DataDiffers                 2   the verifier's data is not the data the spec committed to (not fraud!)
+    │   ├── DataDiffers                 2   the verifier's data is not the data the spec committed to (not fraud!)
+    │   └── DataNotProvided             2   a dir: dataset and no --data-dir: a verifier reads no path a bundle names
     ├── NumericsError                   1   a numerics mode cannot do what was asked
     │   ├── NumericsUnavailable         2   the mode is not available here
     │   ├── CannotVerifySoundly         2   native thresholds would need to exceed their caps: use exact numerics
@@ -56,6 +57,7 @@ __all__ = [
     "OutputExists",
     "DataError",
     "DataDiffers",
+    "DataNotProvided",
     "NumericsError",
     "NumericsUnavailable",
     "UnsupportedOperator",
@@ -150,6 +152,17 @@ class DataDiffers(DataError):
         super().__init__(f"data differs: the spec commits to data digest {expected}, the data here hashes to {got}")
         self.expected = expected
         self.got = got
+
+
+class DataNotProvided(DataError):
+    """The spec's data is a directory on the solver's machine (`dir:PATH`) and the caller did not say where it holds
+    that data. A verifier reads no path a bundle names (the path is the solver's, the bytes must be the verifier's
+    own choice): it passes `--data-dir`. Not evidence of fraud."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the job's data is {name!r}, a directory on the solver's machine; a verifier reads no path a "
+                         "bundle names: pass --data-dir DIR (data_dir=) where you hold that data")
+        self.name = name
 
 
 class NumericsError(PolError):

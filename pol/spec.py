@@ -106,6 +106,9 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+_DIST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")  # a normalised distribution name: never a path
+
+
 @dataclass(frozen=True, slots=True)
 class Component:
     """A model or dataset: a built-in name, `module:callable`, or (data only) `dir:PATH` of safetensors files.
@@ -242,9 +245,10 @@ class JobSpec:
         if self.data_digest is not None and not is_digest(self.data_digest):
             raise _fail("data_digest", "expected 64 lowercase hex characters")
         if not isinstance(self.versions, Mapping) or len(self.versions) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 128 for k, v in self.versions.items()
+            isinstance(k, str) and isinstance(v, str) and _DIST_NAME.fullmatch(k) and len(v) <= 128 for k, v in self.versions.items()
         ):
-            raise _fail("versions", "expected at most 16 short string pairs")
+            raise _fail("versions", "expected at most 16 pairs of a distribution name (lowercase letters, digits, '.', "
+                        "'-', at most 64) and a short version string")
         object.__setattr__(self, "versions", dict(sorted(self.versions.items())))
 
     @property

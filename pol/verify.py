@@ -24,6 +24,8 @@ The solver never supplies randomness, hyper-parameters or thresholds: all come f
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import math
 import secrets
 import time
@@ -50,7 +52,7 @@ from .errors import (
     VersionMismatch,
 )
 from .spec import JobSpec
-from .zoo import get_transformers_version, is_zoo_model
+from .zoo import is_zoo_model
 
 __all__ = [
     "Thresholds",
@@ -505,26 +507,30 @@ def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
 
 
 def check_versions(spec: JobSpec) -> None:
-    """Raise VersionMismatch unless this pol is the one the spec names, the transformers version it names (a zoo
-    model: transformers' code is the model) is installed, and, in exact numerics, this torch too
-    (its decompositions are part of the exact arithmetic). Native numerics tolerates another torch: its
-    thresholds absorb kernel differences, which calibration measures here."""
+    """Raise VersionMismatch unless this pol is the one the spec names, every third-party distribution it pins
+    (the code user code imports, transformers for a zoo model: that code is the model) is installed here at the
+    same version, and, in exact numerics, this torch too (its decompositions are part of the exact arithmetic).
+    Native numerics tolerates another torch: its thresholds absorb kernel differences, which calibration measures
+    here."""
     made = spec.versions.get("pol")
     if made != __version__:
         raise VersionMismatch(
             f"the bundle was made with pol {made}, this is pol {__version__}: a training step is defined per pol "
             f"version, so replaying it here could only raise false alarms; use pol {made}"
         )
-    made_tf = spec.versions.get("transformers")
-    if made_tf is not None or is_zoo_model(spec.model.name):
+    pinned = {k: v for k, v in spec.versions.items() if k not in ("pol", "torch")}
+    if is_zoo_model(spec.model.name):
+        pinned.setdefault("transformers", "none (not pinned)")
+    for dist, made_dist in sorted(pinned.items()):
         try:
-            here_tf = get_transformers_version()
-        except ComponentError:
-            here_tf = "none (not installed)"
-        if made_tf != here_tf:
+            here_dist = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            here_dist = "none (not installed)"
+        if made_dist != here_dist:
+            hint = " (pip install 'pol[zoo]')" if dist == "transformers" and is_zoo_model(spec.model.name) else ""
             raise VersionMismatch(
-                f"the bundle was made with transformers {made_tf}, this is transformers {here_tf}: its model is "
-                f"transformers' code, defined per version; install transformers=={made_tf} (pip install 'pol[zoo]')"
+                f"the bundle was made with {dist} {made_dist}, this is {dist} {here_dist}: its model runs {dist}'s "
+                f"code, defined per version; install {dist}=={made_dist}{hint}"
             )
     here = torch.__version__.split("+")[0]
     if spec.numerics == "exact" and spec.versions.get("torch") != here:

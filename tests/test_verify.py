@@ -166,6 +166,40 @@ def test_data_differs_is_not_an_accusation(tmp_path):
     assert verify(path, samples=1, seed=0, data_dir=str(tmp_path / "data"), code=code).verdict == "accept"
 
 
+def test_a_bundle_never_chooses_which_local_path_a_verifier_reads(tmp_path, monkeypatch):
+    """`dir:PATH` names a directory on the solver's machine. A verifier that did not say where its copy is gets
+    DataNotProvided (exit 2) before any file is opened: a stranger cannot make it read (or time) a path it picked."""
+    from safetensors.torch import save_file
+
+    from pol.components import CodePolicy
+    from pol.errors import DataNotProvided
+    from pol.spec import spec_from_dict
+    from tests.userpkg import make_data
+
+    data = make_data(64)
+    (tmp_path / "data").mkdir()
+    save_file({"x": data["x"].contiguous(), "y": data["y"].contiguous()}, str(tmp_path / "data" / "a.safetensors"))
+    fields = dict(model="tests.userpkg:make_model", data=f"dir:{tmp_path / 'data'}", loss="mse", steps=4, every=2, batch_size=8)
+    path = train_and_prove(spec_from_dict(fields), tmp_path / "b").path
+    opened: list[str] = []
+    import pol.data
+
+    real = pol.data.load_file
+    monkeypatch.setattr(pol.data, "load_file", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
+    code = CodePolicy.allowing(["tests"])
+    with pytest.raises(DataNotProvided, match="--data-dir"):
+        verify(path, samples=1, seed=0, code=code)
+    assert opened == []
+    result = runner.invoke(app, ["verify", str(path), "--quiet", "--allow-code", "tests"])
+    assert result.exit_code == 2 and "reads no path a bundle names" in result.stderr and opened == []
+    assert verify(path, samples=1, seed=0, data_dir=str(tmp_path / "data"), code=code).verdict == "accept"
+    # the verifier's own spec file names its own data: --spec uses that path
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(fields))
+    ok = runner.invoke(app, ["verify", str(path), "--spec", str(spec_file), "--quiet", "--allow-code", "tests", "--seed", "1"])
+    assert ok.exit_code == 0, ok.output
+
+
 def test_cli_exit_codes_and_json(honest_bundles, tmp_path):
     ok = runner.invoke(app, ["verify", str(honest_bundles["cnn"]), "--samples", "2", "--seed", "5", "--json"])
     assert ok.exit_code == 0, ok.output

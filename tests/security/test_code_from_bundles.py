@@ -104,6 +104,64 @@ def test_code_digest_reads_files_and_imports_nothing(tmp_path, monkeypatch):
         compute_code_digest("no_such_pkg_here:make")
 
 
+def test_code_digest_cache_never_hides_a_change(tmp_path, monkeypatch):
+    """The per-process digest cache is keyed by each file's size, inode and mtime, and only files older than the
+    clock's granularity are cached: a same-size edit made at once (same mtime tick), or later with any mtime,
+    still changes the digest."""
+    import os
+
+    from pol import components
+
+    pkg = tmp_path / "cached_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("A = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh = compute_code_digest("cached_pkg:A")
+    (pkg / "__init__.py").write_text("A = 2\n")  # same size, within the same mtime tick: never cached
+    assert compute_code_digest("cached_pkg:A") != fresh
+    old = 1_600_000_000
+    os.utime(pkg / "__init__.py", (old, old))
+    before = compute_code_digest("cached_pkg:A")
+    hashed = []
+    real = components.Path.read_bytes
+    monkeypatch.setattr(components.Path, "read_bytes", lambda self: hashed.append(self) or real(self))
+    assert compute_code_digest("cached_pkg:A") == before and hashed == []  # cached: no file read again
+    (pkg / "__init__.py").write_text("A = 3\n")
+    os.utime(pkg / "__init__.py", (old + 1, old + 1))
+    assert compute_code_digest("cached_pkg:A") not in (before, fresh) and len(hashed) == 1
+
+
+def test_third_party_code_a_user_package_imports_is_pinned_by_version(tmp_path, monkeypatch):
+    """The distributions a user package imports run as part of its model: their versions are bound into the spec
+    (read from the source, nothing imported), and a verifier with another version cannot verify."""
+    import importlib.metadata
+
+    from pol.components import compute_imported_versions
+    from pol.errors import SpecError, VersionMismatch
+    from pol.spec import spec_from_dict
+    from pol.verify import check_versions
+
+    pkg = tmp_path / "importing_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("open('MARKER', 'w').close()\nimport os, json\nfrom . import sub\n")
+    (pkg / "sub.py").write_text("import numpy as np\nimport torch.nn\nfrom importing_pkg import sub\nimport no_such_dist_xyz\n"
+                                "def f():\n    from safetensors.torch import save_file\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    got = compute_imported_versions("importing_pkg.sub:f")
+    assert got == {"numpy": importlib.metadata.version("numpy"), "safetensors": importlib.metadata.version("safetensors")}
+    assert not (tmp_path / "MARKER").exists()
+    spec = spec_from_dict({"model": "mlp", "versions": {"pol": __import__("pol").__version__, **got}})
+    check_versions(spec)
+    with pytest.raises(VersionMismatch, match="numpy 0.0.1"):
+        check_versions(spec.replace(versions={**spec.versions, "numpy": "0.0.1"}))
+    with pytest.raises(VersionMismatch, match="not installed"):
+        check_versions(spec.replace(versions={**spec.versions, "no-such-dist-xyz": "1.0"}))
+    for hostile in ("../../etc", "Numpy", "a/b", "", "x" * 65):  # a version key is a distribution name, never a path
+        with pytest.raises(SpecError, match="versions"):
+            spec_from_dict({"model": "mlp", "versions": {hostile: "1"}})
+
+
 def test_allow_list_names_packages(tmp_path):
     policy = CodePolicy.allowing(["mypkg.models"])
     assert policy.permits("mypkg.models") and policy.permits("mypkg.models.deep")

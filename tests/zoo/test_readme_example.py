@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
 from typer.testing import CliRunner
@@ -71,8 +71,13 @@ def test_a_transformers_model_on_sklearn_digits_trains_and_verifies(tmp_path, mo
     assert done.exit_code == 0, done.output
     job = runner.invoke(app, ["job", "--spec", "job.toml", "--numerics", numerics, "--id"])
     assert job.exit_code == 0, job.output
-    refused = runner.invoke(app, ["verify", "run", "--job-id", job.output.strip()])
+    spec = json.loads(runner.invoke(app, ["job", "--spec", "job.toml", "--numerics", numerics, "--json"]).output)["spec"]
+    assert spec["versions"]["transformers"] == transformers.__version__  # the package imports it: pinned
+    refused = runner.invoke(app, ["verify", "run", "--job-id", job.output.strip(), "--data-dir", "digits"])
     assert refused.exit_code == 2 and "not allowed" in refused.output
-    done = runner.invoke(app, ["verify", "run", "--job-id", job.output.strip(), "--allow-code", "digitsjob", "--samples", "3", "--json"])
+    no_data = runner.invoke(app, ["verify", "run", "--job-id", job.output.strip(), "--allow-code", "digitsjob"])
+    assert no_data.exit_code == 2 and "--data-dir" in no_data.output
+    done = runner.invoke(app, ["verify", "run", "--job-id", job.output.strip(), "--data-dir", "digits", "--allow-code", "digitsjob",
+                               "--samples", "3", "--json"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["verdict"] == "accept"
