@@ -1,12 +1,13 @@
 """Pinpoint disputes: narrow a disagreement over a training run to one step, then to one operator, which a referee
 executes alone (DESIGN section 6; Verde-style refereed delegation).
 
-    capture   CaptureMode, capture_step: one step's aten operators as a DAG with canonical node ids
+    capture   CaptureMode, capture_step: one step's aten operators as a DAG with canonical node ids (a torch
+              random draw pol serves, dropout included, is a node keyed by its pol.rng key)
     graph     node records, structure root, prefix commitments, JSON/GraphML/DOT writers and the summary
     messages  typed dispute messages with a strict canonical-JSON form
     protocol  the pure state machine apply_message(state, message, now) with a chess clock per party; no operator
     referee   compute_ruling (the referee's move), compute_verdict: one operator, bit-exact in exact numerics,
-              TAO-style tolerance in native
+              TAO-style tolerance in native (a random draw: re-derived under its key, bit-exact in both)
     parties   Solver, Challenger, their faulty/lying variants (Behaviour, ANSWERS), train_with_fault
     runner    run_dispute (in one process or with parties as processes), check_transcript; the venue's rules
     party     a party as a process speaking line-delimited JSON (python -m pinpoint)

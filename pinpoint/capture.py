@@ -12,6 +12,16 @@ comes from (`param/...`, `buffer/...`, `optim/...` of the agreed start state, `b
 `rng/dropout/<layer>/<call>/<row offset>` from pol.rng, `module/<buffer>` for model constants), which the referee
 can re-derive or check against the agreed state digest.
 
+A torch random operator (nn.Dropout's `bernoulli_`, `native_dropout`, `rand*`, `randn*`, `normal_`...) is served by
+pol's RandomMode, entered by `pol.engine` around each micro-batch above the capture. It hands each draw to
+`CaptureMode.serve_random_draw` (`pol.randomness.DRAW_OBSERVER`), which records it as one node: the operator with its
+inputs and arguments as the program called it, plus `"draw": [micro-batch, position]`, the key training used
+(seed, "torch/step", [step, micro-batch, position]) read from that RandomMode. The key is part of the agreed
+structure (a solver claiming another is settled by tracing the step); the referee re-executes the node under a
+RandomMode of that key, so a claimed mask or noise that is not pol.rng's is ruled wrong. What the RandomMode runs
+to place the values (copies, dropout's scaling) is part of the draw's node; a draw's backward is recorded as the
+ordinary operators it runs.
+
 `run_captured_step` runs `pol.engine.one_step` itself, with the capture as a step hook;
 a `Fault` makes the capture corrupt one element of one node's output, which is how faulty solvers are built.
 
@@ -37,6 +47,7 @@ from pol.canonical import Digest, compute_hash
 from pol.components import CodePolicy
 from pol.digest import state_digest, tensor_digest
 from pol.engine import Runtime, StepHooks, build_runtime, capture_state, restore_state
+from pol.randomness import RandomMode, route_random
 from pol.spec import JobSpec
 
 from .errors import CaptureError
@@ -294,8 +305,11 @@ class CaptureMode(TorchDispatchMode):
     `views` collects the positions of operators whose output aliases an input (never a fault target).
     """
 
-    def __init__(self, leaves: Mapping[str, torch.Tensor], fault: Fault | None = None, watch: int | None = None) -> None:
+    def __init__(self, leaves: Mapping[str, torch.Tensor], fault: Fault | None = None, watch: int | None = None,
+                 step: int | None = None) -> None:
         super().__init__()
+        self.step = step  # the step captured: its random draws must be keyed by it
+        self._inside_draw = 0  # > 0 while pol's RandomMode serves a recorded draw
         self.nodes: list[Node] = []
         self.watch = watch  # copy this node's input and output tensors into `watched` (for a Reveal)
         self.watched: dict[str, torch.Tensor] = {}
@@ -345,8 +359,7 @@ class CaptureMode(TorchDispatchMode):
         if name is None:
             raise CaptureError(
                 f"the step read a {tuple(t.shape)} {t.dtype} tensor that is neither computed in the step nor a named "
-                "leaf (state, batch, pol.rng draw or model constant); a model that draws torch random numbers "
-                "(nn.Dropout, torch.rand: served by pol.randomness) cannot be disputed operator by operator yet"
+                "leaf (state, batch, pol.rng draw or model constant)"
             )
         index = len(self.nodes)
         meta = _meta(t)
@@ -357,18 +370,49 @@ class CaptureMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self._inside_draw:  # an operator pol's RandomMode issues while serving a draw: part of the draw's node
+            return func(*args, **kwargs)
+        return self._record(func, args, kwargs, lambda: func(*args, **kwargs), None)
+
+    def serve_random_draw(self, mode: RandomMode, func: Any, args: Any, kwargs: Mapping[str, Any]) -> Any:
+        """Record one torch random operator that pol's RandomMode (the mode above this one) serves as one node.
+
+        The node is the operator with its arguments and inputs as the program called it, plus `"draw":
+        [micro-batch, position]`: the key the draw takes, (seed, "torch/step", [step, micro-batch, position]), read
+        from the RandomMode that serves it, so it is the key training used. The operators the RandomMode issues to
+        place the values (copies, dropout's scaling) run below unrecorded: the referee re-executes the whole draw
+        under a RandomMode of that key (`pol.randomness.DRAW_OBSERVER`). Raises CaptureError for a RandomMode that
+        is not a step's.
+        """
+        if mode.purpose != "step" or len(mode.counters) != 2 or (self.step is not None and mode.counters[0] != self.step):
+            raise CaptureError(f"a random draw keyed ({mode.purpose!r}, {list(mode.counters)}) inside the capture of "
+                               f"step {self.step}: only a step's own draws can be recorded")
+        draw = [mode.counters[1], mode.position]
+
+        def serve() -> Any:
+            self._inside_draw += 1
+            try:
+                return route_random(mode, func, args, dict(kwargs))
+            finally:
+                self._inside_draw -= 1
+
+        return self._record(func, args, dict(kwargs), serve, draw)
+
+    def _record(self, func: Any, args: Any, kwargs: dict[str, Any], run: Callable[[], Any], draw: list[int] | None) -> Any:
         self._settle()
         tensors: list[torch.Tensor] = []
         scalars: list[str] = []
-        encoded = {
+        encoded: dict[str, Any] = {
             "args": [encode_args(a, tensors, scalars) for a in args],
             "kwargs": {k: encode_args(kwargs[k], tensors, scalars) for k in sorted(kwargs)},
         }
+        if draw is not None:
+            encoded["draw"] = draw
         inputs = tuple(self.source(t) for t in tensors)
         in_shapes = [tuple(t.shape) for t in tensors]
         if self.watch == len(self.nodes):
             self._copy("input", tensors)
-        out = func(*args, **kwargs)
+        out = run()
         index = len(self.nodes)
         outputs = get_outputs(func, args, kwargs, out)
         if _is_view_op(func):
@@ -470,7 +514,7 @@ def capture_hooks(rt: Runtime, fault: Fault | None = None, watch: int | None = N
 
     def capture(batch: Mapping[str, torch.Tensor]) -> CaptureMode:
         leaves = {**_state_tensors(rt), **_module_constants(rt), **{f"batch/{name}": t for name, t in batch.items()}}
-        modes.append(CaptureMode(leaves, fault if fault is not None and fault.step == s else None, watch))
+        modes.append(CaptureMode(leaves, fault if fault is not None and fault.step == s else None, watch, step=s))
         return modes[-1]
 
     return StepHooks(capture, lambda offset: _named_masks(rt, modes[-1], offset)), modes

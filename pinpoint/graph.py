@@ -1,9 +1,9 @@
 """The operator graph of one training step: node records, their canonical encoding, prefix commitments, viewers.
 
-A node is one aten operator as the training program executed it (forward, autograd backward, optimizer update),
-or one of two virtual operators: `pol.leaf` (a tensor the step reads but does not compute: a state tensor, a batch
-tensor, a dropout mask from pol.rng, a model constant) and `pol.state` (the last node: the digest of the state the
-step ends in). Node ids are execution positions 0..n-1; edges go from the node that produced an input (by its
+A node is one aten operator as the training program executed it (forward, autograd backward, optimizer update;
+a torch random operator pol serves carries its pol.rng key in `args["draw"]`), or one of two virtual operators:
+`pol.leaf` (a tensor the step reads but does not compute: a state tensor, a batch tensor, a built-in model's
+pol.rng dropout mask, a model constant) and `pol.state` (the last node: the digest of the state the step ends in). Node ids are execution positions 0..n-1; edges go from the node that produced an input (by its
 position and output index) to the node that read it. Nothing depends on networkx's insertion or traversal order.
 
 Each node has two halves:

@@ -13,6 +13,12 @@ checked against the agreed digests by the protocol) and compares:
   gamma_L bound on a length-L dot product, widened by the magnitude of the terms; it is loose on purpose (honest
   hardware differences are a few ulps) and still far below the one-element corruption a fault makes.
 
+A torch random operator (dropout, noise) is a node keyed by its agreed `draw` argument [micro-batch, position]: the
+referee re-executes it under `pol.randomness.random_context(seed, "step", [step, micro-batch])` at that position,
+as training drew it, from the job's seed and the disputed step (no model, data or user code), and rules on its
+digest in both numerics (pol.rng's draws are the same bits on every machine). A random operator without a key, or
+a key on an operator that draws nothing, is ruled wrong: the referee never calls torch's own generators.
+
 Virtual nodes cost no floating-point work: a `pol.leaf` is re-derived (batch from the data, dropout mask from
 pol.rng, model constant from the model's constructor) or checked against the agreed start state's per-tensor
 digests; `pol.state` re-hashes the revealed end-state tensors.
@@ -30,6 +36,7 @@ assert the referee's work is one operator.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -40,7 +47,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pol import rng
-from pol.canonical import Digest
+from pol.canonical import MAX_SAFE_INTEGER, Digest
 from pol.components import CodePolicy
 from pol.data import batch_indices, build_dataset, data_digest
 from pol.digest import state_digest
@@ -48,6 +55,7 @@ from pol.engine import verify_code
 from pol.errors import DataDiffers, StateMismatch
 from pol.models import SeededDropout, build_model
 from pol.numerics import numerics_context
+from pol.randomness import is_random_operator, is_served_draw, random_context
 from pol.spec import JobSpec
 
 from .capture import (
@@ -279,9 +287,34 @@ def _output_bytes(func: Any, node: Node, tensors: Mapping[str, torch.Tensor], sc
         return sum(math.prod(m.shape) * 8 for m in node.outputs if m.kind == "tensor")
 
 
-def _verdict_op(spec: JobSpec, node: Node, tensors: Mapping[str, torch.Tensor]) -> tuple[bool, str, int]:
+def _draw_key(node: Node, func: Any) -> tuple[int, int] | None:
+    """The (micro-batch, position) a random operator's node is keyed by (its agreed `draw` argument), None for an
+    operator that draws nothing. Raises ValueError for a random operator without a well-formed key, or a key on an
+    operator pol does not serve as a draw: the referee never calls torch's own generators."""
+    draw = node.args.get("draw") if isinstance(node.args, Mapping) else None
+    if not is_served_draw(func):
+        if draw is not None or is_random_operator(func):
+            raise ValueError(f"{node.op} is not a draw pol serves from a key")
+        return None
+    if (not isinstance(draw, list) or len(draw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in draw)
+            or not all(0 <= v <= MAX_SAFE_INTEGER for v in draw)):
+        raise ValueError(f"the random operator {node.op} carries no [micro-batch, position] draw key")
+    return int(draw[0]), int(draw[1])
+
+
+def _draw_context(spec: JobSpec, step: int, key: tuple[int, int] | None) -> contextlib.AbstractContextManager[Any]:
+    """The RandomMode a draw ran under in training: seed, step, micro-batch, and its position within them."""
+    if key is None:
+        return contextlib.nullcontext()
+    mode = random_context(spec.seed, "step", [step, key[0]])
+    mode.position = key[1]
+    return mode
+
+
+def _verdict_op(spec: JobSpec, step: int, node: Node, tensors: Mapping[str, torch.Tensor]) -> tuple[bool, str, int]:
     try:
         func = get_aten_op(node.op)
+        key = _draw_key(node, func)
         scalars = [float.fromhex(h) for h in node.scalars]
         size = _output_bytes(func, node, tensors, scalars)
         if size > MAX_OUTPUT_BYTES:  # bounded before memory is spent: no honest step makes such an operator output
@@ -292,13 +325,17 @@ def _verdict_op(spec: JobSpec, node: Node, tensors: Mapping[str, torch.Tensor]) 
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         return False, f"the node's operator or arguments cannot be decoded: {exc}", 0
     counter = _CountingMode()
-    try:
-        with numerics_context(spec.numerics), counter:
+    try:  # a draw: served by pol.rng under its key, as in training (the counter above sees the one operator)
+        with numerics_context(spec.numerics), _draw_context(spec, step, key), counter:
             out = func(*args, **kwargs)
     except Exception as exc:  # the solver's claimed call itself fails: its claim cannot be right
         return False, f"{node.op} fails on the revealed inputs: {type(exc).__name__}: {str(exc)[:200]}", counter.count
     originals = [tensors[f"input/{slot}"] for slot in range(len(node.inputs))]
-    ok, why = _outputs_match(node, get_outputs(func, args, kwargs, out), originals, tensors, spec.numerics)
+    # pol's draws are the same bits on every machine: a draw is ruled by its digest in native numerics too
+    ok, why = _outputs_match(node, get_outputs(func, args, kwargs, out), originals, tensors,
+                             "exact" if key is not None else spec.numerics)
+    if key is not None:
+        why = f"{why} (draw keyed by step {step}, micro-batch {key[0]}, position {key[1]})"
     return ok, why, counter.count
 
 
@@ -330,7 +367,7 @@ def compute_verdict(
         ok, why, executed, flops = _verdict_element(spec, node, tensors, element)
         return Verdict(ok, why, executed, flops, time.perf_counter() - started)
     else:
-        ok, why, executed = _verdict_op(spec, node, tensors)
+        ok, why, executed = _verdict_op(spec, step, node, tensors)
     return Verdict(ok, why, executed, node.flops if executed else 0, time.perf_counter() - started)
 
 

@@ -424,9 +424,10 @@ def check_transcript(path: str | Path, *, data_dir: str | None = None, code: Cod
                      max_bytes: int = MAX_TRANSCRIPT_BYTES) -> CheckResult:
     """Re-check a transcript as a third party: replay every message, recompute the ruling, compare the outcome.
 
-    It checks a ruling from what the transcript holds (revealed inputs, digests): an operator node, a state leaf or
-    the state node needs no model, data or user code, so a third party without the job's code can check it. Only a
-    leaf the referee re-derives (a batch, a dropout mask, a model buffer) or a traced step builds the job, and then
+    It checks a ruling from what the transcript holds (revealed inputs, digests): an operator node (a torch random
+    draw included: re-derived from the spec's seed and its key), a state leaf or the state node needs no model, data
+    or user code, so a third party without the job's code can check it. Only a leaf the referee re-derives (a batch,
+    a built-in model's dropout mask, a model buffer) or a traced step builds the job, and then
     only with code `code` allows, after checking its code digest.
     Raises TranscriptError naming the first problem; CodeNotAllowed, CodeDiffers, DataDiffers (and what building the
     job raises) when this machine cannot check the ruling ("cannot check", exit 2).

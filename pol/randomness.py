@@ -63,6 +63,13 @@ Stacking: enter RandomMode inside (after) `exact_mode()`. Random operators reach
 ExactMode; what RandomMode then computes on tensors (the copy of the values, dropout's `div_` and `mul`) reaches
 ExactMode as single-rounding operators. The draws themselves are made with every mode disabled.
 
+Observing draws: when the dispatch mode directly below a RandomMode (the next one on torch's mode stack) has a
+method `serve_random_draw(mode, func, args, kwargs)` (`DRAW_OBSERVER`), each operator the RandomMode serves itself
+from one key (`is_served_draw`: a random operator with a handler, or its `.out` overload) is handed to that method,
+which must return what `route_random(mode, func, args, kwargs)` returns (by calling it). pinpoint's operator
+capture uses it to record a draw as one node, keyed by `mode.counters` and `mode.position`, that a referee
+re-executes under a RandomMode of the same key. Without such a mode nothing changes.
+
 Errors (from `pol.errors`): NumericsError -> UnsupportedOperator(op, why) for a random operator pol cannot serve or
 a dtype it does not define. Invalid arguments (a negative probability, ...) raise torch's own RuntimeError.
 """
@@ -76,7 +83,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode
 
 from pol import rng
 from pol.errors import UnsupportedOperator
@@ -89,6 +96,8 @@ __all__ = [
     "served_operators",
     "refused_operators",
     "is_random_operator",
+    "is_served_draw",
+    "DRAW_OBSERVER",
     "compute_log",
     "compute_exp",
     "compute_uniform01",
@@ -103,6 +112,7 @@ Key = tuple[int, str, tuple[int, ...]]
 Handler = Callable[["RandomMode", OpOverload, dict[str, Any]], Any]
 
 REFUSAL = "pol cannot serve this random operator reproducibly"
+DRAW_OBSERVER = "serve_random_draw"  # the method of a mode below a RandomMode that is handed each served draw
 
 # ----------------------------------------------------------------------------------------------------------------
 # Draws: pure functions of (key, count), numpy float64 with fixed, correctly rounded operations.
@@ -266,7 +276,12 @@ class RandomMode(TorchDispatchMode):
         return key
 
     def __torch_dispatch__(self, func: OpOverload, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        return route_random(self, func, args, kwargs or {})
+        kwargs = kwargs or {}
+        if is_served_draw(func):
+            observer = getattr(_get_current_dispatch_mode(), DRAW_OBSERVER, None)
+            if observer is not None:
+                return observer(self, func, args, kwargs)
+        return route_random(self, func, args, kwargs)
 
 
 def random_context(seed: int, purpose: str, counters: Sequence[int]) -> RandomMode:
@@ -683,6 +698,12 @@ def is_random_operator(func: OpOverload) -> bool:
     """Whether torch marks the operator as drawing from a generator (or it is a keyed float draw pol cannot vouch
     for): such operators are served or refused, never run as they are."""
     return torch.Tag.nondeterministic_seeded in func.tags or func._schema.name.split("::")[1] in _KEYED_FLOAT_DRAWS
+
+
+def is_served_draw(func: OpOverload) -> bool:
+    """Whether a RandomMode serves `func` itself from one key: a random operator with a handler, or an `.out`
+    overload computed through one (not a decomposed composite, a refused operator or a backward it serves)."""
+    return is_random_operator(func) and (func in _HANDLERS or _out_twin(func) is not None)
 
 
 @cache
