@@ -1,5 +1,6 @@
-"""Exact activation handlers: GELU (erf and tanh forms) and its backward as torch's decompositions compute them,
-with the exact erf, exp and tanh.
+"""Exact activation handlers: GELU (erf and tanh forms), SiLU and their backwards, and tanh's backward, as torch's
+decompositions compute them (written out: no dispatch per step, and no dependence on torch's version), with the
+exact erf, exp, tanh and sigmoid; every other step one IEEE rounding, in the decomposition's order.
 
 Raises `UnsupportedOperator` for an approximation other than 'none' and 'tanh'.
 """
@@ -11,7 +12,7 @@ import torch
 from pol.errors import UnsupportedOperator
 from pol.exact import elementwise, native
 
-__all__ = ["gelu_backward", "gelu"]
+__all__ = ["gelu_backward", "gelu", "silu", "silu_backward", "tanh_backward"]
 
 M_SQRT2 = 1.41421356237309504880  # torch's decompositions' constants (Python floats, rounded to float32 in use)
 M_SQRT1_2 = 0.70710678118654752440
@@ -57,3 +58,19 @@ def gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str = "none"
     cdf = (1 + elementwise.exact_erf(x * M_SQRT1_2)) * 0.5
     pdf = elementwise.exact_exp((x * x) * -0.5) * k_beta
     return grad * (cdf + x * pdf)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """aten.silu as torch's decomposition computes it: x * sigmoid(x)."""
+    return x * elementwise.exact_sigmoid(x)
+
+
+def silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """aten.silu_backward as torch's decomposition computes it: s = sigmoid(x), grad * s * (1 + x * (1 - s))."""
+    sigmoid = elementwise.exact_sigmoid(x)
+    return grad * sigmoid * (1 + x * (1 - sigmoid))
+
+
+def tanh_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """aten.tanh_backward as torch's decomposition computes it: grad * (1 - y * y)."""
+    return grad * (1 - y * y)

@@ -239,3 +239,23 @@ def test_batch_norm_with_non_finite_values_and_without_running_statistics() -> N
         got = BN_BWD(go, x, None, None, None, new[1], new[2], True, 1e-5, [True, False, False])
         want = torch._decomp.decomposition_table[BN_BWD](go, x, None, None, None, old[1], old[2], True, 1e-5, [True, False, False])
     assert all(_bits_equal(g, h) for g, h in zip((*new, *got), (*old, *want), strict=True))
+
+
+@pytest.mark.parametrize("op", [aten.silu.default, aten.silu_backward.default, aten.tanh_backward.default])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "broadcast"])
+def test_silu_and_tanh_backward_handlers_equal_the_decomposition(op, layout: str) -> None:  # type: ignore[no-untyped-def]
+    """SiLU, its backward and tanh's backward: the written-out handlers against torch's decomposition under the
+    exact mode, bit for bit, on wide-range values with subnormals, signed zeros, infinities and NaN."""
+    rng = np.random.default_rng(11)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-40, 3e-39, 88.0, -88.0, 104.0, -104.0, float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([f32(wide_rows(rng, (1, 1012), spread=10).reshape(-1)), specials]).reshape(32, 32)
+    g = f32(wide_rows(rng, (1, 1024), spread=6).reshape(32, 32))
+    if layout == "transposed":
+        x, g = x.t(), g.t()
+    elif layout == "broadcast":
+        g = g[:1].expand(32, 32)
+    args = (x,) if op is aten.silu.default else (g, x if op is aten.silu_backward.default else x.clamp(-1, 1))
+    with exact_mode():
+        new = op(*args)
+        old = torch._decomp.decomposition_table[op](*args)
+    assert _bits_equal(new, old)  # NaN payloads included
