@@ -9,8 +9,9 @@ under `exact_mode()` and get the same bits. In native mode the operators run on 
 Inputs are tracked by tensor identity and version counter: a tensor made by an earlier node (or mutated in place
 by one) points at that node's output; a tensor the step only reads becomes a `pol.leaf` node named by where it
 comes from (`param/...`, `buffer/...`, `optim/...` of the agreed start state, `batch/<name>` (x, y, ...),
-`rng/dropout/<layer>/<call>/<row offset>` from pol.rng, `module/<buffer>` for model constants), which the referee
-can re-derive or check against the agreed state digest.
+`rng/dropout/<layer>/<call>/<row offset>` from pol.rng, `module/<buffer>` for model constants, `const/...` for a
+small literal the program makes with `torch.tensor(...)`, its bytes in its name), which the referee can re-derive or
+check against the agreed state digest.
 
 A torch random operator (nn.Dropout's `bernoulli_`, `native_dropout`, `rand*`, `randn*`, `normal_`...) is served by
 pol's RandomMode, entered by `pol.engine` around each micro-batch above the capture. It hands each draw to
@@ -71,6 +72,9 @@ __all__ = [
     "get_outputs",
     "get_fault_candidates",
     "is_view_node",
+    "compute_constant_name",
+    "compute_constant_value",
+    "MAX_CONSTANT_BYTES",
 ]
 
 _VIEW_FREE = 0  # FLOPs of data movement
@@ -184,6 +188,43 @@ def get_aten_op(name: str) -> torch._ops.OpOverload:
     if not isinstance(op, torch._ops.OpOverload):
         raise ValueError(f"no aten operator {name!r}")
     return op
+
+
+MAX_CONSTANT_BYTES = 1024  # the largest torch.tensor(literal) a step may read: its bytes are in the leaf's name
+_LIFT_FRESH = frozenset(("aten.lift_fresh.default", "aten.lift_fresh_copy.default"))
+_CONSTANT_DTYPES = frozenset(("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"))
+
+
+def compute_constant_name(t: torch.Tensor) -> str:
+    """The leaf name of a literal tensor a step makes (`torch.tensor([...])` in the model's code):
+    `const/<dtype>/<shape, x-separated>/<bytes as hex>`, so the value is part of the agreed structure and the referee
+    re-derives it from the name alone (`compute_constant_value`). Raises CaptureError beyond MAX_CONSTANT_BYTES."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    with _disable_current_modes():
+        size = t.numel() * t.element_size()
+        if dtype not in _CONSTANT_DTYPES or size > MAX_CONSTANT_BYTES:
+            raise CaptureError(f"the step makes a {tuple(t.shape)} {dtype} literal tensor: only literals of at most "
+                               f"{MAX_CONSTANT_BYTES} bytes of a real dtype can be named (their bytes go in the structure)")
+        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if size else b""
+    return f"const/{dtype}/{'x'.join(str(d) for d in t.shape)}/{raw.hex()}"
+
+
+def compute_constant_value(name: str) -> torch.Tensor:
+    """The tensor a `const/...` leaf name spells (little-endian bytes). Raises ValueError."""
+    kind, dtype, dims, payload = name.split("/")
+    if kind != "const" or dtype not in _CONSTANT_DTYPES:
+        raise ValueError(f"{name[:80]!r} is not a constant leaf name")
+    shape = tuple(int(d) for d in dims.split("x")) if dims else ()
+    raw = bytes.fromhex(payload)
+    if len(raw) > MAX_CONSTANT_BYTES or any(d < 0 for d in shape) or dims != "x".join(str(d) for d in shape):
+        raise ValueError(f"constant leaf {name[:80]!r}: malformed shape or more than {MAX_CONSTANT_BYTES} bytes")
+    with _disable_current_modes():
+        out = torch.empty(shape, dtype=getattr(torch, dtype))
+        if out.numel() * out.element_size() != len(raw):
+            raise ValueError(f"constant leaf {name[:80]!r}: {len(raw)} bytes for a {shape} {dtype} tensor")
+        if raw:
+            out.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    return out
 
 
 # --- FLOP estimate and reduction length -------------------------------------------------------------------------
@@ -408,6 +449,11 @@ class CaptureMode(TorchDispatchMode):
         }
         if draw is not None:
             encoded["draw"] = draw
+        if str(func) in _LIFT_FRESH:  # torch.tensor(literal): the literal, made outside any mode, is a constant leaf
+            self._settle()
+            for t in tensors:
+                if id(t) not in self._producer and id(t) not in self._leaf_names:
+                    self.add_leaf(compute_constant_name(t), t)
         inputs = tuple(self.source(t) for t in tensors)
         in_shapes = [tuple(t.shape) for t in tensors]
         if self.watch == len(self.nodes):

@@ -20,12 +20,13 @@ digest in both numerics (pol.rng's draws are the same bits on every machine). A 
 a key on an operator that draws nothing, is ruled wrong: the referee never calls torch's own generators.
 
 Virtual nodes cost no floating-point work: a `pol.leaf` is re-derived (batch from the data, dropout mask from
-pol.rng, model constant from the model's constructor) or checked against the agreed start state's per-tensor
+pol.rng, model constant from the model's constructor, a literal `const/...` from its name) or checked against the agreed start state's per-tensor
 digests; `pol.state` re-hashes the revealed end-state tensors.
 
 `compute_ruling` is the referee's move in the protocol: it turns a dispute waiting in phase `ruling` into a Ruling.
-What the referee builds follows the trust rule (DESIGN section 8): operator nodes, state leaves and the state node
-need nothing but the revealed tensors; a leaf that must be re-derived (batch, dropout mask, model constant) and a
+What the referee builds follows the trust rule (DESIGN section 8): operator nodes (random draws included), state
+leaves, literal `const/` leaves and the state node need nothing but the revealed tensors, the spec's seed and the
+node; a leaf that must be re-derived (batch, dropout mask, model constant) and a
 structure dispute (a traced step) build the spec's model and data, and only with code the `CodePolicy` allows
 (pol's built-ins always): otherwise CodeNotAllowed, "cannot check", before anything is imported. The data it builds
 must be the committed data (else DataDiffers).
@@ -59,6 +60,7 @@ from pol.randomness import is_random_operator, is_served_draw, random_context
 from pol.spec import JobSpec
 
 from .capture import (
+    compute_constant_value,
     compute_scalar_digest,
     compute_uninitialized_digest,
     compute_value_digest,
@@ -163,6 +165,8 @@ def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ..
         dropouts = [m for m in build_model(spec.model, code).modules() if isinstance(m, SeededDropout)]
         full = rng.keep_mask(spec.seed, "dropout", [step, layer, call], mask_shape, dropouts[layer].p)
         return full[offset : offset + shape[0]]
+    if name.startswith("const/"):  # a literal the program makes (torch.tensor([...])): its bytes are in its name
+        return compute_constant_value(name)
     if name.startswith("module/"):
         verify_code(spec, code)
         # built as the solver built it: under pol's generator when the model initialises itself (a buffer may be random)

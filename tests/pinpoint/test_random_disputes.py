@@ -17,12 +17,16 @@ import pytest
 import torch
 
 from pinpoint.capture import (
+    MAX_CONSTANT_BYTES,
     Fault,
     capture_step,
+    compute_constant_name,
+    compute_constant_value,
     compute_value_digest,
     get_fault_candidates,
     run_captured_step,
 )
+from pinpoint.errors import CaptureError
 from pinpoint.graph import LEAF_OP, StepGraph, to_networkx
 from pinpoint.messages import CHALLENGER, SOLVER
 from pinpoint.parties import Behaviour, Challenger, Solver, train_with_fault
@@ -174,3 +178,44 @@ def test_a_cheat_at_fused_dropout_is_pinned_to_it(bundles: dict[str, Path], tmp_
     result = run_dispute(faulty, 0, solver=Behaviour(fault=fault), transcript=tmp_path / "t.json", code=ALLOW)
     assert (result.outcome.loser, result.node, result.op) == (SOLVER, node, "aten.native_dropout.default")
     assert result.referee_executed == 1 and check_transcript(tmp_path / "t.json").outcome == result.outcome
+
+
+def test_a_literal_tensor_the_step_makes_is_a_constant_leaf_named_by_its_bytes(bundles: dict[str, Path]) -> None:
+    """`torch.tensor([...])` in a model (transformers' cache does it) is read through `lift_fresh`: a `const/` leaf
+    whose name spells its value, so it is agreed with the structure and re-derived from the name alone."""
+    graph = _graph(bundles["noisy"])
+    with open_bundle(bundles["noisy"]) as b:
+        spec = b.spec
+    (leaf,) = [n for n in graph.nodes if n.op == LEAF_OP and n.name.startswith("const/")]
+    assert leaf.name == compute_constant_name(torch.tensor([0.05]))
+    assert compute_verdict(spec, STEP, leaf, {}, "0" * 64).solver_correct  # default CodePolicy: nothing is built
+    forged = dataclasses.replace(leaf, digests=(compute_value_digest(torch.tensor([0.5])),))
+    assert not compute_verdict(spec, STEP, forged, {}, "0" * 64).solver_correct
+    for t in (torch.tensor([]), torch.tensor(3), torch.tensor([[True, False]]), torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+              torch.arange(6, dtype=torch.float64).reshape(2, 3)):
+        back = compute_constant_value(compute_constant_name(t))
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+    with pytest.raises(CaptureError):
+        compute_constant_name(torch.zeros(MAX_CONSTANT_BYTES // 4 + 1))
+    for bad in ("const/float32/2/00", "const/float32/-1/", "const/object/1/00", "const/float32/02/" + "00" * 8,
+                "const/float32/1/zz", "rng/float32/1/00000000", "const/float32/1"):
+        with pytest.raises(ValueError):
+            compute_constant_value(bad)
+
+
+def test_a_cheat_at_a_transformers_dropout_is_pinned_to_it(tmp_path: Path) -> None:
+    """The zoo's GPT-2 (dropout in its embeddings, attention and residuals; a literal in its cache): a faulty draw is
+    found and re-derived with pol's built-ins alone."""
+    pytest.importorskip("transformers")
+    spec = spec_from_dict({"model": "gpt2", "data": {"name": "tokens", "kwargs": {"length": 4096}}, "steps": 2,
+                           "every": 2, "batch_size": 4})
+    honest = train_and_prove(spec, tmp_path / "honest").path
+    graph = _graph(honest)
+    draws = _draws(graph)
+    assert len(draws) == 7 and any(n.name.startswith("const/") for n in graph.nodes if n.op == LEAF_OP)
+    with open_bundle(honest) as b:
+        fault = Fault(STEP, draws[3], 7)
+        faulty = train_with_fault(b.spec, tmp_path / "faulty", fault)
+    result = run_dispute(faulty, 0, solver=Behaviour(fault=fault), transcript=tmp_path / "t.json")
+    assert (result.outcome.loser, result.node, result.referee_executed) == (SOLVER, draws[3], 1)
+    assert check_transcript(tmp_path / "t.json").outcome == result.outcome
