@@ -14,8 +14,10 @@ Grouped (and depthwise) convolutions take one exact product per group; a transpo
 input gradient of the convolution it transposes (and its backward as that convolution's forward and weight
 gradient), so every output element is still one exact sum rounded once.
 
-Raises `UnsupportedOperator` for 3-D convolutions, ceil_mode pooling and
-avg_pool2d with count_include_pad=False and padding, or a divisor override.
+Average pooling takes torch's geometry and divisors: ceil_mode's last partial windows, count_include_pad=False
+(the window clipped to the input) and divisor_override.
+
+Raises `UnsupportedOperator` for 3-D convolutions.
 """
 
 from __future__ import annotations
@@ -178,46 +180,87 @@ def exact_convolution_backward(
     return gi, gw, gb
 
 
-def _verify_pool(ceil_mode: bool, count_include_pad: bool, padding: list[int], divisor_override: int | None) -> None:
-    if ceil_mode:
-        raise UnsupportedOperator("aten.avg_pool2d", "ceil_mode is not supported")
-    if divisor_override is not None:
-        raise UnsupportedOperator("aten.avg_pool2d", "divisor_override is not supported")
-    if not count_include_pad and any(padding):
-        raise UnsupportedOperator("aten.avg_pool2d", "count_include_pad=False with padding is not supported")
-
-
 def _pool_geometry(kernel_size, stride, padding):
     k = _pair(kernel_size, 2)
     s = _pair(stride, 2) if stride else k
     return k, s, _pair(padding, 2)
 
 
+def _pool_out_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """torch's pooling_output_shape (dilation 1): with ceil_mode a last partial window is kept unless it would start
+    inside the right padding."""
+    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _avg_pool_plan(h: int, w: int, k: list[int], s: list[int], p: list[int], ceil_mode: bool, count_include_pad: bool,
+                   divisor_override: int | None, device: torch.device) -> tuple[int, int, list[int], float | torch.Tensor]:
+    """(ho, wo, extra zero rows/columns past the bottom/right padding that the last windows reach, divisor): the
+    divisor a Python number where every window shares it, else a float32 (ho, wo) tensor of integers. torch's rule:
+    divisor_override if given, else the window's size clipped to the padded input (count_include_pad) or to the
+    input itself."""
+    if divisor_override is not None and divisor_override == 0:
+        raise RuntimeError("avg_pool2d: divisor must be not zero")
+    if any(pp > kk // 2 for pp, kk in zip(p, k, strict=True)):
+        raise RuntimeError(f"avg_pool2d: pad should be at most half of effective kernel size, got {p} for {k}")
+    ho, wo = _pool_out_size(h, k[0], s[0], p[0], ceil_mode), _pool_out_size(w, k[1], s[1], p[1], ceil_mode)
+    extra = [max(0, (ho - 1) * s[0] + k[0] - (h + 2 * p[0])), max(0, (wo - 1) * s[1] + k[1] - (w + 2 * p[1]))]
+    if divisor_override is not None:
+        return ho, wo, extra, divisor_override
+    if count_include_pad and not any(extra):
+        return ho, wo, extra, k[0] * k[1]
+
+    def counts(out: int, size: int, kk: int, ss: int, pp: int) -> torch.Tensor:
+        start = torch.arange(out, device=device) * ss - pp
+        end = torch.clamp(start + kk, max=size + pp)
+        if count_include_pad:
+            return end - start
+        return torch.clamp(end, max=size) - torch.clamp(start, min=0)
+
+    rows, cols = counts(ho, h, k[0], s[0], p[0]), counts(wo, w, k[1], s[1], p[1])
+    return ho, wo, extra, (rows.unsqueeze(1) * cols.unsqueeze(0)).to(torch.float32)
+
+
+def _pad_for_windows(x4: torch.Tensor, p: list[int], extra: list[int]) -> torch.Tensor:
+    """x4 (planes, 1, h, w) with zero padding on every side and `extra` more at the bottom/right."""
+    return F.pad(x4, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]))
+
+
 def exact_avg_pool2d(
     x: torch.Tensor, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
 ) -> torch.Tensor:
-    """Average pooling: exact window sums, one division by kh*kw. Raises UnsupportedOperator (see module)."""
+    """Average pooling: each window's exact sum (the input's values and +0 for padding), rounded once, then one IEEE
+    division by the window's divisor (torch's: kh*kw, the window clipped to the padded input or to the input with
+    count_include_pad=False, or divisor_override); ceil_mode keeps torch's last partial windows."""
     k, s, p = _pool_geometry(kernel_size, stride, padding)
-    _verify_pool(ceil_mode, count_include_pad, p, divisor_override)
     lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    ho, wo, extra, divisor = _avg_pool_plan(h, w, k, s, p, ceil_mode, count_include_pad, divisor_override, x.device)
     x4 = x.reshape(-1, 1, h, w)
-    ho = (h + 2 * p[0] - k[0]) // s[0] + 1
-    wo = (w + 2 * p[1] - k[1]) // s[1] + 1
-    cols = F.unfold(x4, k, padding=p, stride=s)  # (NC, kk, L)
-    return (exact_sum(cols, [1]) / (k[0] * k[1])).reshape(*lead, ho, wo)
+    if any(extra):
+        cols = F.unfold(_pad_for_windows(x4, p, extra), k, stride=s)  # (NC, kk, L)
+    else:
+        cols = F.unfold(x4, k, padding=p, stride=s)
+    sums = exact_sum(cols, [1])
+    if isinstance(divisor, torch.Tensor):
+        return (sums.reshape(-1, ho, wo) / divisor).reshape(*lead, ho, wo)
+    return (sums / divisor).reshape(*lead, ho, wo)
 
 
 def exact_avg_pool2d_backward(
     grad_output: torch.Tensor, x: torch.Tensor, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
 ) -> torch.Tensor:
-    """Backward of `exact_avg_pool2d`: grad/divisor added into each window's inputs, one exact sum per input."""
+    """Backward of `exact_avg_pool2d`: grad / divisor (one IEEE division per window) added into each window's inputs,
+    one exact sum per input."""
     k, s, p = _pool_geometry(kernel_size, stride, padding)
-    _verify_pool(ceil_mode, count_include_pad, p, divisor_override)
     h, w = x.shape[-2:]
+    ho, wo, extra, divisor = _avg_pool_plan(h, w, k, s, p, ceil_mode, count_include_pad, divisor_override, x.device)
     planes = x.numel() // (h * w)
     pos = torch.arange(1, h * w + 1, dtype=torch.float64, device=x.device).reshape(1, 1, h, w)
-    slots = F.unfold(pos, k, padding=p, stride=s).to(torch.int64)[0] - 1  # (kk, L), -1 for padding
-    g = (grad_output / (k[0] * k[1])).reshape(planes, 1, -1).expand(planes, slots.shape[0], slots.shape[1])
+    slots = F.unfold(_pad_for_windows(pos, p, extra), k, stride=s).to(torch.int64)[0] - 1  # (kk, L), -1 for padding
+    g = grad_output.reshape(planes, ho, wo) / divisor
+    g = g.reshape(planes, 1, -1).expand(planes, slots.shape[0], slots.shape[1])
     plane_base = (torch.arange(planes, device=x.device) * (h * w)).view(-1, 1, 1)
     target = torch.where(slots >= 0, plane_base + slots, torch.full_like(plane_base + slots, planes * h * w))
     out = sum_into_slots(g.reshape(-1), target.reshape(-1), planes * h * w + 1)
