@@ -160,7 +160,22 @@ def _direct(func: OpOverload) -> Handler | None:
     handler = _GUARDED.get(func)
     if handler is not None:
         return handler
-    return func._op if packet in PASSTHROUGH_PACKETS else None
+    if packet in PASSTHROUGH_PACKETS:
+        return func._op
+    if func in DECOMPOSED or _is_composite(func):
+        return None
+    functional = _inplace_functional(func)
+    if functional is None or not is_supported(functional):
+        return None
+    out_of_place = _direct(functional)
+    if out_of_place is None:
+        return None
+
+    def in_place(*args: Any, **kwargs: Any) -> Any:  # route_operator's step 5, without its look-ups each call
+        args[0].copy_(out_of_place(*args, **kwargs))
+        return args[0]
+
+    return in_place
 
 
 class ExactMode(TorchDispatchMode):

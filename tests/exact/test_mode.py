@@ -171,3 +171,31 @@ def test_decomposed_operators_run_exactly_and_close_to_native(fn) -> None:  # ty
         (g,) = torch.autograd.grad(out.sum(), x)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     assert torch.allclose(g, gref, rtol=1e-4, atol=1e-5)
+
+
+def test_in_place_forms_run_directly_as_route_operator_runs_them() -> None:
+    """An in-place operator whose functional form has a handler (or passes through) is run without route_operator's
+    look-ups each call (mode._DIRECT): the same result as routing it, written into `self`, which is returned."""
+    from pol.exact import mode as exact_mode_module
+
+    rng = np.random.default_rng(5)
+    a, b = f32(rng.standard_normal((4, 6)) * 1e3), f32(rng.standard_normal((4, 6)))
+    cases = [
+        (aten.add_.Tensor, (b,), {"alpha": 0.3}),
+        (aten.sub_.Tensor, (b,), {}),
+        (aten.addcmul_.default, (b, a), {"value": -0.7}),
+        (aten.lerp_.Scalar, (b, 0.25), {}),
+        (aten.exp_.default, (), {}),
+    ]
+    for op, rest, kwargs in cases:
+        assert exact_mode_module._direct(op) is not None, op
+        x, y = a.clone() * 1e-3, a.clone() * 1e-3
+        mode = exact_mode()
+        with mode:
+            got = op(x, *rest, **kwargs)
+        routed = exact_mode_module.route_operator(mode, op, (y, *rest), kwargs)
+        assert got is x and routed is y and torch.equal(x.view(torch.int32), y.view(torch.int32)), op
+    steps = torch.zeros((), dtype=torch.int64)
+    with exact_mode():
+        steps.add_(1)
+    assert int(steps) == 1
