@@ -240,10 +240,11 @@ def test_product_kernels_differential(m: int, k: int, n: int, seed: int, spread:
     assert same_bits(native.product(a.unsqueeze(0), b.unsqueeze(0))[0], ref)  # type: ignore[index]
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (17, 40, 9), (64, 256, 48), (33, 100, 130)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (17, 40, 9), (64, 256, 48), (33, 100, 130), (300, 70, 8), (520, 147, 16), (9, 64, 300)])
 def test_both_product_forms_of_the_kernels_equal_the_reference(m: int, k: int, n: int) -> None:
     """`native.product` takes the float64 form for 2-D products where the int8 form has no one-pass VNNI kernel
-    (`torch._int_mm` is slow there); both forms stay bit-identical to the definition, signed zeros included."""
+    (`torch._int_mm` is slow there), as (B^T A^T)^T where few output columns make that faster; every form stays
+    bit-identical to the definition, signed zeros included."""
     dll = native._library()
     rng = np.random.default_rng(m * k + n)
     a, b = f32(wide_rows(rng, (1, m, k), spread=25)), f32(wide_rows(rng, (1, k, n), spread=25))
@@ -253,6 +254,8 @@ def test_both_product_forms_of_the_kernels_equal_the_reference(m: int, k: int, n
     assert same_bits(native._product_int8(dll, a, b)[0], ref)  # type: ignore[index]
     assert same_bits(native.product(a[0], b[0]), ref)  # type: ignore[arg-type]
     assert same_bits(native.product(a[0].t().contiguous().t(), b[0]), ref)  # type: ignore[arg-type]
+    assert same_bits(native.product(b[0].t(), a[0].t()), ref.t())  # type: ignore[arg-type]
+    assert native._transposed_pays(m, k, n) == ((m, k, n) in ((300, 70, 8), (520, 147, 16))) or native.vnni()
 
 
 @pytest.mark.skipif(not native.vnni(), reason="the kernels were built without AVX-512 VNNI on this CPU")
