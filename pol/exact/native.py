@@ -244,9 +244,6 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     if dll is None or not _cpu_f32(a, b) or a.dim() not in (2, 3) or 0 in a.shape or b.shape[-1] == 0:
         return None
     k = a.shape[-1]
-    if a.dim() == 2 and _transposed_pays(a.shape[0], k, b.shape[1]):
-        transposed = product(b.t(), a.t())  # the definition is symmetric: (A B)^T = B^T A^T bit for bit
-        return None if transposed is None else transposed.t().contiguous()
     # batched: 5 GEMM calls per entry cost more than the float64 form (measured), and so does the one-pass VNNI
     # kernel at attention's sizes (0.26 against 0.22 ms at (64,32,32)x(64,32,16): splitting into int8 costs more).
     # 2-D: the int8 form only with the one-pass VNNI kernel; without it `torch._int_mm` has no fast int8 kernel
@@ -258,14 +255,6 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     else:
         return None
     return out if out is None or a.dim() == 3 else out[0]
-
-
-def _transposed_pays(m: int, k: int, n: int) -> bool:
-    """Whether a 2-D float64-form product (M, K) @ (K, N) is faster as (B^T A^T)^T: a float64 GEMM with few output
-    columns runs at half speed (measured at 1 thread, AVX2: 0.92 against 0.45 ms at 512x147x16, 1.45 against 0.71
-    at 2048x64x16; no gain at N = 64 or M < 8N). The same bits: row and column scales and limb pairs swap roles,
-    and the kept pairs s + t <= 4 are symmetric."""
-    return n <= 32 and m >= 8 * n and k >= 64 and not (k > F64_MAX_K or _one_pass_int8(k))
 
 
 def _one_pass_int8(k: int) -> bool:
@@ -343,7 +332,11 @@ def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     def gemm(lo: int, hi: int) -> int:
         return dll.gemm_f64_exact(pl + 8 * lo * m * kk, pr + 8 * lo * kk * n, pv + 8 * lo * m * n, hi - lo, m, kk, n)
 
-    if any(_parallel(z, m * kk * n, gemm)):  # no AVX-512, N % 8 != 0 or too large for its blocking
+    def gemm_rows(lo: int, hi: int) -> int:  # one batch entry: threads take blocks of 4 rows
+        return dll.gemm_f64_exact(pl + 8 * 4 * lo * kk, pr, pv + 8 * 4 * lo * n, 1, min(m, 4 * hi) - 4 * lo, kk, n)
+
+    rcs = _parallel(z, m * kk * n, gemm) if z > 1 else _parallel(-(-m // 4), 4 * kk * n, gemm_rows)
+    if any(rcs):  # the kernel declined: N % 8 != 0, or sizes where the library's blocked GEMM is faster
         v = torch.bmm(left, right).contiguous()
     out = torch.empty((z, m, n), dtype=torch.float32)
     dll.combine_f32(_ptr(v), z, m, n, _ptr(ea), _ptr(eb), _ptr(out))

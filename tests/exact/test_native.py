@@ -240,11 +240,11 @@ def test_product_kernels_differential(m: int, k: int, n: int, seed: int, spread:
     assert same_bits(native.product(a.unsqueeze(0), b.unsqueeze(0))[0], ref)  # type: ignore[index]
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (17, 40, 9), (64, 256, 48), (33, 100, 130), (300, 70, 8), (520, 147, 16), (9, 64, 300)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (17, 40, 9), (64, 256, 48), (33, 100, 130), (300, 70, 8), (521, 147, 16), (9, 64, 300)])
 def test_both_product_forms_of_the_kernels_equal_the_reference(m: int, k: int, n: int) -> None:
     """`native.product` takes the float64 form for 2-D products where the int8 form has no one-pass VNNI kernel
-    (`torch._int_mm` is slow there), as (B^T A^T)^T where few output columns make that faster; every form stays
-    bit-identical to the definition, signed zeros included."""
+    (`torch._int_mm` is slow there); both forms stay bit-identical to the definition, signed zeros included, and
+    so does (B^T A^T)^T: the definition is symmetric."""
     dll = native._library()
     rng = np.random.default_rng(m * k + n)
     a, b = f32(wide_rows(rng, (1, m, k), spread=25)), f32(wide_rows(rng, (1, k, n), spread=25))
@@ -255,7 +255,48 @@ def test_both_product_forms_of_the_kernels_equal_the_reference(m: int, k: int, n
     assert same_bits(native.product(a[0], b[0]), ref)  # type: ignore[arg-type]
     assert same_bits(native.product(a[0].t().contiguous().t(), b[0]), ref)  # type: ignore[arg-type]
     assert same_bits(native.product(b[0].t(), a[0].t()), ref.t())  # type: ignore[arg-type]
-    assert native._transposed_pays(m, k, n) == ((m, k, n) in ((300, 70, 8), (520, 147, 16))) or native.vnni()
+
+
+@pytest.mark.parametrize("z,m,kk,n", [(1, 1, 8, 8), (3, 17, 48, 16), (1, 521, 441, 16), (2, 5, 96, 128), (1, 6, 4096, 8),
+                                       (1, 4, 4097, 8), (1, 4, 8, 136), (1, 4, 8, 12), (4, 32, 96, 32)])
+def test_float64_gemm_kernel_is_an_exact_integer_product_or_declines(z: int, m: int, kk: int, n: int) -> None:
+    """gemm_f64_exact (AVX2 or AVX-512 register tiles, fused multiply-adds): on integers whose partial sums stay
+    below 2**53, as the float64 form's are, it gives the exact integer product, or declines (-1) where the library's
+    GEMM takes over (N not a multiple of 8, large right operands, no AVX2)."""
+    dll = native._library()
+    rng = np.random.default_rng(z * m + kk * n)
+    bound = int(2 ** ((53 - np.log2(kk)) / 2)) - 1  # every |partial sum| < kk * bound**2 < 2**53
+    left = torch.from_numpy(rng.integers(-bound, bound + 1, (z, m, kk)))
+    right = torch.from_numpy(rng.integers(-bound, bound + 1, (z, kk, n)))
+    left[0, 0, : min(kk, 4)] = bound
+    right[0, : min(kk, 4), 0] = bound
+    v = torch.full((z, m, n), float("nan"), dtype=torch.float64)
+    lf, rf = left.double(), right.double()
+    rc = dll.gemm_f64_exact(lf.data_ptr(), rf.data_ptr(), v.data_ptr(), z, m, kk, n)
+    if rc != 0:
+        assert rc == -1 and (n % 8 or n > 128 or kk * n > 4096)
+        return
+    assert torch.equal(v.to(torch.int64), torch.bmm(left, right))
+
+
+@pytest.mark.parametrize("m,k,n", [(521, 147, 16), (64, 256, 48), (37, 64, 40), (8, 100, 128)])
+def test_products_have_the_same_bits_at_1_and_2_threads(m: int, k: int, n: int) -> None:
+    """2-D products split their rows in blocks of 4 over threads, batched ones their entries: the same bits."""
+    rng = np.random.default_rng(m + n)
+    a, b = f32(wide_rows(rng, (m, k), spread=20)), f32(wide_rows(rng, (k, n), spread=20))
+    a3, b3 = torch.stack([a, a.flip(0)]), torch.stack([b, b.flip(1)])
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append((native.product(a, b), native.product(a3, b3)))
+    finally:
+        torch.set_num_threads(threads)
+    ref = exact_mm_reference(a, b)
+    for two_d, batched in runs:
+        assert same_bits(two_d, ref) and same_bits(batched[0], ref)  # type: ignore[arg-type, index]
+        assert same_bits(batched[1], exact_mm_reference(a.flip(0), b.flip(1)))  # type: ignore[index]
 
 
 @pytest.mark.skipif(not native.vnni(), reason="the kernels were built without AVX-512 VNNI on this CPU")
