@@ -1047,7 +1047,8 @@ int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64
  * counts, so they stay there), ragged last rows one at a time; each 8-column strip of the right operand (KK x 8)
  * stays in L1 while every row block passes over it. Same integers, same bits. Measured at 1 thread against
  * torch.bmm (MKL): 0.09 against 0.17 ms at (32,32,48)x(32,48,32), 0.08 against 0.15 ms at (136,192)x(192,64),
- * 0.45 against 0.98 ms at (256,768)x(768,32); slower from N = 256 or KK x N above 32768 doubles, declined there. */
+ * 0.45 against 0.98 ms at (256,768)x(768,32), 0.70 against 0.90 at (256,768)x(768,64); slower for wide or long
+ * right operands (1.2-1.4x at N = 192 and 256, at KK = 1536), declined there. */
 static inline void gemm_tile4x8(const double *l, int64_t KK, const double *r, int64_t N, double *v) {
     __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     for (int64_t k = 0; k < KK; k++) {
@@ -1081,7 +1082,7 @@ static inline void gemm_row1x8(const double *l, int64_t KK, const double *r, int
 
 int64_t gemm_f64_exact(const double *left, const double *right, double *v, int64_t batch, int64_t M, int64_t KK,
                        int64_t N) {
-    if (N % 8 != 0 || N > 128 || KK * N > 32768) return -1; /* else the library's blocked GEMM is faster */
+    if (N % 8 != 0 || N > 128 || KK > 1024 || KK * N > 49152) return -1; /* else the library's blocked GEMM is faster */
     for (int64_t z = 0; z < batch; z++) {
         const double *lz = left + z * M * KK, *rz = right + z * KK * N;
         double *vz = v + z * M * N;
