@@ -21,7 +21,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pol.errors import EXIT_FAILED, EXIT_USAGE, CodeDiffers, CodeNotAllowed, DataDiffers, DataNotProvided, PolError, VersionMismatch
+from pol.errors import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CodeDiffers,
+    CodeNotAllowed,
+    DataDiffers,
+    DataNotProvided,
+    PolError,
+    VersionMismatch,
+)
 
 app = typer.Typer(
     name="pol",

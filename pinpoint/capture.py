@@ -413,6 +413,8 @@ class CaptureMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if self._inside_draw:  # an operator pol's RandomMode issues while serving a draw: part of the draw's node
             return func(*args, **kwargs)
+        if func.namespace == "profiler":  # profiler marks (torch.optim's steps record one) compute nothing: not nodes
+            return func(*args, **kwargs)
         return self._record(func, args, kwargs, lambda: func(*args, **kwargs), None)
 
     def serve_random_draw(self, mode: RandomMode, func: Any, args: Any, kwargs: Mapping[str, Any]) -> Any:

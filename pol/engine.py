@@ -8,7 +8,6 @@ a later one and returns the digest of the data it consumed. Solver and verifier 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,7 +18,6 @@ import blake3
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__, rng
@@ -38,9 +36,10 @@ from .errors import (
     UnsupportedOperator,
     UserCodeError,
 )
+from .losses import LossFn, build_loss, select_output
 from .models import SeededDropout, build_model, init_parameters
 from .numerics import numerics_context
-from .optim import apply_update, compute_lr, init_optimizer_state, make_workspace
+from .optim import TrainingOptimizer, build_optimizer, make_workspace
 from .randomness import random_context
 from .spec import JobSpec
 from .zoo import get_transformers_version, is_zoo_model
@@ -90,6 +89,8 @@ class Runtime:
     step: int = 0
     dropouts: list[SeededDropout] = field(default_factory=list)
     workspace: torch.Tensor | None = None  # the optimizer's reusable scratch memory (not part of the state)
+    optimizer: TrainingOptimizer | None = None  # groups, schedule, state layout and update (set by build_runtime)
+    loss_fn: LossFn | None = None  # the spec's loss (set by build_runtime)
     code: CodePolicy = field(default_factory=CodePolicy)  # the user code this runtime may import (to rebuild the model)
     pristine: bool = True  # the model holds the initialisation it was built with (no state restored, no step run)
     random_draws: int = 0  # torch random operators served from pol.rng so far (dropout, noise, augmentation)
@@ -146,20 +147,21 @@ def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
     versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
     if is_zoo_model(spec.model.name):  # transformers' code defines the model: its version is part of the job
         versions["transformers"] = get_transformers_version()
-    for component in (spec.model, spec.data):  # so does the third-party code user code imports (read, not imported)
+    for _, component in spec.components:  # so does the third-party code user code imports (read, not imported)
         if component.is_user_code:
             versions.update(compute_imported_versions(component.name))
-    pinned = {key: c if not c.is_user_code else dataclasses.replace(c, code=compute_code_digest(c.name))
-              for key, c in (("model", spec.model), ("data", spec.data))}
-    return spec.replace(data_digest=data_digest(dataset), versions=versions, **pinned)
+    for role, component in spec.components:
+        if component.is_user_code:
+            spec = spec.with_code(role, compute_code_digest(component.name))
+    return spec.replace(data_digest=data_digest(dataset), versions=versions)
 
 
 def verify_code(spec: JobSpec, code: CodePolicy) -> None:
     """Check a spec's user code before anything is imported: allowed by `code` (else CodeNotAllowed), and, for a
     resolved spec, the same code as the spec pins (else CodeDiffers). Reads source files only."""
-    for role, component in (("model", spec.model), ("data", spec.data)):
+    for role, component in spec.components:
         verify_code_allowed(role, component.name, code)
-    for role, component in (("model", spec.model), ("data", spec.data)):
+    for role, component in spec.components:
         if component.is_user_code and component.code is not None:
             here = compute_code_digest(component.name)
             if here != component.code:
@@ -178,7 +180,9 @@ def compute_default_every(spec: JobSpec, code: CodePolicy | None = None) -> int:
     Raises CodeNotAllowed (user code that `code` does not allow), ComponentError if the model cannot be built.
     """
     params = sum(p.numel() * p.element_size() for p in build_model(spec.model, code).parameters())
-    slots = {"adamw": 3, "sgd": 2 if spec.optimizer.momentum > 0 else 1}[spec.optimizer.name]
+    opt = spec.optimizer
+    slots = {"sgd": 2 if opt.momentum > 0 else 1, "SGD": 2 if opt.kwargs.get("momentum") else 1, "RMSprop": 2,
+             "Adagrad": 2}.get(opt.name, 3) + (1 if opt.ema else 0)  # parameters and their per-parameter state
     k = 10 * math.ceil(params * slots / CHECKPOINT_BYTES_PER_STEP / 10)
     return max(1, min(spec.steps, max(10, k)))
 
@@ -238,10 +242,12 @@ def build_runtime(
     persistent = set(model.state_dict())
     buffers = {n: b for n, b in buffers.items() if n in persistent}
     dropouts = [m for m in model.modules() if isinstance(m, SeededDropout)]
-    workspace = make_workspace(spec.optimizer, params)
+    workspace = make_workspace(spec.optimizer, params) if spec.optimizer.is_pol else None
+    loss_fn = build_loss(spec.loss, output=spec.output, target=spec.target, code=code)
+    optimizer = build_optimizer(spec.optimizer, model, params, spec.steps, code)
     return Runtime(
         spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts,
-        workspace=workspace, code=code,
+        workspace=workspace, optimizer=optimizer, loss_fn=loss_fn, code=code,
     )
 
 
@@ -259,9 +265,10 @@ def initial_state(rt: Runtime) -> State:
         with torch.no_grad():
             for name, t in {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}.items():
                 live[name].copy_(t)
-    # float64 scalars (running beta powers) stay on the CPU; tensors shaped like parameters live on the device
-    opt_state = init_optimizer_state(rt.spec.optimizer, rt.params)
-    rt.opt_state = {n: t if t.dtype == torch.float64 else t.to(rt.device) for n, t in opt_state.items()}
+    # scalars the optimizer keeps on the CPU (running beta powers, step counts) stay there; the rest lives on the device
+    assert rt.optimizer is not None
+    layout = rt.optimizer.layout(0)
+    rt.opt_state = {n: t if layout[n][2] else t.to(rt.device) for n, t in rt.optimizer.initial_state().items()}
     rt.step = 0
     rt.pristine = False
     return capture_state(rt)
@@ -287,20 +294,22 @@ def capture_state(rt: Runtime, into: dict[str, torch.Tensor] | None = None) -> d
     return state
 
 
-def expected_layout(rt: Runtime) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Every tensor a full state of this runtime's spec holds: name -> (dtype, shape)."""
+def expected_layout(rt: Runtime, step: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor a full state of this runtime's spec holds at `step`: name -> (dtype, shape). (An optimizer
+    that initialises its state at its first update, as most of torch.optim's do, holds less at step 0.)"""
+    assert rt.optimizer is not None
     layout = {f"param/{n}": (p.dtype, tuple(p.shape)) for n, p in rt.params.items()}
     layout.update({f"buffer/{n}": (b.dtype, tuple(b.shape)) for n, b in rt.buffers.items()})
-    opt = init_optimizer_state(rt.spec.optimizer, {n: p.detach().cpu() for n, p in rt.params.items()})
-    layout.update({n: (t.dtype, tuple(t.shape)) for n, t in opt.items()})
+    layout.update({n: (dtype, shape) for n, (dtype, shape, _) in rt.optimizer.layout(step).items()})
     layout["meta/step"] = (torch.int64, ())
     return layout
 
 
-def verify_layout(rt: Runtime, layout: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+def verify_layout(rt: Runtime, layout: Mapping[str, tuple[str, tuple[int, ...]]], where: str, step: int) -> None:
     """Check a checkpoint's tensor names, dtypes (as torch names them, e.g. "float32") and shapes against what this
-    spec's model and optimizer hold. Raises StateMismatch naming the first missing, extra or misshapen tensor."""
-    expected = {n: (str(d).removeprefix("torch."), s) for n, (d, s) in expected_layout(rt).items()}
+    spec's model and optimizer hold at `step`. Raises StateMismatch naming the first missing, extra or misshapen
+    tensor."""
+    expected = {n: (str(d).removeprefix("torch."), s) for n, (d, s) in expected_layout(rt, step).items()}
     for name in sorted(set(expected) - set(layout)):
         raise StateMismatch(f"{where}: tensor {name!r} is missing (the spec's model and optimizer hold it)")
     for name in sorted(set(layout) - set(expected)):
@@ -313,7 +322,12 @@ def verify_layout(rt: Runtime, layout: Mapping[str, tuple[str, tuple[int, ...]]]
 
 def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
     """Install a full state into the runtime. Raises StateMismatch if it does not fit the spec's model."""
-    layout = expected_layout(rt)
+    if not isinstance(state.get("meta/step"), torch.Tensor) or state["meta/step"].dtype != torch.int64 or state["meta/step"].dim():
+        raise StateMismatch("state has no meta/step counter (an int64 scalar)")
+    step = int(state["meta/step"])
+    assert rt.optimizer is not None
+    on_cpu = {n for n, (_, _, cpu) in rt.optimizer.layout(step).items() if cpu}
+    layout = expected_layout(rt, step)
     if set(state) != set(layout):
         missing, extra = sorted(set(layout) - set(state)), sorted(set(state) - set(layout))
         raise StateMismatch(f"state does not fit the spec's model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -326,11 +340,7 @@ def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
             p.copy_(state[f"param/{n}"])
         for n, b in rt.buffers.items():
             b.copy_(state[f"buffer/{n}"])
-    rt.opt_state = {
-        n: state[n].clone() if state[n].dtype == torch.float64 else state[n].to(rt.device, copy=True)
-        for n in layout
-        if n.startswith("optim/")
-    }
+    rt.opt_state = {n: state[n].clone() if n in on_cpu else state[n].to(rt.device, copy=True) for n in layout if n.startswith("optim/")}
     rt.step = int(state["meta/step"])
     rt.pristine = False
 
@@ -349,12 +359,6 @@ def _bind_randomness(rt: Runtime, step: int, row_offset: int, total_rows: int) -
         module.mask_source = source
 
 
-def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if kind == "cross_entropy":
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-    return F.mse_loss(out, y.to(out.dtype))
-
-
 def get_model_inputs(spec: JobSpec, names: Iterable[str]) -> tuple[str, ...]:
     """The batch tensors the model is called with: the spec's `inputs`, or every tensor but the target."""
     return spec.inputs or tuple(sorted(set(names) - {spec.target}))
@@ -370,28 +374,6 @@ def verify_batch_names(spec: JobSpec, dataset: Dataset) -> None:
         raise DataError(f"the data holds only the target {spec.target!r}: nothing to feed the model")
 
 
-def select_output(out: Any, which: str) -> torch.Tensor:
-    """The tensor the loss reads from a model's output: the output itself if it is a tensor; else `which` (a key,
-    an attribute or an index), or by default `.logits` / `["logits"]` / the first element. Raises ValueError."""
-    if isinstance(out, torch.Tensor) and not which:
-        return out
-    picked: Any
-    if which.isdigit() and isinstance(out, (tuple, list)):
-        picked = out[int(which)] if int(which) < len(out) else None
-    elif which:
-        picked = out.get(which) if isinstance(out, Mapping) else getattr(out, which, None)
-    elif isinstance(out, Mapping) or hasattr(out, "logits"):
-        picked = out.get("logits") if isinstance(out, Mapping) else out.logits
-    elif isinstance(out, (tuple, list)) and out:
-        picked = out[0]
-    else:
-        picked = None
-    if not isinstance(picked, torch.Tensor):
-        wanted = f"output {which!r}" if which else "a tensor, .logits, ['logits'] or a first element"
-        raise ValueError(f"the model returned {type(out).__name__}, with no {wanted} that is a tensor (set the spec's output)")
-    return picked
-
-
 def _forward_loss(rt: Runtime, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The model's forward pass on one (micro-)batch and the loss. The inputs go in as keyword arguments (a lone
     `x` positionally); an exception from the model (user code) becomes one UserCodeError naming the model, the
@@ -400,13 +382,14 @@ def _forward_loss(rt: Runtime, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
     names = get_model_inputs(spec, batch)
     try:
         out = rt.model(batch["x"]) if names == ("x",) else rt.model(**{n: batch[n] for n in names})
-        return _loss(spec.loss, select_output(out, spec.output), batch[spec.target])
+        assert rt.loss_fn is not None
+        return rt.loss_fn(out, batch)
     except PolError:
         raise
     except Exception as exc:
         shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in sorted(batch.items()))
         raise UserCodeError(
-            f"model {spec.model.name!r} failed on a batch {shapes} with loss {spec.loss!r}: "
+            f"model {spec.model.name!r} failed on a batch {shapes} with loss {spec.loss.name!r}: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         ) from exc
 
@@ -506,7 +489,6 @@ def one_step(
     idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, s)
     batch = rt.dataset.batch(idx)
     on_device = {name: t.to(rt.device) for name, t in batch.items()}
-    lr = compute_lr(spec.optimizer, s, spec.steps)
     size = spec.batch_size
     micro = (spec.microbatch if microbatch is None else microbatch) or size
     for p in rt.params.values():
@@ -525,10 +507,9 @@ def one_step(
         # the step reads without computing it. Same bits either way.
         # exact numerics: AdamW as one compiled kernel per parameter (same bits), except under a capture, which
         # must see the update's operators
-        apply_update(
-            spec.optimizer, rt.params, grads, rt.opt_state, lr, rt.workspace if mode is None else None,
-            exact_kernels=spec.numerics == "exact" and mode is None,
-        )  # fmt: skip
+        assert rt.optimizer is not None
+        rt.optimizer.update(grads, rt.opt_state, s, rt.workspace if mode is None else None,
+                            exact_kernels=spec.numerics == "exact" and mode is None)
     rt.step = s + 1
     rt.pristine = False
     loss_value = loss_sum / size

@@ -28,11 +28,14 @@ from .errors import SpecError
 
 __all__ = [
     "Component",
+    "GroupRule",
     "OptimSpec",
     "JobSpec",
     "Flags",
     "NUMERICS",
     "LOSSES",
+    "TORCH_OPTIMIZERS",
+    "SCHEDULERS",
     "MAX_CHECKPOINTS",
     "MAX_BATCH_TENSORS",
     "apply_flags",
@@ -44,9 +47,22 @@ __all__ = [
 
 FORMAT_VERSION = 1
 NUMERICS = ("native", "exact")
-LOSSES = ("cross_entropy", "mse")
-OPTIMIZERS = ("sgd", "adamw")
+# built-in losses and the keyword arguments each takes (name -> allowed kwargs); see pol.losses
+LOSSES: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("label_smoothing", "ignore_index"),
+    "mse": (),
+    "l1": (),
+    "huber": ("delta",),
+    "smooth_l1": ("beta",),
+    "bce_with_logits": (),
+    "kl_div": ("temperature", "log_target"),
+}
+OPTIMIZERS = ("sgd", "adamw")  # pol's own (fused exact kernels); torch.optim's classes by their names; or module:Class
+TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax", "ASGD", "Rprop")
 SCHEDULES = ("constant", "linear")
+SCHEDULERS = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
+              "CosineAnnealingWarmRestarts", "OneCycleLR", "CyclicLR", "SequentialLR", "ChainedScheduler")
+MAX_PARAM_GROUPS = 16
 INITS = ("model", "pol")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _MAX_SEED = MAX_SAFE_INTEGER  # seeds are JCS numbers
@@ -161,21 +177,68 @@ class Component:
 
 
 @dataclass(frozen=True, slots=True)
-class OptimSpec:
-    """Optimizer and its full hyper-parameter schedule. The verifier takes these from the spec, never a checkpoint."""
+class GroupRule:
+    """A parameter group: the parameters whose name matches `match` (a glob, e.g. "*.bias") and whose owning
+    module's class is named `module` (e.g. "LayerNorm"), where given, get a learning rate `lr_scale` times the
+    schedule's and, where given, their own `weight_decay`. The first matching rule wins; unmatched parameters form
+    the default group."""
 
-    name: str = "adamw"  # "sgd" (with momentum) or "adamw"
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # sgd only
-    beta1: float = 0.9  # adamw only
-    beta2: float = 0.999  # adamw only
-    eps: float = 1e-8  # adamw only
-    weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd
-    schedule: str = "constant"  # "constant" or "linear" (warm-up, then linear decay to 10% of lr)
-    warmup: int = 0  # warm-up steps of the linear schedule
+    match: str = ""
+    module: str = ""
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer.name", self.name, OPTIMIZERS)
+        if not isinstance(self.match, str) or not isinstance(self.module, str) or len(self.match) > 256 or len(self.module) > 128:
+            raise _fail("optimizer.param_groups", "match and module are short strings")
+        if not (self.match or self.module):
+            raise _fail("optimizer.param_groups", "a rule needs a name pattern (match) or a module class name (module)")
+        object.__setattr__(self, "lr_scale", _check_float("optimizer.param_groups.lr_scale", self.lr_scale, 0.0, 1e3))
+        if self.weight_decay is not None:
+            object.__setattr__(self, "weight_decay", _check_float("optimizer.param_groups.weight_decay", self.weight_decay, 0.0, 1e3))
+
+    @staticmethod
+    def from_value(value: Any) -> GroupRule:
+        if isinstance(value, GroupRule):
+            return value
+        if not isinstance(value, Mapping) or set(value) - {"match", "module", "lr_scale", "weight_decay"}:
+            raise _fail("optimizer.param_groups", "each rule is a table of match, module, lr_scale and weight_decay")
+        return GroupRule(**value)
+
+
+@dataclass(frozen=True, slots=True)
+class OptimSpec:
+    """Optimizer and its full hyper-parameter schedule. The verifier takes these from the spec, never a checkpoint.
+
+    `name`: pol's own "sgd" / "adamw" (the fields below; fused exact kernels), one of torch.optim's classes by its
+    name ("Adam", "RMSprop", ...: `kwargs` are its keyword arguments, `lr` its learning rate), or a user optimizer
+    class `module:Class` (a torch.optim.Optimizer taking (params, lr=..., **kwargs); pinned by `code`).
+    `scheduler`: one of torch.optim.lr_scheduler's classes by name, with kwargs (SequentialLR/ChainedScheduler take
+    "schedulers": a list of such tables), or `module:Class`; else pol's `schedule`. `clip_grad_value` /
+    `clip_grad_norm`: gradient clipping before the update (0: off; value first if both). `ema`: a decay for an
+    exponential moving average of the parameters, kept in the state as `optim/ema/<param>` (0: off)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # pol's sgd only
+    beta1: float = 0.9  # pol's adamw only
+    beta2: float = 0.999  # pol's adamw only
+    eps: float = 1e-8  # pol's adamw only
+    weight_decay: float = 0.0  # pol's: decoupled for adamw, L2 for sgd; torch.optim's: in kwargs
+    schedule: str = "constant"  # pol's: "constant" or "linear" (warm-up, then linear decay to 10% of lr)
+    warmup: int = 0  # warm-up steps of the linear schedule
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # a torch.optim or user optimizer's keyword arguments
+    code: Digest | None = None  # a user optimizer's code digest (bound when the spec is resolved)
+    scheduler: Component | None = None
+    param_groups: tuple[GroupRule, ...] = ()
+    clip_grad_value: float = 0.0
+    clip_grad_norm: float = 0.0
+    ema: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not (self.name in OPTIMIZERS or self.name in TORCH_OPTIMIZERS or _IMPORT_PATH.fullmatch(self.name)):
+            raise _fail("optimizer.name", f"{str(self.name)[:80]!r} is not one of {', '.join(OPTIMIZERS)} (pol's), "
+                        f"{', '.join(TORCH_OPTIMIZERS)} (torch.optim's) or module:Class")
         _check_float("optimizer.lr", self.lr, 0.0, 1e3)
         if self.lr == 0.0:
             raise _fail("optimizer.lr", "a zero learning rate trains nothing, so a proof of it proves nothing")
@@ -188,6 +251,73 @@ class OptimSpec:
         _check_int("optimizer.warmup", self.warmup, 0, _MAX_STEPS)
         for name in ("lr", "momentum", "beta1", "beta2", "eps", "weight_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "kwargs", _check_kwargs("optimizer.kwargs", self.kwargs))
+        if not self.is_pol:
+            defaults = OptimSpec()
+            moved = [f for f in ("momentum", "beta1", "beta2", "eps", "weight_decay") if getattr(self, f) != getattr(defaults, f)]
+            if moved:
+                raise _fail("optimizer", f"{moved} are fields of pol's own sgd/adamw; give {self.name}'s arguments in kwargs")
+            if set(self.kwargs) & {"lr", "params", "foreach", "fused", "capturable", "differentiable"}:
+                raise _fail("optimizer.kwargs", "lr is the field lr; params, foreach, fused, capturable and differentiable are pol's to set")
+        elif self.kwargs:
+            raise _fail("optimizer.kwargs", f"pol's {self.name} takes its fields (lr, momentum, beta1, ...), not kwargs")
+        if self.code is not None and (not is_digest(self.code) or not self.is_user_code):
+            raise _fail("optimizer.code", "only a module:Class optimizer has a code digest (64 lowercase hex characters)")
+        if self.scheduler is not None:
+            object.__setattr__(self, "scheduler", Component.from_value(self.scheduler, "optimizer.scheduler"))
+            _check_scheduler(self.scheduler, depth=0)
+            if self.schedule != "constant" or self.warmup:
+                raise _fail("optimizer.scheduler", "a scheduler replaces pol's schedule: leave schedule constant and warmup 0")
+        if isinstance(self.param_groups, (str, bytes)) or not isinstance(self.param_groups, (list, tuple)) or len(self.param_groups) > MAX_PARAM_GROUPS:
+            raise _fail("optimizer.param_groups", f"expected a list of at most {MAX_PARAM_GROUPS} rules")
+        object.__setattr__(self, "param_groups", tuple(GroupRule.from_value(r) for r in self.param_groups))
+        for name in ("clip_grad_value", "clip_grad_norm"):
+            object.__setattr__(self, name, _check_float(f"optimizer.{name}", getattr(self, name), 0.0, 1e9))
+        object.__setattr__(self, "ema", _check_float("optimizer.ema", self.ema, 0.0, 1.0))
+        if self.ema == 1.0:
+            raise _fail("optimizer.ema", "a decay of 1 never moves the average; use 0 (off) or a decay below 1")
+
+    @property
+    def is_pol(self) -> bool:
+        """pol's own sgd/adamw (not a torch.optim or user class)."""
+        return self.name in OPTIMIZERS
+
+    @property
+    def is_user_code(self) -> bool:
+        return _IMPORT_PATH.fullmatch(self.name) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["kwargs"] = dict(self.kwargs)
+        out["scheduler"] = self.scheduler.to_dict() if self.scheduler is not None else None
+        out["param_groups"] = [dataclasses.asdict(r) for r in self.param_groups]
+        return out
+
+
+def _check_kwargs(field_name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _fail(field_name, "expected a table of keyword arguments")
+    try:
+        encoded = canonical_bytes(dict(value))
+    except (TypeError, ValueError) as exc:
+        raise _fail(field_name, f"not canonical JSON: {exc}") from None
+    if len(encoded) > _MAX_KWARGS_BYTES:
+        raise _fail(field_name, "too large")
+    return dict(json.loads(encoded))
+
+
+def _check_scheduler(c: Component, depth: int) -> None:
+    if c.name not in SCHEDULERS and not c.is_user_code:
+        raise _fail("optimizer.scheduler", f"{c.name[:80]!r} is not one of {', '.join(SCHEDULERS)} (torch.optim.lr_scheduler's; "
+                    "ReduceLROnPlateau and LambdaLR need a metric or a function: write a module:Class) or module:Class")
+    if c.name in ("SequentialLR", "ChainedScheduler"):
+        inner = c.kwargs.get("schedulers")
+        if depth > 2 or not isinstance(inner, list) or not 0 < len(inner) <= 8:
+            raise _fail("optimizer.scheduler", f"{c.name} takes schedulers: a list of 1 to 8 scheduler tables (nested at most twice)")
+        for item in inner:
+            _check_scheduler(Component.from_value(item, "optimizer.scheduler"), depth + 1)
+        if any(Component.from_value(item, "optimizer.scheduler").is_user_code for item in inner):
+            raise _fail("optimizer.scheduler", "a user scheduler cannot be nested (name it as the scheduler itself)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +326,7 @@ class JobSpec:
 
     model: Component
     data: Component
-    loss: str = "cross_entropy"  # "cross_entropy" or "mse"
+    loss: Component = field(default_factory=lambda: Component("cross_entropy"))  # built-in (pol.losses) or module:callable
     optimizer: OptimSpec = field(default_factory=OptimSpec)
     batch_size: int = 32
     microbatch: int = 0  # 0: whole batch at once; else the batch is run in micro-batches of this many rows
@@ -215,11 +345,12 @@ class JobSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Component.from_value(self.model, "model"))
         object.__setattr__(self, "data", Component.from_value(self.data, "data"))
+        object.__setattr__(self, "loss", Component.from_value(self.loss, "loss"))
         if isinstance(self.optimizer, Mapping):
             object.__setattr__(self, "optimizer", optim_from_dict(self.optimizer))
         if not isinstance(self.optimizer, OptimSpec):
             raise _fail("optimizer", "expected a table")
-        _check_choice("loss", self.loss, LOSSES)
+        _check_loss(self.loss)
         _check_int("batch_size", self.batch_size, 1, 1 << 20)
         _check_int("microbatch", self.microbatch, 0, self.batch_size)
         if self.microbatch and self.batch_size % self.microbatch:
@@ -257,9 +388,28 @@ class JobSpec:
         return self.data_digest is not None and all(c.code is not None for c in self.user_code)
 
     @property
+    def components(self) -> tuple[tuple[str, Component], ...]:
+        """(role, component) of everything the spec names that may be code: model, data, loss, optimizer (as a
+        component: its name, kwargs and code digest) and scheduler."""
+        opt = self.optimizer
+        out = [("model", self.model), ("data", self.data), ("loss", self.loss), ("optimizer", Component(opt.name, opt.kwargs, opt.code))]
+        if opt.scheduler is not None:
+            out.append(("scheduler", opt.scheduler))
+        return tuple(out)
+
+    @property
     def user_code(self) -> tuple[Component, ...]:
         """The components that name user code (`module:callable`), model first."""
-        return tuple(c for c in (self.model, self.data) if c.is_user_code)
+        return tuple(c for _, c in self.components if c.is_user_code)
+
+    def with_code(self, role: str, digest: Digest) -> JobSpec:
+        """The spec with the code digest of the component `role` (see `components`) bound."""
+        if role == "optimizer":
+            return self.replace(optimizer=dataclasses.replace(self.optimizer, code=digest))
+        if role == "scheduler":
+            assert self.optimizer.scheduler is not None
+            return self.replace(optimizer=dataclasses.replace(self.optimizer, scheduler=dataclasses.replace(self.optimizer.scheduler, code=digest)))
+        return self.replace(**{role: dataclasses.replace(getattr(self, role), code=digest)})
 
     @property
     def n_records(self) -> int:
@@ -280,8 +430,8 @@ class JobSpec:
         return {
             "model": self.model.to_dict(),
             "data": self.data.to_dict(),
-            "loss": self.loss,
-            "optimizer": dataclasses.asdict(self.optimizer),
+            "loss": self.loss.to_dict(),
+            "optimizer": self.optimizer.to_dict(),
             "batch_size": self.batch_size,
             "microbatch": self.microbatch,
             "steps": self.steps,
@@ -311,6 +461,28 @@ class JobSpec:
 
     def replace(self, **changes: Any) -> JobSpec:
         return dataclasses.replace(self, **changes)
+
+
+def _check_loss(loss: Component) -> None:
+    if loss.is_user_code:
+        return
+    if loss.name not in LOSSES:
+        raise _fail("loss", f"{loss.name[:80]!r} is not one of {', '.join(LOSSES)} or module:callable")
+    unknown = set(loss.kwargs) - set(LOSSES[loss.name])
+    if unknown:
+        raise _fail("loss", f"{loss.name} takes {list(LOSSES[loss.name]) or 'no arguments'}, not {sorted(unknown)}")
+    kw = loss.kwargs
+    if "label_smoothing" in kw:
+        _check_float("loss.label_smoothing", kw["label_smoothing"], 0.0, 1.0)
+    if "ignore_index" in kw:
+        _check_int("loss.ignore_index", kw["ignore_index"], -(2**31), 2**31 - 1)
+    for name in ("delta", "temperature"):
+        if name in kw and _check_float(f"loss.{name}", kw[name], 0.0, 1e6) == 0.0:
+            raise _fail(f"loss.{name}", "must be positive")
+    if "beta" in kw:
+        _check_float("loss.beta", kw["beta"], 0.0, 1e6)
+    if "log_target" in kw and not isinstance(kw["log_target"], bool):
+        raise _fail("loss.log_target", "expected true or false")
 
 
 def optim_from_dict(value: Mapping[str, Any]) -> OptimSpec:

@@ -25,7 +25,6 @@ The solver never supplies randomness, hyper-parameters or thresholds: all come f
 from __future__ import annotations
 
 import importlib.metadata
-
 import math
 import secrets
 import time
@@ -47,7 +46,6 @@ from .errors import (
     BundleNotFound,
     BundleVersionError,
     CannotVerifySoundly,
-    ComponentError,
     UsageError,
     VersionMismatch,
 )
@@ -559,7 +557,7 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
             return _reject(req, f"the step-0 state is not the initialisation the seed gives (differs in {wrong[:3]})", b)
         plan, uniform = _plan(b, req)
         for step in sorted({m.records[i - 1].step for i, _ in plan} | {m.records[i].step for i, _ in plan}):
-            verify_layout(rt, b.read_layout(step), f"checkpoint at step {step}")  # before any replay
+            verify_layout(rt, b.read_layout(step), f"checkpoint at step {step}", step)  # before any replay
     except BundleError as exc:
         return _reject(req, f"bundle integrity: {exc}", b)
 

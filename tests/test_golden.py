@@ -14,19 +14,21 @@ from pol.trace import Record, compute_trace_commitment
 
 SPEC = {"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "synthetic", "kwargs": {"n": 512}},
         "steps": 8, "every": 4, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.001}, "data_digest": "11" * 32,
-        "versions": {"pol": "0.4.0", "torch": "2.13.0"}}
+        "versions": {"pol": "0.5.0", "torch": "2.13.0"}}
 CANONICAL = (
-    '{"batch_size":16,"data":{"code":null,"kwargs":{"n":512},"name":"synthetic"},"data_digest":"' + "1" * 64 + '",'
-    '"dtype":"float32","every":4,"init":"model","inputs":[],"loss":"cross_entropy","microbatch":0,"model":{"code":null,'
-    '"kwargs":{"hidden":32},"name":"mlp"},"numerics":"native","optimizer":{"beta1":0.9,"beta2":0.999,"eps":1e-8,'
-    '"lr":0.001,"momentum":0.9,"name":"adamw","schedule":"constant","warmup":0,"weight_decay":0},"output":"",'
-    '"seed":0,"steps":8,"target":"y","versions":{"pol":"0.4.0","torch":"2.13.0"}}'
+    '{"batch_size":16,"data":{"code":null,"kwargs":{"n":512},"name":"synthetic"},"data_digest":"' + "1" * 64 + '","dtype":"fl'
+    'oat32","every":4,"init":"model","inputs":[],"loss":{"code":null,"kwargs":{},"name":"cross_entropy"},"micr'
+    'obatch":0,"model":{"code":null,"kwargs":{"hidden":32},"name":"mlp"},"numerics":"native","optimizer":{"bet'
+    'a1":0.9,"beta2":0.999,"clip_grad_norm":0,"clip_grad_value":0,"code":null,"ema":0,"eps":1e-8,"kwargs":{},"'
+    'lr":0.001,"momentum":0.9,"name":"adamw","param_groups":[],"schedule":"constant","scheduler":null,"warmup"'
+    ':0,"weight_decay":0},"output":"","seed":0,"steps":8,"target":"y","versions":{"pol":"0.5.0","torch":"2.13.'
+    '0"}}'
 )
-JOB_ID = "80a6f33a47dd38e7bdfaf78b2b5ab92972ebe0050c18912a7be024c4f98e5b31"
+JOB_ID = "5389276525dae02d2e949d01c80df22a77d1d276a0a29e8ea80298d1a18f5948"
 RECORDS = (Record(0, "22" * 32, "0" * 64, None), Record(4, "33" * 32, "44" * 32, 2.25), Record(8, "55" * 32, "66" * 32, 1.0000000000000002))
-MERKLE = "8851fa0cc1d6334acba280fedb2bcfa902b860571f3e72360fcca898cc0c7aa2"
-COMMITMENT = "6856b5de3bb79e2f44015b454a4ce578c6edae3a01b96662daafbf4cd9e9458a"
-MANIFEST_BLAKE3 = "50479181d0ffbe65d621ae1683dd144068224bc35c8fb864a90df566541767eb"
+MERKLE = "52492a2aca9129869fd81ad18c58e75707aad5b72079fd3ca795fa03f9351d69"
+COMMITMENT = "f6edc1e8bd835d2d26aa9bec99c43e82346c3830d4db41983874ffc64ccd3544"
+MANIFEST_BLAKE3 = "d67c892c95e57d4335d6931562bd7433917ca2c24e6a0d0cd5f897dfffe6c6b0"
 
 
 def test_canonical_spec_and_job_id():

@@ -130,3 +130,28 @@ class LateRandom(nn.Module):
 
 def late_random() -> nn.Module:
     return LateRandom()
+
+
+def weighted_mse(output, batch, weight: float = 2.0):
+    """A user loss (`tests.userpkg:weighted_mse`): called with the model's whole output and the batch."""
+    return ((output - batch["y"]) ** 2).mean() * weight
+
+
+class SignSGD(torch.optim.Optimizer):
+    """A user optimizer class (`tests.userpkg:SignSGD`): p -= lr * sign(grad)."""
+
+    def __init__(self, params, lr: float = 1e-3, shrink: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "shrink": shrink})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "flips" not in state:
+                    state["flips"] = torch.zeros_like(p)
+                state["flips"].add_(torch.sign(p.grad))
+                p.add_(torch.sign(p.grad), alpha=-group["lr"]).mul_(1.0 - group["shrink"])
+        return None
