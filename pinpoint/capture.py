@@ -520,8 +520,10 @@ def _module_constants(rt: Runtime) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def _named_masks(rt: Runtime, mode: CaptureMode, offset: int) -> Iterator[None]:
-    """Wrap each dropout layer's mask source so that its draws become named leaves (made with the capture paused)."""
+    """Wrap each dropout layer's mask source so that its draws become named leaves (made with the capture paused),
+    and name a user step's draws from pol's streams (`rng/user/...`, see pol.engine.user_draw_name) likewise."""
     originals = [m.mask_source for m in rt.dropouts]
+    rt.on_user_draw = mode.add_leaf
     for layer, module in enumerate(rt.dropouts):
         source = module.mask_source
         calls = [0]
@@ -539,6 +541,7 @@ def _named_masks(rt: Runtime, mode: CaptureMode, offset: int) -> Iterator[None]:
     try:
         yield
     finally:
+        rt.on_user_draw = None
         for module, original in zip(rt.dropouts, originals, strict=True):
             module.mask_source = original
 

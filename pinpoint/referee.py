@@ -47,12 +47,11 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pol import rng
 from pol.canonical import MAX_SAFE_INTEGER, Digest
 from pol.components import CodePolicy
-from pol.data import batch_indices, build_dataset, data_digest
+from pol.data import build_dataset, data_digest
 from pol.digest import state_digest
-from pol.engine import verify_code
+from pol.engine import compute_user_draw, dropout_mask, parse_user_draw_name, step_batch, verify_code
 from pol.errors import DataDiffers, StateMismatch
 from pol.models import SeededDropout, build_model
 from pol.numerics import numerics_context
@@ -155,7 +154,7 @@ def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ..
             raise DataDiffers(spec.data_digest, data_digest(dataset))
         if name.removeprefix("batch/") not in dataset.tensors:
             raise ValueError(f"the data holds no tensor {name.removeprefix('batch/')!r}")
-        return dataset.batch(batch_indices(spec.seed, len(dataset), spec.batch_size, step))[name.removeprefix("batch/")]
+        return step_batch(spec, dataset, step)[1][name.removeprefix("batch/")]
     if name.startswith("rng/dropout/"):
         layer, call, offset = (int(p) for p in name.removeprefix("rng/dropout/").split("/"))
         mask_shape = (spec.batch_size, *shape[1:])
@@ -163,8 +162,13 @@ def compute_leaf_value(spec: JobSpec, step: int, name: str, shape: tuple[int, ..
             raise ValueError(f"a dropout mask of shape {mask_shape} is beyond the {MAX_DERIVED_ELEMENTS} elements a referee derives")
         verify_code(spec, code)
         dropouts = [m for m in build_model(spec.model, code).modules() if isinstance(m, SeededDropout)]
-        full = rng.keep_mask(spec.seed, "dropout", [step, layer, call], mask_shape, dropouts[layer].p)
+        full = dropout_mask(spec, step, layer, call, mask_shape, dropouts[layer].p)
         return full[offset : offset + shape[0]]
+    if name.startswith("rng/user/"):  # a user step's draw from pol's streams: keyed by (seed, purpose, step, micro-batch)
+        microbatch, kind, params, purpose = parse_user_draw_name(name)
+        if math.prod(shape) > MAX_DERIVED_ELEMENTS:
+            raise ValueError(f"a user-stream draw of shape {shape} is beyond the {MAX_DERIVED_ELEMENTS} elements a referee derives")
+        return compute_user_draw(spec.seed, step, microbatch, kind, purpose, params, tuple(shape))
     if name.startswith("const/"):  # a literal the program makes (torch.tensor([...])): its bytes are in its name
         return compute_constant_value(name)
     if name.startswith("module/"):

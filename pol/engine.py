@@ -8,9 +8,12 @@ a later one and returns the digest of the data it consumed. Solver and verifier 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,14 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from . import __version__, rng
 from .canonical import Digest
-from .components import CodePolicy, compute_code_digest, compute_imported_versions, get_package, verify_code_allowed
+from .components import (
+    CodePolicy,
+    compute_code_digest,
+    compute_imported_versions,
+    get_package,
+    load_callable,
+    verify_code_allowed,
+)
 from .data import Dataset, batch_indices, build_dataset, data_digest, steps_per_epoch
 from .digest import State, combine_digests, tensor_digests
 from .errors import (
@@ -60,6 +70,13 @@ __all__ = [
     "StepHooks",
     "HooksForStep",
     "compute_batch_digest",
+    "StepContext",
+    "user_draw_name",
+    "parse_user_draw_name",
+    "compute_user_draw",
+    "UserStep",
+    "step_batch",
+    "dropout_mask",
     "describe_environment",
     "get_device",
     "compute_default_every",
@@ -91,6 +108,8 @@ class Runtime:
     workspace: torch.Tensor | None = None  # the optimizer's reusable scratch memory (not part of the state)
     optimizer: TrainingOptimizer | None = None  # groups, schedule, state layout and update (set by build_runtime)
     loss_fn: LossFn | None = None  # the spec's loss (set by build_runtime)
+    step_fn: UserStep | None = None  # the spec's user step (module:callable), if it names one
+    on_user_draw: Callable[[str, torch.Tensor], None] | None = None  # sees each user-stream draw by its leaf name (pinpoint)
     code: CodePolicy = field(default_factory=CodePolicy)  # the user code this runtime may import (to rebuild the model)
     pristine: bool = True  # the model holds the initialisation it was built with (no state restored, no step run)
     random_draws: int = 0  # torch random operators served from pol.rng so far (dropout, noise, augmentation)
@@ -139,11 +158,16 @@ def describe_environment(device: torch.device) -> dict[str, str | int]:
     return env
 
 
-def resolve_spec(spec: JobSpec, dataset: Dataset) -> JobSpec:
+def resolve_spec(spec: JobSpec, dataset: Dataset, *, code: CodePolicy | None = None, eval_data_dir: str | None = None) -> JobSpec:
     """Bind the data digest, the digests of the user code it names and the versions that matter into the spec (it
     then has a job id): pol's, torch's, and those of the third-party distributions the user code imports
-    (`compute_imported_versions`; transformers for a zoo model). Raises ComponentError if named user code cannot be
-    found to be hashed."""
+    (`compute_imported_versions`; transformers for a zoo model). An evaluation's data is built here (with `code`,
+    by default the code of whoever wrote the spec: it is the caller's own) and its digest bound. Raises
+    ComponentError if named user code cannot be found to be hashed, DataError."""
+    if spec.evaluation is not None and spec.evaluation.data_digest is None:
+        ev = spec.evaluation
+        eval_data = build_dataset(ev.data.name, ev.data.kwargs, data_dir=eval_data_dir, code=code or CodePolicy.trust_all_code())
+        spec = spec.replace(evaluation=dataclasses.replace(ev, data_digest=data_digest(eval_data)))
     versions = {"pol": __version__, "torch": torch.__version__.split("+")[0]}
     if is_zoo_model(spec.model.name):  # transformers' code defines the model: its version is part of the job
         versions["transformers"] = get_transformers_version()
@@ -206,7 +230,7 @@ def resolve_job(spec: JobSpec, *, code: CodePolicy | None = None, data_dir: str 
     if spec.is_resolved:
         return spec
     verify_code(spec, code or CodePolicy())
-    return resolve_spec(spec, build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code))
+    return resolve_spec(spec, build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code), code=code or CodePolicy())
 
 
 def build_runtime(
@@ -244,10 +268,11 @@ def build_runtime(
     dropouts = [m for m in model.modules() if isinstance(m, SeededDropout)]
     workspace = make_workspace(spec.optimizer, params) if spec.optimizer.is_pol else None
     loss_fn = build_loss(spec.loss, output=spec.output, target=spec.target, code=code)
+    step_fn = load_callable(spec.step_fn.name, code) if spec.step_fn is not None else None
     optimizer = build_optimizer(spec.optimizer, model, params, spec.steps, code)
     return Runtime(
         spec=spec, device=dev, model=model, dataset=dataset, params=params, buffers=buffers, dropouts=dropouts,
-        workspace=workspace, optimizer=optimizer, loss_fn=loss_fn, code=code,
+        workspace=workspace, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, code=code,
     )
 
 
@@ -345,6 +370,20 @@ def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
     rt.pristine = False
 
 
+def step_batch(spec: JobSpec, dataset: Dataset, step: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """The one derivation of the batch that the step from state `step` to `step + 1` consumes: its sample indices
+    (pol's keyed order) and its tensors. The solver, the verifier, pinpoint's capture and the referee all call this
+    (a second derivation that drifted would make the referee rule against an honest solver)."""
+    idx = batch_indices(spec.seed, len(dataset), spec.batch_size, step)
+    return idx, dataset.batch(idx)
+
+
+def dropout_mask(spec: JobSpec, step: int, layer: int, call: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """The keep mask of pol's own dropout layer `layer` at its `call`-th use in step `step`, over the whole batch
+    (`shape[0]` rows; a micro-batch takes its rows). The one derivation, shared by the step and the referee."""
+    return rng.keep_mask(spec.seed, "dropout", [step, layer, call], shape, p)
+
+
 def _bind_randomness(rt: Runtime, step: int, row_offset: int, total_rows: int) -> None:
     """Give each dropout layer masks keyed by (seed, step, layer, call), sliced from whole-batch draws."""
     for index, module in enumerate(rt.dropouts):
@@ -353,7 +392,7 @@ def _bind_randomness(rt: Runtime, step: int, row_offset: int, total_rows: int) -
         def source(shape: tuple[int, ...], index: int = index, calls: list[int] = calls, p: float = module.p) -> torch.Tensor:
             call = calls[0]
             calls[0] += 1
-            full = rng.keep_mask(rt.spec.seed, "dropout", [step, index, call], (total_rows, *shape[1:]), p)
+            full = dropout_mask(rt.spec, step, index, call, (total_rows, *shape[1:]), p)
             return full[row_offset : row_offset + shape[0]]
 
         module.mask_source = source
@@ -374,24 +413,113 @@ def verify_batch_names(spec: JobSpec, dataset: Dataset) -> None:
         raise DataError(f"the data holds only the target {spec.target!r}: nothing to feed the model")
 
 
-def _forward_loss(rt: Runtime, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The model's forward pass on one (micro-)batch and the loss. The inputs go in as keyword arguments (a lone
-    `x` positionally); an exception from the model (user code) becomes one UserCodeError naming the model, the
-    batch's shapes and what went wrong; pol's own errors pass through."""
+@dataclass(frozen=True)
+class StepContext:
+    """What a user step (`step_fn`) is given besides the model and the micro-batch.
+
+    `step`: the step (state `step` -> `step + 1`); `microbatch`: the micro-batch's index in the step; `lrs`: each
+    parameter group's learning rate for this step; `optimizer`: the job's optimizer (read it; pol runs the update);
+    `loss(output, batch)`: the spec's loss; `uniform`/`normal`: pol's random streams keyed by (seed, purpose, step,
+    micro-batch), the same on every machine. torch's random operators (dropout, torch.rand) inside the step are
+    served by pol too; Python's `random` and numpy's global generator are not, and a step that draws from them is
+    refused."""
+
+    step: int
+    microbatch: int
+    lrs: tuple[float, ...]
+    optimizer: TrainingOptimizer
+    seed: int
+    device: torch.device
+    loss_fn: LossFn
+
+    def loss(self, output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(output, batch)
+
+    on_draw: Callable[[str, torch.Tensor], None] | None = None
+
+    def uniform(self, shape: Sequence[int], purpose: str, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """float32 uniform on [low, high) (pol.rng.uniform), keyed by (seed, purpose, step, micro-batch)."""
+        return self._draw("uniform", shape, purpose, (float(low), float(high)))
+
+    def normal(self, shape: Sequence[int], purpose: str, std: float = 1.0) -> torch.Tensor:
+        """float32 with mean 0 and standard deviation `std` (pol.rng.normal), keyed like `uniform`."""
+        return self._draw("normal", shape, purpose, (float(std),))
+
+    def _draw(self, kind: str, shape: Sequence[int], purpose: str, params: tuple[float, ...]) -> torch.Tensor:
+        if not isinstance(purpose, str) or not _PURPOSE.fullmatch(purpose):
+            raise ValueError(f"a stream's purpose is 1 to 64 of A-Z a-z 0-9 _ . -, got {str(purpose)[:80]!r}")
+        shape = tuple(int(n) for n in shape)
+        with _disable_current_modes():  # made outside any capture: a named leaf, not operators of the step
+            values = compute_user_draw(self.seed, self.step, self.microbatch, kind, purpose, params, shape).to(self.device)
+        if self.on_draw is not None:
+            self.on_draw(user_draw_name(self.microbatch, kind, purpose, params), values)
+        return values
+
+
+_PURPOSE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def user_draw_name(microbatch: int, kind: str, purpose: str, params: tuple[float, ...]) -> str:
+    """The leaf name of a user-stream draw: `rng/user/<micro-batch>/<kind>/<params as float hex>/<purpose>`."""
+    return f"rng/user/{microbatch}/{kind}/{','.join(p.hex() for p in params)}/{purpose}"
+
+
+def compute_user_draw(seed: int, step: int, microbatch: int, kind: str, purpose: str, params: tuple[float, ...],
+                      shape: tuple[int, ...]) -> torch.Tensor:
+    """The values of a user-stream draw (the one derivation: the step context and the referee call it)."""
+    if kind == "uniform":
+        low, high = params
+        return rng.uniform(seed, f"user/{purpose}", [step, microbatch], shape, low, high)
+    (std,) = params
+    return rng.normal(seed, f"user/{purpose}", [step, microbatch], shape, std)
+
+
+def parse_user_draw_name(name: str) -> tuple[int, str, tuple[float, ...], str]:
+    """(micro-batch, kind, params, purpose) of a `user_draw_name`. Raises ValueError."""
+    parts = name.removeprefix("rng/user/").split("/")
+    if len(parts) != 4 or parts[1] not in ("uniform", "normal") or not _PURPOSE.fullmatch(parts[3]) or not parts[0].isdigit():
+        raise ValueError(f"malformed user-stream leaf {name[:120]!r}")
+    params = tuple(float.fromhex(p) for p in parts[2].split(","))
+    if len(params) != (2 if parts[1] == "uniform" else 1) or not all(math.isfinite(p) for p in params):
+        raise ValueError(f"malformed user-stream leaf {name[:120]!r}")
+    return int(parts[0]), parts[1], params, parts[3]
+
+
+UserStep = Callable[[nn.Module, Mapping[str, torch.Tensor], StepContext], torch.Tensor]  # -> the micro-batch's loss
+
+
+def _forward_loss(rt: Runtime, batch: Mapping[str, torch.Tensor], step: int = 0, microbatch: int = 0) -> torch.Tensor:
+    """The model's forward pass on one (micro-)batch and the loss (or the user step, which returns it). The inputs
+    go in as keyword arguments (a lone `x` positionally); an exception from the model (user code) becomes one
+    UserCodeError naming the model, the batch's shapes and what went wrong; pol's own errors pass through."""
     spec = rt.spec
     names = get_model_inputs(spec, batch)
+    assert rt.loss_fn is not None and rt.optimizer is not None
     try:
+        if rt.step_fn is not None:
+            ctx = StepContext(step, microbatch, tuple(rt.optimizer.schedule.at(step)), rt.optimizer, spec.seed, rt.device, rt.loss_fn,
+                              rt.on_user_draw)
+            loss = rt.step_fn(rt.model, batch, ctx)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+                raise TypeError(f"it returned {type(loss).__name__}, not the micro-batch's loss as a scalar float tensor")
+            return loss.reshape(())
         out = rt.model(batch["x"]) if names == ("x",) else rt.model(**{n: batch[n] for n in names})
-        assert rt.loss_fn is not None
         return rt.loss_fn(out, batch)
     except PolError:
         raise
     except Exception as exc:
         shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in sorted(batch.items()))
+        who = f"step {spec.step_fn.name!r}" if spec.step_fn is not None else f"model {spec.model.name!r}"
         raise UserCodeError(
-            f"model {spec.model.name!r} failed on a batch {shapes} with loss {spec.loss.name!r}: "
+            f"{who} failed on a batch {shapes} with loss {spec.loss.name!r}: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         ) from exc
+
+
+def _host_generator_states() -> tuple[Any, bytes, int]:
+    """Python's and numpy's global generators' states (pol never draws from them: a change is user code drawing)."""
+    _, keys, pos, *_ = np.random.get_state()
+    return random.getstate(), bytes(keys), int(pos)
 
 
 @contextlib.contextmanager
@@ -404,19 +532,32 @@ def _randomness(rt: Runtime, step: int, microbatch: int) -> Iterator[None]:
     step, the model drew outside pol's control (only later than its first step) and the step is refused rather
     than let hardware-dependent values in. Either way the results are the same bits: the mode changes only draws.
     """
+    host = _host_generator_states()
     if rt.uses_random is not False:
         with random_context(rt.spec.seed, "step", [step, microbatch]) as mode:
             yield
         rt.random_draws += mode.position
         rt.uses_random = bool(rt.uses_random or mode.position)
+        _check_host_generators(rt, step, host)
         return
     before = _generator_states(rt.device)
     yield
+    _check_host_generators(rt, step, host)
     if before != _generator_states(rt.device):
         raise UnsupportedOperator(
             "torch's random generator",
             f"model {rt.spec.model.name!r} drew random numbers at step {step} but not in its first step; pol serves "
             "a model's random draws only if it draws from its first step on",
+        )
+
+
+def _check_host_generators(rt: Runtime, step: int, before: tuple[Any, bytes, int]) -> None:
+    if _host_generator_states() != before:
+        who = f"step {rt.spec.step_fn.name!r}" if rt.spec.step_fn is not None else f"model {rt.spec.model.name!r}"
+        raise UnsupportedOperator(
+            "Python's random / numpy's global generator",
+            f"{who} drew from an unseeded host generator at step {step}: its values are not pol's to re-derive; "
+            "use torch's random operators (served by pol) or the step context's uniform/normal",
         )
 
 
@@ -433,9 +574,9 @@ def dry_run(rt: Runtime) -> None:
     """One forward pass and loss on the first micro-batch of step 0, without gradients or any change to the state:
     finds a model that cannot run on its data before anything is written. Raises UserCodeError."""
     spec = rt.spec
-    idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, 0)
+    _, first = step_batch(spec, rt.dataset, 0)
     micro = spec.microbatch or spec.batch_size
-    batch = {name: t[:micro].to(rt.device) for name, t in rt.dataset.batch(idx).items()}
+    batch = {name: t[:micro].to(rt.device) for name, t in first.items()}
     _bind_randomness(rt, 0, 0, spec.batch_size)
     saved = {n: b.detach().clone() for n, b in rt.model.named_buffers()}  # a forward may update them (batch norm)
     try:
@@ -486,8 +627,7 @@ def one_step(
     """
     spec = rt.spec
     s = rt.step
-    idx = batch_indices(spec.seed, len(rt.dataset), spec.batch_size, s)
-    batch = rt.dataset.batch(idx)
+    idx, batch = step_batch(spec, rt.dataset, s)
     on_device = {name: t.to(rt.device) for name, t in batch.items()}
     size = spec.batch_size
     micro = (spec.microbatch if microbatch is None else microbatch) or size
@@ -499,7 +639,7 @@ def one_step(
             _bind_randomness(rt, s, offset, size)
             with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
                 with _randomness(rt, s, offset // micro):
-                    loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()})
+                    loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()}, s, offset // micro)
                     (loss * (micro / size) if micro != size else loss).backward()
                 loss_sum += float(loss.detach()) * micro
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}

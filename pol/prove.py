@@ -42,7 +42,7 @@ from .engine import (
 from .errors import OutputExists, PolError, ResumeError, SpecError
 from .spec import JobSpec, spec_from_dict
 from .trace import EMPTY_DATA, Record, record_from_dict
-from .verify import is_batch_coupled
+from .verify import split_changes_math
 
 __all__ = ["train_and_prove", "check_output", "ProveResult", "PROGRESS_NAME"]
 
@@ -152,9 +152,9 @@ def train_and_prove(
         spec = rt.spec = resolve_spec(spec, rt.dataset)
     if not resume:
         dry_run(rt)
-    if split is not None and split != (spec.microbatch or spec.batch_size) and (is_batch_coupled(rt.model) or rt.uses_random):
-        why = "has batch norm, whose statistics" if is_batch_coupled(rt.model) else "draws random numbers, which are keyed by micro-batch and"
-        raise SpecError(f"the model {why} depend on how a batch is split: splitting it is not an execution choice "
+    why = split_changes_math(rt)
+    if split is not None and split != (spec.microbatch or spec.batch_size) and why:
+        raise SpecError(f"the job {why} depend on how a batch is split: splitting it is not an execution choice "
                         "here; set microbatch in the spec instead of split")
     created = _prepare_output(directory, resume=resume, force=force)
     resumed_from = None

@@ -29,6 +29,8 @@ from .errors import SpecError
 __all__ = [
     "Component",
     "GroupRule",
+    "EvalSpec",
+    "METRICS",
     "OptimSpec",
     "JobSpec",
     "Flags",
@@ -320,6 +322,49 @@ def _check_scheduler(c: Component, depth: int) -> None:
             raise _fail("optimizer.scheduler", "a user scheduler cannot be nested (name it as the scheduler itself)")
 
 
+METRICS = ("loss", "accuracy")  # built-in evaluation metrics (pol.evaluate); or module:callable
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSpec:
+    """Certified evaluation: held-out data (bound by its digest, like the training data) and the metrics computed on
+    it at every checkpoint, committed in the trace and recomputed by the verifier for the checkpoints it touches.
+    A metric is "loss" (the spec's loss), "accuracy" (argmax of the loss's output against the target) or user code
+    `module:callable` (see pol.evaluate)."""
+
+    data: Component
+    metrics: tuple[Component, ...] = (Component("loss"),)
+    batch_size: int = 256
+    data_digest: Digest | None = None  # bound when the spec is resolved
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Component.from_value(self.data, "evaluation.data"))
+        if isinstance(self.metrics, (str, bytes, Mapping)) or not isinstance(self.metrics, (list, tuple)) or not 0 < len(self.metrics) <= 8:
+            raise _fail("evaluation.metrics", "expected a list of 1 to 8 metrics")
+        metrics = tuple(Component.from_value(m, "evaluation.metrics") for m in self.metrics)
+        for m in metrics:
+            if m.name not in METRICS and not m.is_user_code:
+                raise _fail("evaluation.metrics", f"{m.name[:80]!r} is not one of {', '.join(METRICS)} or module:callable")
+        if len({m.name for m in metrics}) != len(metrics):
+            raise _fail("evaluation.metrics", "names a metric twice")
+        object.__setattr__(self, "metrics", metrics)
+        _check_int("evaluation.batch_size", self.batch_size, 1, 1 << 20)
+        if self.data_digest is not None and not is_digest(self.data_digest):
+            raise _fail("evaluation.data_digest", "expected 64 lowercase hex characters")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data.to_dict(), "metrics": [m.to_dict() for m in self.metrics], "batch_size": self.batch_size,
+                "data_digest": self.data_digest}
+
+    @staticmethod
+    def from_value(value: Any) -> EvalSpec | None:
+        if value is None or isinstance(value, EvalSpec):
+            return value
+        if not isinstance(value, Mapping) or "data" not in value or set(value) - {"data", "metrics", "batch_size", "data_digest"}:
+            raise _fail("evaluation", "expected a table with data and optional metrics, batch_size")
+        return EvalSpec(**value)
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """Everything needed to re-run a training job bit for bit."""
@@ -339,6 +384,8 @@ class JobSpec:
     target: str = "y"  # the batch tensor the loss compares the output with
     init: str = "model"  # "model": the model's own initialisation, its draws served by pol.rng; "pol": pol's rule
     output: str = ""  # the part of the model's output the loss reads: "" = the tensor itself, else .logits/["logits"]/[0]; a name or an index picks one
+    step_fn: Component | None = None  # a user step, module:callable(model, batch, ctx) -> loss (pol.engine.StepContext)
+    evaluation: EvalSpec | None = None  # certified evaluation at every checkpoint
     data_digest: Digest | None = None  # bound by `resolve`; required in a bundle
     versions: Mapping[str, str] = field(default_factory=dict)  # {"pol": ..., "torch": ...}, bound by `resolve`
 
@@ -346,6 +393,11 @@ class JobSpec:
         object.__setattr__(self, "model", Component.from_value(self.model, "model"))
         object.__setattr__(self, "data", Component.from_value(self.data, "data"))
         object.__setattr__(self, "loss", Component.from_value(self.loss, "loss"))
+        if self.step_fn is not None:
+            object.__setattr__(self, "step_fn", Component.from_value(self.step_fn, "step_fn"))
+            if not self.step_fn.is_user_code:
+                raise _fail("step_fn", f"{self.step_fn.name[:80]!r} is not module:callable (a function of model, batch and context)")
+        object.__setattr__(self, "evaluation", EvalSpec.from_value(self.evaluation))
         if isinstance(self.optimizer, Mapping):
             object.__setattr__(self, "optimizer", optim_from_dict(self.optimizer))
         if not isinstance(self.optimizer, OptimSpec):
@@ -385,7 +437,8 @@ class JobSpec:
     @property
     def is_resolved(self) -> bool:
         """Data digest, code digests and versions bound: the spec has a job id."""
-        return self.data_digest is not None and all(c.code is not None for c in self.user_code)
+        return (self.data_digest is not None and all(c.code is not None for c in self.user_code)
+                and (self.evaluation is None or self.evaluation.data_digest is not None))
 
     @property
     def components(self) -> tuple[tuple[str, Component], ...]:
@@ -395,6 +448,11 @@ class JobSpec:
         out = [("model", self.model), ("data", self.data), ("loss", self.loss), ("optimizer", Component(opt.name, opt.kwargs, opt.code))]
         if opt.scheduler is not None:
             out.append(("scheduler", opt.scheduler))
+        if self.step_fn is not None:
+            out.append(("step_fn", self.step_fn))
+        if self.evaluation is not None:
+            out.append(("evaluation.data", self.evaluation.data))
+            out.extend((f"evaluation.metrics.{i}", m) for i, m in enumerate(self.evaluation.metrics))
         return tuple(out)
 
     @property
@@ -404,6 +462,14 @@ class JobSpec:
 
     def with_code(self, role: str, digest: Digest) -> JobSpec:
         """The spec with the code digest of the component `role` (see `components`) bound."""
+        if role.startswith("evaluation."):
+            assert self.evaluation is not None
+            ev = self.evaluation
+            if role == "evaluation.data":
+                return self.replace(evaluation=dataclasses.replace(ev, data=dataclasses.replace(ev.data, code=digest)))
+            i = int(role.rpartition(".")[2])
+            metrics = tuple(dataclasses.replace(m, code=digest) if j == i else m for j, m in enumerate(ev.metrics))
+            return self.replace(evaluation=dataclasses.replace(ev, metrics=metrics))
         if role == "optimizer":
             return self.replace(optimizer=dataclasses.replace(self.optimizer, code=digest))
         if role == "scheduler":
@@ -443,6 +509,8 @@ class JobSpec:
             "init": self.init,
             "target": self.target,
             "output": self.output,
+            "step_fn": self.step_fn.to_dict() if self.step_fn is not None else None,
+            "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None,
             "data_digest": self.data_digest,
             "versions": dict(self.versions),
         }

@@ -66,6 +66,7 @@ __all__ = [
     "calibrate_thresholds",
     "MIN_BEACON_BYTES",
     "is_batch_coupled",
+    "split_changes_math",
     "verify_sound",
 ]
 
@@ -289,13 +290,26 @@ def is_batch_coupled(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def split_changes_math(rt: Runtime) -> str | None:
+    """Why splitting this runtime's batch into other micro-batches would change the step's mathematics (not only
+    its rounding), or None if a split is a free execution choice: batch norm (its statistics), random draws (keyed
+    by micro-batch), a user step (it sees one micro-batch and may couple its rows or draw per micro-batch)."""
+    if is_batch_coupled(rt.model):
+        return "has batch norm, whose statistics"
+    if rt.uses_random:
+        return "draws random numbers, which are keyed by micro-batch and"
+    if rt.spec.step_fn is not None:
+        return "runs a user step, whose results may"
+    return None
+
+
 def _perturbations(rt: Runtime) -> list[dict[str, int]]:
     """Honest ways to run a step that leave its mathematics unchanged: another thread count, and another batch
     split (an execution choice the solver may make) or, for a batch-coupled model or one that draws random numbers
     (keyed by micro-batch), oneDNN kernels off."""
     batch_size, spec_micro = rt.spec.batch_size, rt.spec.microbatch
     out: list[dict[str, int]] = [{"threads": 1 if torch.get_num_threads() > 1 else 2}]
-    if is_batch_coupled(rt.model) or rt.uses_random:  # random draws are keyed by micro-batch: a split redraws them
+    if split_changes_math(rt):  # e.g. random draws are keyed by micro-batch: a split redraws them
         return [*out, {"mkldnn": 0}]
     current = spec_micro or batch_size
     for parts in (2, 4, 3):

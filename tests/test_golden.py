@@ -17,18 +17,18 @@ SPEC = {"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "sy
         "versions": {"pol": "0.5.0", "torch": "2.13.0"}}
 CANONICAL = (
     '{"batch_size":16,"data":{"code":null,"kwargs":{"n":512},"name":"synthetic"},"data_digest":"' + "1" * 64 + '","dtype":"fl'
-    'oat32","every":4,"init":"model","inputs":[],"loss":{"code":null,"kwargs":{},"name":"cross_entropy"},"micr'
-    'obatch":0,"model":{"code":null,"kwargs":{"hidden":32},"name":"mlp"},"numerics":"native","optimizer":{"bet'
-    'a1":0.9,"beta2":0.999,"clip_grad_norm":0,"clip_grad_value":0,"code":null,"ema":0,"eps":1e-8,"kwargs":{},"'
-    'lr":0.001,"momentum":0.9,"name":"adamw","param_groups":[],"schedule":"constant","scheduler":null,"warmup"'
-    ':0,"weight_decay":0},"output":"","seed":0,"steps":8,"target":"y","versions":{"pol":"0.5.0","torch":"2.13.'
-    '0"}}'
+    'oat32","evaluation":null,"every":4,"init":"model","inputs":[],"loss":{"code":null,"kwargs":{},"name":"cro'
+    'ss_entropy"},"microbatch":0,"model":{"code":null,"kwargs":{"hidden":32},"name":"mlp"},"numerics":"native"'
+    ',"optimizer":{"beta1":0.9,"beta2":0.999,"clip_grad_norm":0,"clip_grad_value":0,"code":null,"ema":0,"eps":'
+    '1e-8,"kwargs":{},"lr":0.001,"momentum":0.9,"name":"adamw","param_groups":[],"schedule":"constant","schedu'
+    'ler":null,"warmup":0,"weight_decay":0},"output":"","seed":0,"step_fn":null,"steps":8,"target":"y","versio'
+    'ns":{"pol":"0.5.0","torch":"2.13.0"}}'
 )
-JOB_ID = "5389276525dae02d2e949d01c80df22a77d1d276a0a29e8ea80298d1a18f5948"
+JOB_ID = "610cacb905b3c9d08bef37b9f771fea57e2e078e4129e8582e702f5d938b91a7"
 RECORDS = (Record(0, "22" * 32, "0" * 64, None), Record(4, "33" * 32, "44" * 32, 2.25), Record(8, "55" * 32, "66" * 32, 1.0000000000000002))
-MERKLE = "52492a2aca9129869fd81ad18c58e75707aad5b72079fd3ca795fa03f9351d69"
-COMMITMENT = "f6edc1e8bd835d2d26aa9bec99c43e82346c3830d4db41983874ffc64ccd3544"
-MANIFEST_BLAKE3 = "d67c892c95e57d4335d6931562bd7433917ca2c24e6a0d0cd5f897dfffe6c6b0"
+MERKLE = "473f98a9829fe2bc68cbba2b4ee05c8b2f01a207986bc7ade6634edf7ed67611"
+COMMITMENT = "91a4a7d1e177cbc0c43754dc3b39a32628ae0b72f1f68e368acbcb2c08e5310f"
+MANIFEST_BLAKE3 = "4579436021b25549c1e8eddb348b80d1886dc4d693c93a1308867f6ef632d9f2"
 
 
 def test_canonical_spec_and_job_id():

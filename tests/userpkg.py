@@ -155,3 +155,26 @@ class SignSGD(torch.optim.Optimizer):
                 state["flips"].add_(torch.sign(p.grad))
                 p.add_(torch.sign(p.grad), alpha=-group["lr"]).mul_(1.0 - group["shrink"])
         return None
+
+
+def plain_step(model, batch, ctx):
+    """A user step doing what the spec's own step does: the model on `x`, the spec's loss."""
+    return ctx.loss(model(batch["x"]), batch)
+
+
+def regularised_step(model, batch, ctx, weight: float = 1e-3):
+    """A user step the spec cannot say: two forward passes (one on noised inputs from pol's stream) and an L2
+    penalty, with the learning rate in reach."""
+    noise = ctx.uniform(batch["x"].shape, "input-noise", -0.01, 0.01)
+    out = model(batch["x"])
+    noisy = model(batch["x"] + noise)
+    penalty = sum((p * p).sum() for p in model.parameters())
+    assert ctx.lrs and ctx.lrs[0] > 0
+    return ctx.loss(out, batch) + 0.5 * ctx.loss(noisy, batch) + weight * penalty
+
+
+def unseeded_step(model, batch, ctx):
+    """A user step that draws from Python's global generator: refused."""
+    import random
+
+    return ctx.loss(model(batch["x"]), batch) * (1.0 + random.random() * 1e-3)
