@@ -332,10 +332,10 @@ def _product_f64(dll: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     def gemm(lo: int, hi: int) -> int:
         return dll.gemm_f64_exact(pl + 8 * lo * m * kk, pr + 8 * lo * kk * n, pv + 8 * lo * m * n, hi - lo, m, kk, n)
 
-    def gemm_rows(lo: int, hi: int) -> int:  # one batch entry: threads take blocks of 4 rows
-        return dll.gemm_f64_exact(pl + 8 * 4 * lo * kk, pr, pv + 8 * 4 * lo * n, 1, min(m, 4 * hi) - 4 * lo, kk, n)
+    def gemm_rows(lo: int, hi: int) -> int:  # one batch entry: threads take blocks of 6 rows (the kernel's tiles)
+        return dll.gemm_f64_exact(pl + 8 * 6 * lo * kk, pr, pv + 8 * 6 * lo * n, 1, min(m, 6 * hi) - 6 * lo, kk, n)
 
-    rcs = _parallel(z, m * kk * n, gemm) if z > 1 else _parallel(-(-m // 4), 4 * kk * n, gemm_rows)
+    rcs = _parallel(z, m * kk * n, gemm) if z > 1 else _parallel(-(-m // 6), 6 * kk * n, gemm_rows)
     if any(rcs):  # the kernel declined: N % 8 != 0, or sizes where the library's blocked GEMM is faster
         v = torch.bmm(left, right).contiguous()
     out = torch.empty((z, m, n), dtype=torch.float32)

@@ -258,7 +258,7 @@ def test_both_product_forms_of_the_kernels_equal_the_reference(m: int, k: int, n
 
 
 @pytest.mark.parametrize("z,m,kk,n", [(1, 1, 8, 8), (3, 17, 48, 16), (1, 521, 441, 16), (2, 5, 96, 128), (1, 6, 1024, 48),
-                                       (1, 4, 1025, 8), (1, 4, 8, 136), (1, 4, 8, 12), (4, 32, 96, 32), (1, 9, 768, 64)])
+                                       (1, 13, 3000, 8), (1, 4, 8, 136), (1, 4, 8, 12), (4, 32, 96, 32), (1, 9, 768, 64)])
 def test_float64_gemm_kernel_is_an_exact_integer_product_or_declines(z: int, m: int, kk: int, n: int) -> None:
     """gemm_f64_exact (AVX2 or AVX-512 register tiles, fused multiply-adds): on integers whose partial sums stay
     below 2**53, as the float64 form's are, it gives the exact integer product, or declines (-1) where the library's
@@ -274,14 +274,14 @@ def test_float64_gemm_kernel_is_an_exact_integer_product_or_declines(z: int, m: 
     lf, rf = left.double(), right.double()
     rc = dll.gemm_f64_exact(lf.data_ptr(), rf.data_ptr(), v.data_ptr(), z, m, kk, n)
     if rc != 0:
-        assert rc == -1 and (n % 8 or n > 128 or kk > 1024 or kk * n > 4096)
+        assert rc == -1 and (n % 8 or n > 128 or kk * n > 4096)
         return
     assert torch.equal(v.to(torch.int64), torch.bmm(left, right))
 
 
 @pytest.mark.parametrize("m,k,n", [(521, 147, 16), (64, 256, 48), (37, 64, 40), (8, 100, 128)])
 def test_products_have_the_same_bits_at_1_and_2_threads(m: int, k: int, n: int) -> None:
-    """2-D products split their rows in blocks of 4 over threads, batched ones their entries: the same bits."""
+    """2-D products split their rows in blocks of 6 over threads, batched ones their entries: the same bits."""
     rng = np.random.default_rng(m + n)
     a, b = f32(wide_rows(rng, (m, k), spread=20)), f32(wide_rows(rng, (k, n), spread=20))
     a3, b3 = torch.stack([a, a.flip(0)]), torch.stack([b, b.flip(1)])
