@@ -96,9 +96,19 @@ def handle_errors(usage_prefix: str | None = None) -> Callable[[F], F]:
     return wrap
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from pol import __version__
+
+        out.print(f"pol {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print pol's version and exit.")] = False,
 ) -> None:
     _DEBUG["on"] = debug
 
@@ -786,6 +796,52 @@ def ledger_show(
             print_json(ledger_to_dict(ledger, last_events=events))
         else:
             out.print(render_ledger(ledger, last_events=events), markup=False)
+
+
+@app.command()
+@handle_errors()
+def env(as_json: JsonOpt = False) -> None:
+    """Print what a bug report needs: pol, torch, Python, the CPU's instruction set, threads, devices, whether the
+    exact-numerics kernels compiled, and the versions of the libraries pol's results depend on.
+
+    An exact bundle is verified with the torch version its spec names (`pol inspect BUNDLE` shows it)."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from pol import __version__
+    from pol.exact import native
+
+    def version_of(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    info: dict[str, Any] = {
+        "pol": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda or "none (CPU build)",
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+        "exact_kernels": native.available(),
+        "exact_kernels_status": native.status(),
+        "libraries": {d: version_of(d) for d in ("numpy", "safetensors", "blake3", "networkx", "typer", "rich", "transformers", "fsspec")},
+    }
+    if as_json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        if key == "libraries":
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "cuda_devices":
+            value = ", ".join(value) or "none"
+        out.print(f"{key:<22}{value}", markup=False)
 
 
 def main() -> None:

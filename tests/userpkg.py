@@ -178,3 +178,15 @@ def unseeded_step(model, batch, ctx):
     import random
 
     return ctx.loss(model(batch["x"]), batch) * (1.0 + random.random() * 1e-3)
+
+
+def make_classifier(classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, classes))
+
+
+def make_soft_data(n: int = 128, classes: int = 3, log: int = 0) -> dict[str, torch.Tensor]:
+    """Soft targets (a teacher's probabilities, or log-probabilities with log=1) for distillation and BCE."""
+    x = torch.arange(n * 4, dtype=torch.float32).reshape(n, 4) / (n * 4)
+    logits = torch.stack([x[:, 0] * (k + 1) - x[:, 1] * k for k in range(classes)], dim=1)
+    probs = torch.softmax(logits, dim=1)
+    return {"x": x, "y": torch.log_softmax(logits, dim=1) if log else probs}
