@@ -30,7 +30,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -273,6 +273,7 @@ class TrainingOptimizer:
     schedule: LrSchedule
     torch_optimizer: torch.optim.Optimizer | None = None  # torch.optim's or a user class; None for pol's own
     _layouts: tuple[Layout, Layout] | None = None  # (at step 0, after a step)
+    _scalar_slots: set[str] = field(default_factory=set)  # slots the optimizer keeps as Python numbers
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The optimizer's state at step 0 (EMA weights start as copies of the parameters)."""
@@ -345,7 +346,7 @@ class TrainingOptimizer:
         for name, t in state.items():
             slot, _, pname = name.removeprefix("optim/").partition("/")
             if pname in self.params and slot != "ema":
-                by_param.setdefault(pname, {})[slot] = t
+                by_param.setdefault(pname, {})[slot] = t.item() if slot in self._scalar_slots else t
         for pname, p in self.params.items():
             p.grad = grads[pname]
             if pname in by_param:
@@ -360,10 +361,8 @@ class TrainingOptimizer:
             for slot, value in slots.items():
                 if value is None:
                     continue
-                if not isinstance(value, torch.Tensor) or "/" in slot:
-                    raise ComponentError(f"optimizer {self.spec.name} keeps {slot!r} as {type(value).__name__}: pol "
-                                         "proves optimizers whose state is tensors")
-                out[f"optim/{slot}/{names[id(p)]}"] = value
+                tensor = _state_tensor(self, slot, value)
+                out[f"optim/{slot}/{names[id(p)]}"] = tensor
         return out
 
     def _probe(self) -> tuple[Layout, Layout]:
@@ -398,9 +397,12 @@ class _TorchProbe:
         def read() -> Layout:
             out: Layout = {}
             for p, slots in opt.state.items():
-                for slot, t in slots.items():
-                    if isinstance(t, torch.Tensor):
-                        out[f"optim/{slot}/{names[id(p)]}"] = (t.dtype, tuple(t.shape), t.device.type == "cpu" and p.device.type != "cpu")
+                for slot, value in slots.items():
+                    if value is None:
+                        continue
+                    t = _state_tensor(self.owner, slot, value)
+                    on_cpu = slot in self.owner._scalar_slots or (t.device.type == "cpu" and p.device.type != "cpu")
+                    out[f"optim/{slot}/{names[id(p)]}"] = (t.dtype, tuple(t.shape), on_cpu)
             return out
 
         at0 = read()
@@ -412,6 +414,21 @@ class _TorchProbe:
             for layout in (at0, after):
                 layout.update({f"optim/ema/{n}": (p.dtype, tuple(p.shape), False) for n, p in self.owner.params.items()})
         return at0, after
+
+
+def _state_tensor(owner: TrainingOptimizer, slot: str, value: Any) -> torch.Tensor:
+    """A slot of a torch.optim or user optimizer's per-parameter state as a tensor: tensors as they are, Python
+    integers and floats as int64/float64 scalars (remembered, so they go back to the optimizer as numbers). Anything
+    else has no canonical form: ComponentError."""
+    if "/" in slot:
+        raise ComponentError(f"optimizer {owner.spec.name} names a state slot {slot!r}: slot names cannot hold '/'")
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        owner._scalar_slots.add(slot)
+        return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+    raise ComponentError(f"optimizer {owner.spec.name} keeps {slot!r} as {type(value).__name__}: pol checkpoints an "
+                         "optimizer's state as tensors and numbers only (never pickle)")
 
 
 def _construct_torch(spec: OptimSpec, params: Mapping[str, torch.Tensor], groups: list[list[str]], base: Sequence[float],

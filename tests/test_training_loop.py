@@ -316,3 +316,16 @@ def test_soft_target_losses_train_and_verify(tmp_path, numerics, loss, log):
         return
     _, report = train_verify(spec, tmp_path / "b")
     assert report.verdict == "accept", report.to_dict()
+
+
+@pytest.mark.parametrize("numerics", ["native", "exact"])
+def test_an_optimizer_keeping_python_numbers_checkpoints_them_as_tensors(tmp_path, numerics):
+    spec = spec_from_dict({"model": "tests.userpkg:make_model", "data": "tests.userpkg:make_data", "steps": 6, "every": 2,
+                           "batch_size": 16, "loss": "mse", "numerics": numerics,
+                           "optimizer": {"name": "tests.userpkg:CountingSGD", "lr": 1e-2, "kwargs": {"decay": 0.5}}})
+    path, report = train_verify(spec, tmp_path / "b")
+    assert report.verdict == "accept", report.to_dict()
+    with open_bundle(path) as b:
+        state = b.load_state(4)
+    assert state["optim/count/0.weight"].dtype == torch.int64 and int(state["optim/count/0.weight"]) == 4
+    assert state["optim/scale/0.weight"].dtype == torch.float64 and float(state["optim/scale/0.weight"]) == 0.5**4

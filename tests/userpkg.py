@@ -190,3 +190,23 @@ def make_soft_data(n: int = 128, classes: int = 3, log: int = 0) -> dict[str, to
     logits = torch.stack([x[:, 0] * (k + 1) - x[:, 1] * k for k in range(classes)], dim=1)
     probs = torch.softmax(logits, dim=1)
     return {"x": x, "y": torch.log_softmax(logits, dim=1) if log else probs}
+
+
+class CountingSGD(torch.optim.Optimizer):
+    """A user optimizer keeping Python numbers in its state (`tests.userpkg:CountingSGD`): a step count (int) and
+    a running scale (float) that shrinks the step."""
+
+    def __init__(self, params, lr: float = 1e-3, decay: float = 0.5) -> None:
+        super().__init__(params, {"lr": lr, "decay": decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["count"], state["scale"] = 0, 1.0
+                state["count"] += 1
+                state["scale"] *= group["decay"]
+                p.add_(p.grad, alpha=-group["lr"] * (1.0 + state["scale"]) / state["count"])
+        return None
