@@ -373,9 +373,11 @@ def restore_state(rt: Runtime, state: Mapping[str, torch.Tensor]) -> None:
 def step_batch(spec: JobSpec, dataset: Dataset, step: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """The one derivation of the batch that the step from state `step` to `step + 1` consumes: its sample indices
     (pol's keyed order) and its tensors. The solver, the verifier, pinpoint's capture and the referee all call this
-    (a second derivation that drifted would make the referee rule against an honest solver)."""
+    (a second derivation that drifted would make the referee rule against an honest solver). The samples are
+    fetched in that order (on POL_DATA_WORKERS threads if set: same bits) and augmented here, with draws keyed by
+    (seed, step, sample index) (`pol.augment`), so the batch digest covers the augmented batch."""
     idx = batch_indices(spec.seed, len(dataset), spec.batch_size, step)
-    return idx, dataset.batch(idx)
+    return idx, dataset.transform(dataset.batch(idx), seed=spec.seed, step=step, idx=idx)
 
 
 def dropout_mask(spec: JobSpec, step: int, layer: int, call: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
