@@ -267,7 +267,6 @@ DECOMPOSED: frozenset[OpOverload] = frozenset(
         aten._adaptive_avg_pool2d.default,
         aten.upsample_nearest2d.default,
         aten.upsample_bilinear2d.default,
-        aten._safe_softmax.default,
         aten.native_dropout_backward.default,
     )
 )
@@ -296,6 +295,7 @@ EXACT_HANDLERS: dict[OpOverload, Handler] = {
     aten.sqrt.out: arith.sqrt_out,
     aten.native_layer_norm.default: norms.layer_norm,
     aten._softmax.default: softmax.softmax,
+    aten._safe_softmax.default: softmax.safe_softmax,
     aten._softmax_backward_data.default: softmax.softmax_backward,
     aten.gelu.default: activations.gelu,
     aten.gelu_backward.default: activations.gelu_backward,

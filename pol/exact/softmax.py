@@ -11,7 +11,7 @@ import torch
 from pol.errors import UnsupportedOperator
 from pol.exact import elementwise, native, reduce
 
-__all__ = ["wrap_dim", "softmax_backward", "softmax", "log_softmax_backward", "log_softmax"]
+__all__ = ["wrap_dim", "softmax_backward", "softmax", "safe_softmax", "log_softmax_backward", "log_softmax"]
 
 
 def wrap_dim(dim: int, ndim: int) -> int:
@@ -37,6 +37,16 @@ def softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
     x_max = torch.amax(x, dim, keepdim=True)
     unnormalized = elementwise.exact_exp(x - x_max)
     return unnormalized / reduce.exact_sum(unnormalized, [dim], keepdim=True)
+
+
+def safe_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """aten._safe_softmax (SDPA's math path) as torch's decomposition computes it: the softmax, with the rows whose
+    every entry is -inf set to 0."""
+    if dtype is not None and dtype != x.dtype:
+        raise UnsupportedOperator("aten._safe_softmax", f"dtype change to {dtype}")
+    out = softmax(x, dim, False)
+    masked_rows = torch.all(x.eq(float("-inf")), dim=dim, keepdim=True)
+    return torch.where(masked_rows, torch.zeros_like(out), out)
 
 
 def softmax_backward(grad: torch.Tensor, out: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:

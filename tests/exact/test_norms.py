@@ -259,3 +259,20 @@ def test_silu_and_tanh_backward_handlers_equal_the_decomposition(op, layout: str
         new = op(*args)
         old = torch._decomp.decomposition_table[op](*args)
     assert _bits_equal(new, old)  # NaN payloads included
+
+
+@pytest.mark.parametrize("shape,dim", [((2, 4, 8, 8), -1), ((6, 7), 0), ((3, 4, 5), 1), ((9,), 0)])
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_safe_softmax_handler_equals_the_decomposition(shape: tuple[int, ...], dim: int, dtype: torch.dtype | None) -> None:
+    """_safe_softmax (SDPA's math path): the written-out handler against torch's decomposition under the exact mode,
+    bit for bit, with fully masked rows (0), partly masked rows, NaN, +inf and signed zeros."""
+    rng = np.random.default_rng(len(shape) + dim)
+    x = f32(wide_rows(rng, (1, int(np.prod(shape))), spread=4).reshape(shape))
+    if x.dim() > 1:
+        x.movedim(dim, -1)[..., 0, :] = float("-inf")  # a fully masked row
+    x.view(-1)[-5:] = torch.tensor([float("-inf"), float("nan"), float("inf"), -0.0, 1e-45])
+    op = aten._safe_softmax.default
+    with exact_mode():
+        new = op(x, dim, dtype=dtype) if dtype else op(x, dim)
+        old = torch._decomp.decomposition_table[op](x, dim, dtype=dtype) if dtype else torch._decomp.decomposition_table[op](x, dim)
+    assert _bits_equal(new, old)
