@@ -201,6 +201,12 @@ def manifest_from_dict(value: Any) -> Manifest:
             raise ManifestError(f"records[{i}].step", f"{r.step} is not the spec's checkpoint {spec.checkpoint_step(i)}")
     if records[0].data != EMPTY_DATA or records[0].loss is not None:
         raise ManifestError("records[0]", "the step-0 record consumes no data and has no loss")
+    metrics = [m.name for m in spec.evaluation.metrics] if spec.evaluation is not None else None
+    for i, r in enumerate(records):
+        if metrics is None and r.eval is not None:
+            raise ManifestError(f"records[{i}].eval", "the spec names no evaluation")
+        if metrics is not None and (r.eval is None or sorted(r.eval) != sorted(metrics)):
+            raise ManifestError(f"records[{i}].eval", f"expected exactly the spec's metrics {metrics}")
     manifest = Manifest(
         spec=spec,
         records=records,
@@ -600,12 +606,13 @@ class BundleWriter:
         self.records = list(records)
         self.files = dict(files or {})
 
-    def add(self, step: int, state: State, data: Digest, loss: float | None) -> Record:
-        """Write the checkpoint at `step` and return its record. `state` is written as given (its `meta/step` too)."""
+    def add(self, step: int, state: State, data: Digest, loss: float | None, evaluation: Mapping[str, float] | None = None) -> Record:
+        """Write the checkpoint at `step` and return its record. `state` is written as given (its `meta/step` too);
+        `evaluation` is the state's metrics (pol.evaluate) when the spec names an evaluation."""
         assert step == self.spec.checkpoint_step(len(self.records)), f"checkpoint {step} out of order"
         per_tensor: dict[str, Digest] = {}
         self.files[checkpoint_name(step)] = write_checkpoint(self.directory, step, state, self.spec.job_id, per_tensor)
-        record = Record(step, combine_digests(per_tensor), data, loss)
+        record = Record(step, combine_digests(per_tensor), data, loss, None if evaluation is None else dict(evaluation))
         self.records.append(record)
         return record
 
@@ -619,16 +626,16 @@ class BundleWriter:
 
 
 def write_bundle(
-    directory: str | Path, spec: JobSpec, checkpoints: Iterable[tuple[int, State, Digest, float | None]],
-    env: Mapping[str, str | int],
+    directory: str | Path, spec: JobSpec, checkpoints: Iterable[tuple[Any, ...]], env: Mapping[str, str | int],
 ) -> Manifest:
-    """Write a whole bundle from `(step, state, data digest, loss)` per checkpoint, in step order (a generator
-    keeps one state in memory at a time). Used by forgers and tools; the solver adds checkpoints as it trains."""
+    """Write a whole bundle from `(step, state, data digest, loss)` or `(step, state, data digest, loss, eval
+    metrics)` per checkpoint, in step order (a generator keeps one state in memory at a time). Used by forgers and
+    tools; the solver adds checkpoints as it trains."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     writer = BundleWriter(directory, spec)
-    for step, state, data, loss in checkpoints:
-        writer.add(step, state, data, loss)
+    for step, state, data, loss, *evaluation in checkpoints:
+        writer.add(step, state, data, loss, evaluation[0] if evaluation else None)
     return writer.finish(env)
 
 

@@ -12,6 +12,7 @@ checkpoint after step 0 leaves no output behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 from .bundle import BundleWriter, FileEntry, Manifest, checkpoint_name, pack_bundle
 from .canonical import canonical_json, parse_json_strict
 from .components import CodePolicy
+from .data import data_digest as compute_data_digest
 from .digest import state_digest
 from .engine import (
     HooksForStep,
@@ -40,6 +42,7 @@ from .engine import (
     run_steps,
 )
 from .errors import OutputExists, PolError, ResumeError, SpecError
+from .evaluate import Evaluator, build_eval_dataset
 from .spec import JobSpec, spec_from_dict
 from .trace import EMPTY_DATA, Record, record_from_dict
 from .verify import split_changes_math
@@ -127,6 +130,7 @@ def train_and_prove(
     hooks: HooksForStep | None = None,
     env_note: str | None = None,
     code: CodePolicy | None = None,
+    eval_data_dir: str | None = None,
 ) -> ProveResult:
     """Train `spec` and write its proof bundle to `out` (a directory, or an archive if it ends in `.tar`).
 
@@ -134,7 +138,9 @@ def train_and_prove(
     memory) that native numerics tolerates; exact numerics refuses it unless it equals the spec's `microbatch`.
     `hooks` runs chosen steps under extra contexts (pinpoint's deliberately faulty solvers); `env_note` is recorded
     in the bundle's environment information. `code`: which user code the spec may import (default: whatever it
-    names, since the caller chose to train it).
+    names, since the caller chose to train it). A spec with an evaluation is evaluated at every checkpoint (step 0
+    and the last included; pol.evaluate) and the metrics committed in its records; `eval_data_dir` says where a
+    `dir:` evaluation dataset lives (default: the path the spec names).
 
     Raises OutputExists (before anything is built), SpecError, ComponentError, UserCodeError, DataError,
     DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
@@ -148,8 +154,15 @@ def train_and_prove(
     directory = out.with_name(out.name + ".partial") if archive else out
     check_output(out, resume=resume, force=force)
     rt = build_runtime(spec, device=device, data_dir=data_dir, code=code or CodePolicy.trust_all_code())
+    evaluator = None
+    if spec.evaluation is not None:
+        eval_data = build_eval_dataset(spec, data_dir=eval_data_dir, code=rt.code)  # checked if the spec binds it
+        if spec.evaluation.data_digest is None:  # bound here, from the data just built (resolve_spec would build it again)
+            spec = rt.spec = spec.replace(evaluation=dataclasses.replace(spec.evaluation, data_digest=compute_data_digest(eval_data)))
     if not spec.is_resolved:
         spec = rt.spec = resolve_spec(spec, rt.dataset)
+    if spec.evaluation is not None:
+        evaluator = Evaluator(spec, eval_data, code=rt.code, loss_fn=rt.loss_fn)
     if not resume:
         dry_run(rt)
     why = split_changes_math(rt)
@@ -166,7 +179,7 @@ def train_and_prove(
         records, files = [], {}  # the step-0 checkpoint is written in the background like every other
     writer = BundleWriter(directory, spec, records, files)
     try:
-        _train_remaining(rt, writer, on_progress, split, hooks, first=None if resume else initial_state(rt))
+        _train_remaining(rt, writer, on_progress, split, hooks, first=None if resume else initial_state(rt), evaluator=evaluator)
     except BaseException:
         if created and len(writer.records) <= 1:  # nothing worth resuming: leave no output behind
             shutil.rmtree(directory, ignore_errors=True)
@@ -187,23 +200,27 @@ def _train_remaining(
     split: int | None,
     hooks: HooksForStep | None,
     first: dict | None = None,
+    evaluator: Evaluator | None = None,
 ) -> None:
     """Train segment by segment. A large checkpoint is hashed and written by a background thread while the next
     segment trains (at most one write in flight, so at most two states in memory); a small one is written at once,
     since its cost is Python work that would only contend with training for the interpreter lock. `progress.json`
-    only ever names checkpoints that are completely on disk, so a crash at any instant leaves a resumable directory."""
+    only ever names checkpoints that are completely on disk, so a crash at any instant leaves a resumable directory.
+    With an `evaluator`, each checkpoint's state is evaluated (on the live model, before training goes on) and its
+    metrics go into its record."""
     spec = rt.spec
     callback = (lambda step, loss: on_progress(step, spec.steps, loss)) if on_progress else None
     background = sum(p.numel() * p.element_size() for p in rt.params.values()) >= BACKGROUND_MIN_BYTES
 
-    def persist(target: int, state: dict, data_digest: str, loss: float | None) -> None:
-        writer.add(target, state, data_digest, loss)
+    def persist(target: int, state: dict, data_digest: str, loss: float | None, metrics: dict[str, float] | None) -> None:
+        writer.add(target, state, data_digest, loss, metrics)
         _write_progress(writer.directory, spec, writer.records, writer.files)
 
     def submit(pool: ThreadPoolExecutor, target: int, state: dict, data_digest: str, loss: float | None) -> Future[None] | None:
+        metrics = evaluator(rt.model, step=target, device=rt.device) if evaluator is not None else None
         if background:
-            return pool.submit(persist, target, state, data_digest, loss)
-        persist(target, state, data_digest, loss)
+            return pool.submit(persist, target, state, data_digest, loss, metrics)
+        persist(target, state, data_digest, loss, metrics)
         return None
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pol-checkpoint") as pool:

@@ -17,7 +17,13 @@ Checks, in order (DESIGN sections 5 and 8):
      batches re-derived from the spec, and compared: its data digest, its mean training loss (the committed loss
      is not a free field: exact numerics bit for bit, native within a calibrated tolerance) and its end state
      (exact numerics by digest, native numerics by distances against thresholds the verifier calibrates itself
-     from honest replays under deliberately different conditions: threads, micro-batch split).
+     from honest replays under deliberately different conditions: threads, micro-batch split);
+  5. certified evaluation (a spec with `evaluation`): the committed metrics of every checkpoint the verifier
+     touches (step 0, the start and end of every replayed segment) and always of the final checkpoint, each
+     state read from the bundle and checked against its digest first, are recomputed on the verifier's own copy of
+     the evaluation data (`pol.evaluate`): exact numerics bit for bit, native within `pol.evaluate.eval_tolerance`.
+     A mismatch is a REJECT naming the metric and the step; on ACCEPT the report states the final metrics as
+     certified (`Report.evaluation`).
 
 The solver never supplies randomness, hyper-parameters or thresholds: all come from the spec or the verifier.
 """
@@ -49,12 +55,15 @@ from .errors import (
     UsageError,
     VersionMismatch,
 )
+from .evaluate import EVAL_ABS_TOL, EVAL_FLIP_SHARE, EVAL_REL_TOL, Evaluator, build_eval_dataset, compare_eval, values_of
 from .spec import JobSpec
 from .zoo import is_zoo_model
 
 __all__ = [
     "Thresholds",
     "SegmentCheck",
+    "EvalCheck",
+    "EvalReport",
     "Report",
     "verify",
     "check_versions",
@@ -121,6 +130,47 @@ class SegmentCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class EvalCheck:
+    """One checkpoint's committed evaluation against the verifier's recomputation."""
+
+    step: int
+    ok: bool
+    claimed: dict[str, float] | None
+    recomputed: dict[str, float]
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    """What the verifier certifies about the evaluation: the final checkpoint's metrics (as committed; on ACCEPT
+    each is the verifier's own value, bit for bit in exact numerics, within `tolerance` in native), on the
+    evaluation data with digest `data`, and every checkpoint it checked."""
+
+    data: Digest
+    metrics: tuple[str, ...]
+    final_step: int
+    final_checked: bool  # the final checkpoint's metrics were recomputed (always, unless verification stopped early)
+    final: dict[str, float] | None  # the committed final metrics
+    final_recomputed: dict[str, float] | None  # ... and as this verifier computed them
+    checked_steps: tuple[int, ...]
+    checks: tuple[EvalCheck, ...]
+    tolerance: str  # "bit for bit" or the native rule
+    seconds: float = 0.0  # time spent evaluating
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def describe(self) -> str:
+        """One line: the final metrics, the data and the steps checked."""
+        final = self.final or {}
+        values = ", ".join(f"{name} {final[name]:.4g}" for name in self.metrics if name in final)
+        steps = ", ".join(str(s) for s in self.checked_steps)
+        where = f"final checkpoint (step {self.final_step}) {'checked' if self.final_checked else 'NOT checked'}"
+        return f"eval {values} on the committed evaluation set (data {self.data[:12]}), checked at steps {steps}; {where}"
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     verdict: str  # "accept" or "reject"
     reason: str
@@ -138,6 +188,16 @@ class Report:
     thresholds: Thresholds | None
     seconds: float = 0.0
     expected_job: Digest | None = None  # the job the caller asked for, if it named one
+    evaluation: EvalReport | None = None  # certified evaluation, when the spec names one
+
+    @property
+    def certified_metrics(self) -> dict[str, float] | None:
+        """The final checkpoint's metrics, if this report certifies them: accepted, and the final checkpoint's
+        evaluation recomputed and matched. None otherwise (no evaluation, rejected, or not checked)."""
+        ev = self.evaluation
+        if not self.accepted or ev is None or not ev.final_checked or not ev.ok or ev.final is None:
+            return None
+        return dict(ev.final)
 
     @property
     def accepted(self) -> bool:
@@ -150,7 +210,7 @@ class Report:
         return self.randomness_source == "seed"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "sample_predictable": self.sample_predictable}
+        return {**asdict(self), "sample_predictable": self.sample_predictable, "certified_metrics": self.certified_metrics}
 
 
 def derive_randomness(seed: int | None = None, beacon: str | None = None) -> tuple[bytes, str]:
@@ -418,6 +478,7 @@ class _Request:
     threads: int | None
     data_dir: str | None
     on_progress: ProgressCallback | None
+    eval_data_dir: str | None = None
 
 
 def verify(
@@ -437,6 +498,7 @@ def verify(
     threads: int | None = None,
     data_dir: str | None = None,
     on_progress: ProgressCallback | None = None,
+    eval_data_dir: str | None = None,
 ) -> Report:
     """Verify a proof bundle by sampled replay. Returns a Report whose verdict is "accept" or "reject".
 
@@ -445,10 +507,12 @@ def verify(
     fresh unless a `beacon` (drawn after the commitment) or a `seed` (reproducible, predictable) is given.
     `expected_job` (the job id of the spec the caller posted) and `expected_root` (the commitment it expects)
     reject any other bundle. `code` names the user code the verifier allows (default: pol's built-ins only).
+    A spec's evaluation is recomputed on the verifier's evaluation data (`eval_data_dir` for a `dir:` dataset) for
+    step 0, every replayed segment's ends and the final checkpoint (`Report.evaluation`, `certified_metrics`).
 
     Raises (the verifier cannot judge): UsageError on bad arguments, BundleNotFound/BundleVersionError when the path
     is not a readable bundle, CodeNotAllowed (before anything is imported), CodeDiffers, DataDiffers when the local
-    data is not the committed data, VersionMismatch when the bundle was made by another pol (or, in exact
+    data (or evaluation data: EvalDataDiffers) is not the committed data, DataNotProvided, VersionMismatch when the bundle was made by another pol (or, in exact
     numerics, torch), ComponentError, DeviceUnavailable, NumericsUnavailable. A bundle that fails its integrity
     checks is *rejected*, not raised.
     """
@@ -468,7 +532,7 @@ def verify(
         if value is not None and not is_digest(value):
             raise UsageError(f"the {name} must be 64 lowercase hex characters, got {str(value)[:80]!r}")
     req = _Request(randomness, source, started, samples, confidence, cheat_fraction, segments, largest, expected_root,
-                   expected_job, code or CodePolicy(), device, threads, data_dir, on_progress)
+                   expected_job, code or CodePolicy(), device, threads, data_dir, on_progress, eval_data_dir)
     if isinstance(bundle, Bundle):
         return _verify_open(bundle, req)
     path = Path(bundle)
@@ -563,14 +627,23 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
     check_versions(spec)
     # build_runtime checks the code first (CodeNotAllowed, CodeDiffers: before anything is imported), then the data
     rt = build_runtime(spec, device=req.device, data_dir=req.data_dir, code=req.code)  # DataDiffers before any judgement
+    evals = None
+    if spec.evaluation is not None:  # EvalDataDiffers / EvalDataNotProvided before any judgement, too
+        evals = _Evaluations(Evaluator(spec, build_eval_dataset(spec, data_dir=req.eval_data_dir, code=req.code), code=req.code,
+                                       loss_fn=rt.loss_fn), rt, b)
     try:
         committed0 = b.load_state(0)
         if state_digest(initial_state(rt)) != m.records[0].state:
             seeded = tensor_digests(capture_state(rt))
             wrong = [k for k, v in tensor_digests(committed0).items() if seeded.get(k) != v]
             return _reject(req, f"the step-0 state is not the initialisation the seed gives (differs in {wrong[:3]})", b)
+        if evals is not None:
+            evals.check(0, held=True)  # the runtime holds the step-0 state, equal to the committed one
         plan, uniform = _plan(b, req)
-        for step in sorted({m.records[i - 1].step for i, _ in plan} | {m.records[i].step for i, _ in plan}):
+        touched = {m.records[i - 1].step for i, _ in plan} | {m.records[i].step for i, _ in plan}
+        if evals is not None:
+            touched.add(m.records[-1].step)  # the final checkpoint is always evaluated
+        for step in sorted(touched):
             verify_layout(rt, b.read_layout(step), f"checkpoint at step {step}", step)  # before any replay
     except BundleError as exc:
         return _reject(req, f"bundle integrity: {exc}", b)
@@ -620,13 +693,73 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
         else:
             check = _judge(index, why, start, claimed, replayed, end_rec.loss, exact, thresholds, start_rec.step, end_rec.step)
         checks.append(check)
+        if evals is not None and check.ok:  # the committed states, digests checked on load
+            evals.check(start_rec.step, start)
+            evals.check(end_rec.step, claimed)
+    if evals is not None and all(c.ok for c in checks) and evals.ok:
+        try:
+            evals.check(m.records[-1].step)
+        except BundleError as exc:
+            return _reject(req, f"bundle integrity: {exc}", b, tuple(checks), steps_done, thresholds)
 
     escape = {str(f): compute_escape_probability(n, uniform, f) for f in REPORT_FRACTIONS}
     if req.cheat_fraction is not None:
         escape[str(req.cheat_fraction)] = compute_escape_probability(n, uniform, req.cheat_fraction)
     failed = [c for c in checks if not c.ok]
-    reason = (f"segment {failed[0].index} (steps {failed[0].start}->{failed[0].end}): {failed[0].problem}" if failed
-              else f"{len(checks)} of {n} segments replayed and matched")
-    return Report("reject" if failed else "accept", reason, m.job_id, m.root, spec.numerics, req.randomness.hex(),
+    evaluation = evals.report(exact) if evals is not None else None
+    eval_failed = [c for c in evaluation.checks if not c.ok] if evaluation is not None else []
+    if failed:
+        reason = f"segment {failed[0].index} (steps {failed[0].start}->{failed[0].end}): {failed[0].problem}"
+    elif eval_failed:
+        reason = f"evaluation: {eval_failed[0].problem}"
+    else:
+        reason = f"{len(checks)} of {n} segments replayed and matched"
+        if evaluation is not None:
+            reason += f"; evaluation matched at steps {', '.join(str(s) for s in evaluation.checked_steps)}"
+    return Report("reject" if failed or eval_failed else "accept", reason, m.job_id, m.root, spec.numerics, req.randomness.hex(),
                   req.source, n, tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
-                  time.perf_counter() - req.started, req.expected_job)
+                  time.perf_counter() - req.started, req.expected_job, evaluation)
+
+
+class _Evaluations:
+    """The verifier's evaluation checks: each touched checkpoint once, its committed metrics against the
+    verifier's own recomputation on the committed state."""
+
+    def __init__(self, evaluator: Evaluator, rt: Runtime, bundle: Bundle) -> None:
+        self.evaluator, self.rt, self.bundle = evaluator, rt, bundle
+        self.checks: dict[int, EvalCheck] = {}
+        self.seconds = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks.values())
+
+    def check(self, step: int, state: dict[str, torch.Tensor] | None = None, *, held: bool = False) -> None:
+        """Evaluate the committed state at `step` (`state`, already checked against its digest; `held`: the
+        runtime holds it; neither: read from the bundle and checked) and compare with its record."""
+        if step in self.checks:
+            return
+        started = time.perf_counter()
+        if not held:
+            # load_state raises BundleError (DigestMismatch) if the file is not the committed state
+            restore_state(self.rt, state if state is not None else self.bundle.load_state(step))
+        record = self.bundle.records[self.bundle.record_index(step)]
+        exact = self.bundle.spec.numerics == "exact"
+        totals = self.evaluator.totals(self.rt.model, step=step, device=self.rt.device)
+        problems = compare_eval(record.eval, totals, exact=exact, step=step)
+        self.checks[step] = EvalCheck(step, not problems, None if record.eval is None else dict(record.eval),
+                                      values_of(totals, step, strict=False), "; ".join(problems) or None)
+        self.seconds += time.perf_counter() - started
+
+    def report(self, exact: bool) -> EvalReport:
+        spec = self.bundle.spec
+        assert spec.evaluation is not None and spec.evaluation.data_digest is not None
+        final_step = self.bundle.records[-1].step
+        final = self.checks.get(final_step)
+        tolerance = ("bit for bit (exact numerics)" if exact else
+                     f"native: within {EVAL_REL_TOL:g} relative (floor {EVAL_ABS_TOL:g}); accuracy also within "
+                     f"max(1, {EVAL_FLIP_SHARE:g} x rows) rows")
+        return EvalReport(spec.evaluation.data_digest, tuple(m.name for m in spec.evaluation.metrics), final_step,
+                          final is not None, self.bundle.records[-1].eval and dict(self.bundle.records[-1].eval),
+                          final.recomputed if final is not None else None, tuple(sorted(self.checks)),
+                          tuple(self.checks[s] for s in sorted(self.checks)), tolerance, self.seconds)
