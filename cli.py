@@ -48,8 +48,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _DEBUG = {"on": False}  # set once per process by the --debug flag of the app callback
 
 _HINTS: tuple[tuple[type[PolError], str], ...] = (
-    (DataDiffers, "this is not evidence of fraud: obtain the committed data, or pass --data-dir"),
-    (DataNotProvided, "this is not evidence of fraud: pass --data-dir where you hold the committed data"),
+    (DataDiffers, "this is not evidence of fraud: obtain the committed data, or pass --data-dir (--eval-data-dir for evaluation data)"),
+    (DataNotProvided, "this is not evidence of fraud: pass --data-dir (--eval-data-dir for evaluation data) where you hold the committed data"),
     (CodeDiffers, "this is not evidence of fraud: install the version of that package the spec pins"),
     (CodeNotAllowed, "pol imports no code a bundle names unless you allow its package beforehand"),
     (VersionMismatch, "this is not evidence of fraud: verify with the versions the spec names"),
@@ -191,6 +191,7 @@ LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (must be a
 OptimOpt = Annotated[str | None, typer.Option(help="sgd or adamw.")]
 NumericsOpt = Annotated[str | None, typer.Option(help="native (deterministic torch kernels) or exact (bitwise on any hardware).")]
 DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Where you hold a dir: dataset's files (a verifier reads no path a bundle names).")]
+EvalDataDirOpt = Annotated[str | None, typer.Option("--eval-data-dir", help="Where you hold a dir: evaluation dataset's files (the spec's evaluation.data).")]
 
 
 def _spec_fields(spec_file: Path | None, model: str | None, model_kwargs: str | None, data: str | None,
@@ -224,6 +225,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     data_dir: DataDirOpt = None,
+    eval_data_dir: EvalDataDirOpt = None,
     fault: Annotated[str | None, typer.Option(help="Testing disputes: corrupt one operator, STEP:NODE[:ELEMENT] (see pol graph).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -255,7 +257,8 @@ def train(
     progress, update = step_progress(spec.steps, "training", quiet or as_json)
     started = time.perf_counter()
     with progress or contextlib.nullcontext():
-        result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, on_progress=update, data_dir=data_dir)
+        result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, on_progress=update, data_dir=data_dir,
+                                 eval_data_dir=eval_data_dir)
     elapsed = time.perf_counter() - started
     m = result.manifest
     summary = {
@@ -266,6 +269,7 @@ def train(
         "every": m.spec.every,
         "checkpoints": len(m.records),
         "final_loss": m.records[-1].loss,
+        "final_eval": m.records[-1].eval,  # the solver's claim until pol verify recomputes it
         "resumed_from": result.resumed_from,
         "seconds": round(elapsed, 3),
     }
@@ -281,6 +285,11 @@ def train(
     out.print(f"commitment  {m.root}")
     out.print(f"trained     {m.spec.model.name} on {m.spec.data.name}, {m.spec.steps} steps, checkpoint every {m.spec.every} ({len(m.records)} checkpoints), {m.spec.numerics} numerics")
     out.print(f"final loss  {m.records[-1].loss:.4f}   ({elapsed:.1f} s{f', resumed at step {result.resumed_from}' if result.resumed_from is not None else ''})")
+    if m.records[-1].eval is not None and m.spec.evaluation is not None:
+        final_eval = m.records[-1].eval
+        values = ", ".join(f"{metric.name} {final_eval[metric.name]:.4g}" for metric in m.spec.evaluation.metrics)
+        out.print(f"final eval  {values}   (evaluation data {(m.spec.evaluation.data_digest or '')[:12]}, committed at every checkpoint; "
+                  "certified once pol verify recomputes it)", markup=False)
     if "exact_kernels" in summary:
         out.print(f"exact math  {summary['exact_kernels']}")
 
@@ -408,11 +417,16 @@ def inspect(
     say(f"size        {summary['files']} checkpoints, {summary['bytes_per_checkpoint'] / 1e6:.2f} MB each, {summary['bytes_total'] / 1e6:.2f} MB total")
     env = summary["env"]
     say(f"trained on  torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu_capability')}, {env.get('device')} (as the solver says)")
-    table = Table("step", "state digest", "data digest", "claimed loss", box=None, pad_edge=False)
+    evaluated = any("eval" in r for r in summary["records"])
+    table = Table("step", "state digest", "data digest", "claimed loss", *(["claimed eval"] if evaluated else []), box=None, pad_edge=False)
     for r in summary["records"]:
-        table.add_row(str(r["step"]), r["state"][:16], r["data"][:16], "-" if r["loss"] is None else f"{r['loss']:.4f}")
+        row = [str(r["step"]), r["state"][:16], r["data"][:16], "-" if r["loss"] is None else f"{r['loss']:.4f}"]
+        if evaluated:
+            row.append(escape(", ".join(f"{k} {v:.4g}" for k, v in (r.get("eval") or {}).items())))
+        table.add_row(*row)
     out.print(table)
-    err.print("[dim]losses are the solver's claims until pol verify replays their segments[/]")
+    err.print("[dim]losses are the solver's claims until pol verify replays their segments"
+              f"{' (evaluation metrics: until it recomputes them)' if evaluated else ''}[/]")
 
 
 def _code_note(component: dict[str, Any]) -> str:
@@ -435,6 +449,13 @@ def _print_report(report: Any) -> None:
             why = {"largest-update": "largest"}.get(c.why, c.why)
             table.add_row(str(c.index), f"{c.start}->{c.end}", why, "ok" if c.ok else "[red]FAIL[/]", loss, rel, cos, escape(c.problem or ""))
         out.print(table)
+    ev = report.evaluation
+    if ev is not None:
+        if report.certified_metrics is not None:
+            out.print(f"certified   {escape(ev.describe())}", markup=True)
+        else:
+            out.print(f"evaluation  [red]not certified[/]: {escape(ev.describe())}")
+        out.print(f"eval check  {escape(ev.tolerance)}; {ev.seconds:.2f} s evaluating")
     if report.thresholds:
         t = report.thresholds
         out.print(f"thresholds  rel L2 <= {t.rel_l2:.2e}, update cos >= {t.min_cosine:.6f}, |log norm ratio| <= {t.max_log_ratio:.1e}, "
@@ -468,6 +489,7 @@ def verify(
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for the replay.")] = None,
     data_dir: DataDirOpt = None,
+    eval_data_dir: EvalDataDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -481,6 +503,9 @@ def verify(
 
     The bundle's user code (module:callable) is imported only from packages you allow with --allow-code, after
     checking it is the code the spec pins; otherwise: cannot verify, before anything is imported.
+
+    A job with an evaluation has its committed metrics recomputed at every checkpoint the verifier touches and
+    always at the final one: an accepted report certifies the final metrics (--eval-data-dir for dir: data).
 
     Exit code 0: accepted. 1: rejected (with evidence). 2: cannot verify (bad usage, data or code you do not have,
     another pol version, not a readable bundle).
@@ -520,7 +545,7 @@ def verify(
     with progress or contextlib.nullcontext():
         report = run_verify(bundle_path, samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed,
                             beacon=beacon, segments=forced, expected_root=root, expected_job=job_id, code=code,
-                            device=device, threads=threads, data_dir=data_dir, on_progress=update)
+                            device=device, threads=threads, data_dir=data_dir, on_progress=update, eval_data_dir=eval_data_dir)
     if as_json:
         print_json(report.to_dict())
     else:

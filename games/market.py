@@ -15,11 +15,18 @@
       verify   every verifier stakes, replays the segments `get_verifier_segments` assigns it with
                `pol.verify.verify(expected_root=<posted commitment>)` and approves or rejects (a lazy verifier
                approves without looking)
+               (with an outcome condition, an approver also reports the certified final metric, which `pol.verify`
+               recomputes from the final checkpoint on its own copy of the evaluation data)
       reveal   the solver reveals its salt: a forced error pays the catchers from the jackpot and slashes the
                approvers, and a second round verifies the true bundle; no challenger settles for the solver
       dispute  each segment a rejecting verifier found wrong is disputed through the `dispute` callable (by
                default the pinpoint protocol, else a referee-less replay of the single segment), and its ruling
-               enters the ledger as a `Rule` move
+               enters the ledger as a `Rule` move; a verifier that rejected an evaluation (a committed metric
+               that does not recompute) is heard by the replay referee, which recomputes it
+      settle   with an outcome condition (`condition=(metric, ">=", threshold)`), the solver is paid only if the
+               median certified final metric of the approvers meets it; else the task ends 'target_missed': no
+               payment, the bond returned (a valid bundle that misses a target is not fraud), the fee refunded to
+               the submitter but for the verifiers' rewards
 Every ledger change goes through `games.task.apply_post` / `apply_move`.
 
 Crash safety: the market keeps a journal (`market-journal.json` in the work directory, replaced atomically) of
@@ -150,6 +157,8 @@ class VerificationReport:
     verdict: str  # "accept", "reject" or "unchecked" (a lazy verifier's approval)
     failed: tuple[int, ...]  # 0-based segments its replay found wrong
     reason: str
+    metric: float | None = None  # the certified final value of the task's condition metric (accept only)
+    evaluation: bool = False  # the rejection is of a committed evaluation metric, not of a replayed segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +186,8 @@ class TaskReport:
     verifications: tuple[VerificationReport, ...]
     disputes: tuple[DisputeReport, ...]
     changes: tuple[tuple[AccountId, Amount], ...]  # each account's balance change over the task (non-zero only)
+    condition: tuple[str, str, float] | tuple[()] = ()  # the outcome condition posted with the task, if any
+    certified_metric: float | None = None  # the median certified final metric the settlement used
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +372,7 @@ def _altered_bundle(src: Path, dst: Path, seed_text: str, first: int) -> str:
                 if i >= first:
                     state = {k: v + noise(rec.step, k, v) if k.startswith("param/") and v.is_floating_point() else v
                              for k, v in sorted(state.items())}
-                yield rec.step, state, rec.data, rec.loss
+                yield rec.step, state, rec.data, rec.loss, rec.eval  # the metrics as committed (now wrong too)
 
         root = write_bundle(tmp, b.spec, checkpoints(), dict(b.manifest.env)).root
     shutil.rmtree(dst, ignore_errors=True)
@@ -422,6 +433,7 @@ class _Setup:
     lazy: frozenset[AccountId]
     funding: tuple[tuple[AccountId, Amount], ...]
     code: CodePolicy = CodePolicy()  # the user code every verifier (and the dispute's parties) may import
+    condition: tuple[str, str, float] | tuple[()] = ()  # the outcome condition every task is posted with
 
 
 class _Market:
@@ -495,9 +507,11 @@ class _Market:
         before = self.cached(f"plan/{t}/balances", self.ledger.get_accounts)  # journaled before the post
         now = self.clock + 1
         job_id = self.cached(f"plan/{t}/job_id", lambda: _job_id(spec))
-        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics]), job_id), "post",
+        condition = s.condition
+        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics]), job_id, condition), "post",
                          f"{SUBMITTER} posts job {job_id[:16]}: {spec.model.name} x {spec.steps} steps "
-                         f"({s.flops:.3g} FLOPs): fee estimate {compute_fee_estimate(s.flops, s.params)} escrowed")
+                         f"({s.flops:.3g} FLOPs): fee estimate {compute_fee_estimate(s.flops, s.params)} escrowed"
+                         + (f"; pays only if the certified {condition[0]} {condition[1]} {condition[2]:g}" if condition else ""))
         bids = self.bid(task, spec, now + 1)
         task = self.play(CloseAuction(t, task.bid_deadline), "auction", "auction closed")
         verifications: list[VerificationReport] = []
@@ -600,13 +614,15 @@ class _Market:
             segments = tuple(sorted(get_verifier_segments(task, v, s.params)))
             key = f"verify/{t}/r{r}/{v}"
             result = self.cached(key, functools.partial(self.check, task, path, v, segments))
-            report = VerificationReport(v, r, segments, result["verdict"], tuple(result["failed"]), result["reason"])
+            report = VerificationReport(v, r, segments, result["verdict"], tuple(result["failed"]), result["reason"],
+                                        result.get("metric"), bool(result.get("evaluation")))
             out.append(report)
+            certified = f"; certified {s.condition[0]} {report.metric:.6g}" if report.metric is not None and s.condition else ""
             self.emit(t, "verify", f"{v} replays segments {_segments_text(segments)} of {task.commitment[:16]}: "
-                                   f"{report.verdict}" + (f" ({_short(report.reason)})" if report.reason else ""),
+                                   f"{report.verdict}" + (f" ({_short(report.reason)})" if report.reason else "") + certified,
                       key in self.preloaded)
             weight = 0 if report.verdict == "reject" else WEIGHT_ONE
-            task = self.play(Verdict(t, start + 1, v, weight), "verdict",
+            task = self.play(Verdict(t, start + 1, v, weight, report.metric if is_approval(weight) else None), "verdict",
                              f"{v} {'approves' if is_approval(weight) else 'challenges'}")
         return task
 
@@ -622,8 +638,18 @@ class _Market:
                         expected_job=task.job_id or None, beacon=task.segment_beacon, code=self.s.code)
         failed = sorted(c.index - 1 for c in report.checks if not c.ok)
         if report.verdict == "accept":
-            return {"verdict": "accept", "failed": [], "reason": ""}
+            certified = report.certified_metrics or {}
+            metric = certified.get(self.s.condition[0]) if self.s.condition else None
+            return {"verdict": "accept", "failed": [], "reason": "", "metric": metric}
         problems = [c.problem for c in report.checks if not c.ok and c.problem]
+        bad_eval = [c for c in report.evaluation.checks if not c.ok] if report.evaluation is not None else []
+        if not failed and bad_eval:  # a committed metric that does not recompute: the segment ending at its checkpoint
+            from pol.bundle import open_bundle
+
+            with open_bundle(path) as b:
+                index = b.record_index(bad_eval[0].step)
+            return {"verdict": "reject", "failed": [max(index - 1, 0)], "reason": f"evaluation: {bad_eval[0].problem}",
+                    "evaluation": True}
         return {"verdict": "reject", "failed": failed or [segments[0]],
                 "reason": problems[0] if problems else report.reason}
 
@@ -644,11 +670,16 @@ class _Market:
             self.emit(t, "dispute", why)
             return self.play(Rule(t, task.last_tick + 1, "solver_wrong", tuple(sorted(flagged))), "rule",
                              "ruling solver_wrong: wrong job")
+        on_eval = {s for v in verifications if v.round == r and v.verdict == "reject" and v.evaluation for s in v.failed}
         for segment in sorted(flagged):
             key = f"dispute/{t}/r{r}/{segment}"
             self.emit(t, "dispute", f"{', '.join(flagged[segment])} dispute segment {segment} against "
-                                    f"{task.solver}", key in self.preloaded)
-            result = self.cached(key, functools.partial(self.rule_on, path, segment))
+                                    f"{task.solver}" + (" (its evaluation)" if segment in on_eval else ""),
+                      key in self.preloaded)
+            # a disputed evaluation is not a training step to bisect: the replay referee recomputes the metric
+            rule = (functools.partial(self.rule_on_evaluation, path, segment) if segment in on_eval
+                    else functools.partial(self.rule_on, path, segment))
+            result = self.cached(key, rule)
             out.append(DisputeReport(r, segment, tuple(flagged[segment]), result["ruling"], result["description"]))
             self.emit(t, "dispute", f"segment {segment}: {result['ruling']}: {_short(result['description'], 300)}",
                       key in self.preloaded)
@@ -661,14 +692,19 @@ class _Market:
     def rule_on(self, path: Path, segment: int) -> dict[str, str]:
         return dataclasses.asdict(_normalise(self.dispute(path, segment)))
 
+    def rule_on_evaluation(self, path: Path, segment: int) -> dict[str, str]:
+        return dataclasses.asdict(replay_dispute(path, segment, code=self.s.code))
+
     def task_report(self, task: Task, bids: tuple[tuple[AccountId, Amount], ...], cheated: bool,
                     verifications: list[VerificationReport], disputes: list[DisputeReport],
                     before: Mapping[AccountId, Amount]) -> TaskReport:
         after = self.ledger.get_accounts()
         changes = tuple((a, after[a] - before.get(a, 0)) for a in sorted(after) if after[a] != before.get(a, 0))
+        certified = [m for v, m in task.metrics if v in {a for a, w in task.verdicts if is_approval(w)}]
+        median = sorted(certified)[(len(certified) - 1) // 2] if certified else None
         return TaskReport(task.task_id, task.submitter, task.flops, task.max_price, bids, task.solver, task.price,
                           cheated, task.forced, task.commitment, task.outcome, tuple(verifications),
-                          tuple(disputes), changes)
+                          tuple(disputes), changes, task.condition, median)
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -706,6 +742,7 @@ def run_market(
     on_event: EventCallback | None = None,
     dispute: DisputeFn | None = None,
     allow_code: Sequence[str] = (),
+    condition: tuple[str, str, float] | None = None,
 ) -> MarketReport:
     """Run a whole market with real work in `workdir` (bundles under `tasks/<id>/`, the journal `JOURNAL_NAME`) and
     return its report. Parties are `submitter`, `solver-1..n`, `verifier-1..n` and the jackpot account.
@@ -716,7 +753,9 @@ def run_market(
     (solver names) forge half their checkpoints; `lazy_verifiers` approve without replaying. `allow_code` is the
     verifiers' allow-list (packages whose user code a spec may name; pol's built-ins always). `dispute(bundle,
     segment)` returns a `DisputeOutcome` (or a bare ruling string); default: `default_dispute` under the same
-    allow-list. `on_event` gets
+    allow-list. `condition` = (metric, one of ">=", ">", "<=", "<", threshold) posts every task with an outcome
+    condition on a metric of the spec's evaluation: the solver is paid only if the approvers' certified final
+    metric meets it, else the task ends 'target_missed' (see games.task). `on_event` gets
     every `MarketEvent`; an exception it raises propagates, and a re-run on the same work directory goes on from
     the journal and finishes exactly once.
 
@@ -739,11 +778,18 @@ def run_market(
     flops = compute_job_flops(spec, _count_params(spec))
     funding = _funding(game, compute_fee_estimate(flops, game), n_tasks, solvers, verifiers)
     code = CodePolicy.allowing(allow_code)
+    if condition is not None:
+        names = [m.name for m in spec.evaluation.metrics] if spec.evaluation is not None else []
+        if not isinstance(condition, (tuple, list)) or len(condition) != 3 or condition[0] not in names:
+            raise MarketError("market.condition", f"{condition!r} is not (metric, comparison, threshold) on one of the "
+                                                  f"spec's evaluation metrics {names}")
+        condition = (str(condition[0]), str(condition[1]), float(condition[2]))
     setup = _Setup(seed, spec, game, flops, solvers, verifiers, frozenset(cheaters), frozenset(lazy_verifiers),
-                   funding, code)
+                   funding, code, condition or ())
     config = json.loads(json.dumps({"seed": seed, "spec": spec.to_dict(), "params": dataclasses.asdict(game),
                                     "n_tasks": n_tasks, "solvers": solvers, "verifiers": verifiers,
-                                    "cheaters": sorted(cheaters), "lazy": sorted(lazy_verifiers)}))
+                                    "cheaters": sorted(cheaters), "lazy": sorted(lazy_verifiers),
+                                    **({"condition": list(condition)} if condition else {})}))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     journal = _Journal(workdir / JOURNAL_NAME, config)

@@ -167,7 +167,8 @@ def move_from_dict(data: Mapping[str, Any]) -> Move:
     """The move written by `move_to_dict`. Raises BadMove ('scenario.move') for an unknown kind or fields."""
     cls = MOVE_TYPES.get(str(data.get("kind")))
     names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-    if cls is None or set(data) - {"kind"} != names:
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING} if cls else set()
+    if cls is None or not names - optional <= set(data) - {"kind"} <= names:  # fields with a default may be absent
         raise BadMove("scenario.move", f"cannot read move {dict(data)!r}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "kind"}
     for key, kind in (("requirements", Requirements), ("capabilities", Capabilities)):

@@ -19,7 +19,11 @@ idempotent ledger operations with op ids derived from (task id, round, transitio
        |           the jackpot), and the solver's true
        |           commitment starts round 1 (a fresh verification window, no forced error);
        |         - no challenger: settled for the solver (fee, verifier rewards by Yuma consensus, jackpot tax,
-       |           refund of the excess fee) -> FINAL;
+       |           refund of the excess fee) -> FINAL; but if the Post named an outcome condition (metric,
+       |           comparison, threshold) and the median of the approvers' certified final metrics does not meet it
+       |           (or no approver certified one), the task ends 'target_missed': the verifiers are rewarded as
+       |           usual, the rest of the fee goes back to the submitter, the solver is paid nothing and gets its
+       |           bond back (its bundle is valid: missing a target is not fraud, so nothing is slashed);
        v         - otherwise -> CHALLENGED.
     CHALLENGED Rule (the outcome of the pinpoint dispute, with the segments shown wrong): 'solver_wrong' ->
        |             the bond goes to the challengers; an approver whose own beacon-drawn sample holds a wrong
@@ -46,6 +50,7 @@ BidRejected, BadMove, SaltMismatch; and the ledger's InsufficientFunds / Unknown
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,6 +78,7 @@ __all__ = [
     "MOVE_TYPES",
     "POSTED",
     "RULINGS",
+    "CONDITION_OPS",
     "Bid",
     "CloseAuction",
     "Commit",
@@ -91,6 +97,7 @@ __all__ = [
     "Whistle",
     "apply_move",
     "apply_post",
+    "compute_condition_met",
     "compute_fee_estimate",
     "compute_is_forced",
     "compute_salt_digest",
@@ -106,6 +113,7 @@ TaskId = str
 
 POSTED, ASSIGNED, COMMITTED, CHALLENGED, FINAL = "posted", "assigned", "committed", "challenged", "final"
 RULINGS = ("solver_wrong", "challenger_wrong")
+CONDITION_OPS = (">=", ">", "<=", "<")  # how a certified metric is compared with an outcome condition's threshold
 BPS = 10_000
 SALT_DOMAIN = b"pol.games.task.salt.v1\x00"
 FORCED_DOMAIN = b"pol.games.task.forced.v1\x00"
@@ -175,6 +183,8 @@ class Task:
     whistleblowers: tuple[AccountId, ...] = ()
     params: GameParams = GameParams()
     job_id: str = ""  # the posted job (blake3 of its canonical spec); "" in simulations that train nothing
+    condition: tuple[str, str, float] | tuple[()] = ()  # (metric, comparison, threshold): pay only if met; () none
+    metrics: tuple[tuple[AccountId, float], ...] = ()  # the certified final metric each approving verifier reported
 
 
 # ---------------------------------------------------------------------------------------------------- moves
@@ -194,6 +204,7 @@ class Post(Move):
     flops: int
     requirements: Requirements = dataclasses.field(default_factory=Requirements)
     job_id: str = ""  # the job id of the spec posted (pol job): verifiers reject a bundle of any other job
+    condition: tuple[str, str, float] | tuple[()] = ()  # outcome condition (metric, ">=" / ">" / "<=" / "<", threshold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +239,7 @@ class Verdict(Move):
     kind: ClassVar[str] = "verdict"
     verifier: AccountId
     weight: Weight
+    metric: float | None = None  # an approver's certified final value of the task's condition metric (pol verify)
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +399,7 @@ def _approvers(task: Task) -> tuple[AccountId, ...]:
 
 def _next_round(task: Task, now: Tick, params: GameParams, ledger: Ledger, commitment: str) -> Task:
     """Open a verification window for `commitment`, drawing the segment beacon after it."""
-    task = dataclasses.replace(task, commitment=commitment, joined=(), verdicts=(), whistleblowers=())
+    task = dataclasses.replace(task, commitment=commitment, joined=(), verdicts=(), metrics=(), whistleblowers=())
     beacon = ledger.beacon(f"task/{task.task_id}/r{task.round}/segments")
     verify = now + params.verify_window
     whistle = verify + params.whistle_window
@@ -430,9 +442,23 @@ def _finish(task: Task, move: Move, outcome: str) -> Task:
     return dataclasses.replace(task, phase=FINAL, outcome=outcome, last_tick=move.now)
 
 
+def compute_condition_met(condition: tuple[str, str, float] | tuple[()], metrics: tuple[float, ...]) -> bool:
+    """True if there is no condition, or the median of the certified `metrics` (the lower middle one of an even
+    count: no averaging, so the value is one a verifier certified) meets it. No metric: not met."""
+    if not condition:
+        return True
+    if not metrics:
+        return False
+    _, op, threshold = condition
+    value = sorted(metrics)[(len(metrics) - 1) // 2]
+    return {">=": value >= threshold, ">": value > threshold, "<=": value <= threshold, "<": value < threshold}[op]
+
+
 def _settle_for_solver(ledger: Ledger, task: Task, move: Move, outcome: str) -> Task:
     """The solver was right: pay it, reward the approving verifiers by Yuma consensus, tax the jackpot, refund the
-    excess fee, return the bond and the approvers' stakes."""
+    excess fee, return the bond and the approvers' stakes. If the task's outcome condition is not met by the
+    approvers' certified metrics, the solver is paid nothing (its bond returns) and the fee beyond the verifiers'
+    rewards goes back to the submitter: 'target_missed'."""
     p, fee = task.params, _escrow(task, "fee")
     tax = task.price * p.jackpot_tax_bps // BPS
     pool = task.price * p.verifier_share_bps // BPS
@@ -440,6 +466,14 @@ def _settle_for_solver(ledger: Ledger, task: Task, move: Move, outcome: str) -> 
     verdicts = {v: w for v, w in task.verdicts if v in approvers}
     scores = compute_verdict_consensus(verdicts, {v: p.verifier_stake for v in verdicts}).scores
     rewards = compute_split(pool, scores)
+    if not compute_condition_met(task.condition, tuple(m for v, m in task.metrics if v in approvers)):
+        for v, amount in sorted(rewards.items()):
+            _pay(ledger, _op(task, "settle", "reward", v), fee, v, amount)
+        _pay(ledger, _op(task, "settle", "refund", task.submitter), fee, task.submitter,
+             task.max_price - (pool if rewards else 0))
+        _pay(ledger, _op(task, "settle", "bond", task.solver), _escrow(task, "bond"), task.solver, p.solver_bond)
+        _return(ledger, task, "stake", approvers)
+        return _finish(task, move, "target_missed")
     _pay(ledger, _op(task, "settle", "solver", task.solver), fee, task.solver, task.price - tax - pool)
     for v, amount in sorted(rewards.items()):
         _pay(ledger, _op(task, "settle", "reward", v), fee, v, amount)
@@ -488,11 +522,24 @@ def apply_post(ledger: Ledger, params: GameParams, move: Post) -> Task:
         raise BadMove("post.task_id", f"{move.task_id!r} must be a non-empty id without '/'")
     if move.job_id != "":
         _verify_hex(move.job_id, "post.job_id")
+    _verify_condition(move.condition)
     task = Task(move.task_id, move.submitter, move.flops, compute_fee_estimate(move.flops, params),
                 move.requirements, last_tick=move.now, bid_deadline=move.now + params.bid_window, params=params,
-                job_id=move.job_id)
+                job_id=move.job_id, condition=tuple(move.condition))  # type: ignore[arg-type]
     lock(ledger, _op(task, "post", move.submitter), move.submitter, _escrow(task, "fee"), task.max_price)
     return task
+
+
+def _verify_condition(condition: object) -> None:
+    if condition == ():
+        return
+    ok = isinstance(condition, tuple) and len(condition) == 3
+    if ok:
+        metric, op, threshold = condition  # type: ignore[misc]
+        ok = (isinstance(metric, str) and 0 < len(metric) <= 300 and op in CONDITION_OPS and not isinstance(threshold, bool)
+              and isinstance(threshold, (int, float)) and math.isfinite(threshold))
+    if not ok:
+        raise BadMove("post.condition", f"{condition!r} is not (metric, one of {CONDITION_OPS}, a finite threshold)")
 
 
 def _apply_bid(ledger: Ledger, task: Task, move: Bid) -> Task:
@@ -563,7 +610,12 @@ def _apply_verdict(ledger: Ledger, task: Task, move: Verdict) -> Task:
     if any(v == move.verifier for v, _ in task.verdicts):
         raise DuplicateMove("verdict.duplicate", f"{move.verifier} already gave a verdict")
     verify_weight(move.weight)
-    return dataclasses.replace(task, verdicts=(*task.verdicts, (move.verifier, move.weight)), last_tick=move.now)
+    metric = move.metric
+    if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float)) or not math.isfinite(metric)):
+        raise BadMove("verdict.metric", f"{metric!r} is not a finite number")
+    metrics = task.metrics if metric is None else (*task.metrics, (move.verifier, float(metric)))
+    return dataclasses.replace(task, verdicts=(*task.verdicts, (move.verifier, move.weight)), metrics=metrics,
+                               last_tick=move.now)
 
 
 def _apply_whistle(ledger: Ledger, task: Task, move: Whistle) -> Task:
