@@ -3,6 +3,7 @@ memory cap, augmentation drawn from pol's keyed randomness, and fetching workers
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from pol import engine
-from pol.augment import Augmented, HFlip, RandomCrop, parse_pipeline
+from pol.augment import Augmented, parse_pipeline
 from pol.components import CodePolicy
 from pol.data import Dataset, ShardedDataset, TorchDataset, build_dataset, data_digest
 from pol.digest import state_digest
@@ -56,7 +57,7 @@ def train_verify(spec, out, **verify_kwargs):
 def write_shards(root: Path, rows: dict[str, torch.Tensor], cuts: list[int]) -> Path:
     root.mkdir(parents=True)
     edges = [0, *cuts, len(next(iter(rows.values())))]
-    for k, (a, b) in enumerate(zip(edges, edges[1:])):
+    for k, (a, b) in enumerate(itertools.pairwise(edges)):
         save_file({n: t[a:b].contiguous() for n, t in rows.items()}, str(root / f"part-{k:03d}.safetensors"))
     return root
 
