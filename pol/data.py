@@ -232,13 +232,21 @@ class LazyDataset(Dataset):
         return self._stack(map_samples(self._checked_sample, indices), 0)
 
     def chunks(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive rows in pieces of at most a quarter of the memory cap (and DIGEST_CHUNK_BYTES), never across
+        the `_piece_ends` boundaries (a shard's end): a piece is read, hashed and dropped before the next."""
         row = max(1, sum(_row_bytes(d, s) for d, s in self._layout.values()))
         cap = memory_cap()
-        size = max(1, min(DIGEST_CHUNK_BYTES, cap // 2 if cap else DIGEST_CHUNK_BYTES) // row)
-        for start in range(0, self._n, size):
-            stop = min(self._n, start + size)
-            check_memory((stop - start) * row, "a piece of the data being hashed")
-            yield self.read_rows(start, stop)
+        size = max(1, min(DIGEST_CHUNK_BYTES, cap // 4 if cap else DIGEST_CHUNK_BYTES) // row)
+        start = 0
+        for end in self._piece_ends():
+            while start < end:
+                stop = min(end, start + size)
+                check_memory((stop - start) * row, "a piece of the data being hashed")
+                yield self.read_rows(start, stop)
+                start = stop
+
+    def _piece_ends(self) -> list[int]:
+        return [self._n]
 
 
 class ShardedDataset(LazyDataset):
@@ -324,6 +332,9 @@ class ShardedDataset(LazyDataset):
         if len(parts) == 1:
             return parts[0]
         return {name: torch.cat([p[name] for p in parts]) for name in self._layout}
+
+    def _piece_ends(self) -> list[int]:
+        return [*self._starts[1:], self._n]
 
     @property
     def digest_key(self) -> tuple[Any, ...] | None:
@@ -640,7 +651,8 @@ def data_digest(dataset: Dataset) -> Digest:
         n = len(dataset)
         hashers = {name: blake3.blake3(_header(name, dtype, (n, *shape))) for name, (dtype, shape) in dataset.layout.items()}
         rows = 0
-        for chunk in dataset.chunks():
+        pieces = dataset.chunks()
+        while (chunk := next(pieces, None)) is not None:  # (a for loop would hold the last piece while reading the next)
             for name, hasher in hashers.items():
                 t = chunk[name]
                 if t.dtype != dataset.layout[name][0] or tuple(t.shape[1:]) != dataset.layout[name][1]:
@@ -648,6 +660,7 @@ def data_digest(dataset: Dataset) -> Digest:
                                     f"the dataset's {dataset.layout[name][0]} {dataset.layout[name][1]}")
                 hasher.update(tensor_bytes(t))
             rows += int(next(iter(chunk.values())).shape[0])
+            del chunk, t
         if rows != n:
             raise DataError(f"the data gave {rows} rows while hashing, its length says {n}")
         per_name = {name: h.hexdigest() for name, h in hashers.items()}
