@@ -77,6 +77,27 @@ class Transform:
     def __call__(self, sample: Sample, draws: Draws) -> Sample:
         raise NotImplementedError
 
+    def apply_batch(self, batch: Sample, draws: Sequence[Draws]) -> Sample:
+        """The transform of every sample of `batch` (row j with `draws[j]`), stacked. A built-in transform does it
+        in a few batched operations (the same bits as `__call__` per sample); a user's is called per sample, on
+        the POL_DATA_WORKERS threads."""
+        names = list(batch)
+
+        def one(j: int) -> Sample:
+            out = self({name: batch[name][j] for name in names}, draws[j])
+            if not isinstance(out, Mapping) or set(out) != set(names):
+                raise DataError(f"augmentation {self.name!r} returned {type(out).__name__} without the batch's tensors {names}")
+            return dict(out)
+
+        samples = map_samples(one, list(range(len(draws))))
+        result = {}
+        for name in names:
+            parts = [sample[name] for sample in samples]
+            if any(p.dtype != parts[0].dtype or p.shape != parts[0].shape for p in parts):
+                raise DataError(f"augmentation {self.name!r} made samples of {name!r} of different shapes or dtypes")
+            result[name] = torch.stack(parts)
+        return result
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
@@ -119,6 +140,20 @@ class RandomCrop(Transform):
         padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
         return {**sample, self.key: padded[..., dy : dy + h, dx : dx + w].contiguous()}
 
+    def apply_batch(self, batch: Sample, draws: Sequence[Draws]) -> Sample:
+        x = _image(batch, self.key, self.name)
+        if x.dim() < 3:
+            raise DataError(f"{self.name}: {self.key!r} has per-sample shape {tuple(x.shape[1:])}; expected (..., H, W)")
+        p, (h, w) = self.padding, x.shape[-2:]
+        offsets = torch.from_numpy(np.stack([d.ints((2,), 0, 2 * p + 1) for d in draws]))
+        padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
+        flat = padded.reshape(x.shape[0], -1, h + 2 * p, w + 2 * p)  # (N, C, H', W'), C all leading dimensions
+        rows = (offsets[:, 0, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (offsets[:, 1, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+        n = torch.arange(x.shape[0])[:, None, None, None]
+        c = torch.arange(flat.shape[1])[None, :, None, None]
+        return {**batch, self.key: flat[n, c, rows, cols].reshape(x.shape).contiguous()}
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "padding": self.padding, "key": self.key, "fill": self.fill}
 
@@ -134,6 +169,11 @@ class HFlip(Transform):
     def __call__(self, sample: Sample, draws: Draws) -> Sample:
         x = _image(sample, self.key, self.name)
         return {**sample, self.key: x.flip(-1)} if draws.chance(self.p) else sample
+
+    def apply_batch(self, batch: Sample, draws: Sequence[Draws]) -> Sample:
+        x = _image(batch, self.key, self.name)
+        flip = torch.tensor([d.chance(self.p) for d in draws]).reshape((-1,) + (1,) * (x.dim() - 1))
+        return {**batch, self.key: torch.where(flip, x.flip(-1), x)}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "p": self.p, "key": self.key}
@@ -151,20 +191,25 @@ class ColorJitter(Transform):
         self.brightness, self.contrast, self.clamp, self.key = brightness, contrast, clamp, key
 
     def __call__(self, sample: Sample, draws: Draws) -> Sample:
-        x = sample.get(self.key)
+        return {k: v[0] for k, v in self.apply_batch({k: v[None] for k, v in sample.items()}, [draws]).items()}
+
+    def apply_batch(self, batch: Sample, draws: Sequence[Draws]) -> Sample:
+        x = batch.get(self.key)
         if x is None or not x.is_floating_point():
             raise DataError(f"{self.name}: {self.key!r} must be a floating-point tensor of the batch")
+        shape = (-1,) + (1,) * (x.dim() - 1)
         if self.brightness:
-            f = draws.uniform((1,), 1.0 - self.brightness, 1.0 + self.brightness).to(x.dtype).reshape(())
-            x = x * f
+            f = torch.cat([d.uniform((1,), 1.0 - self.brightness, 1.0 + self.brightness) for d in draws]).to(x.dtype)
+            x = x * f.reshape(shape)
         if self.contrast:
-            f = draws.uniform((1,), 1.0 - self.contrast, 1.0 + self.contrast).to(x.dtype).reshape(())
-            mean = math.fsum(x.double().reshape(-1).tolist()) / max(1, x.numel())
-            shift = torch.tensor(mean * (1.0 - float(f)), dtype=torch.float64).to(x.dtype)
-            x = x * f + shift
+            f = torch.cat([d.uniform((1,), 1.0 - self.contrast, 1.0 + self.contrast) for d in draws]).to(x.dtype)
+            per_sample = x.double().reshape(x.shape[0], -1).tolist()
+            means = [math.fsum(row) / max(1, len(row)) for row in per_sample]
+            shift = torch.tensor([m * (1.0 - float(v)) for m, v in zip(means, f.tolist(), strict=True)], dtype=torch.float64)
+            x = x * f.reshape(shape) + shift.to(x.dtype).reshape(shape)
         if self.clamp is not None:
             x = x.clamp(self.clamp[0], self.clamp[1])
-        return {**sample, self.key: x}
+        return {**batch, self.key: x}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "brightness": self.brightness, "contrast": self.contrast, "clamp": self.clamp, "key": self.key}
@@ -241,40 +286,13 @@ class Augmented(Dataset):
     def transform(self, batch: dict[str, torch.Tensor], *, seed: int, step: int, idx: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self.inner.transform(batch, seed=seed, step=step, idx=idx)
         indices = [int(i) for i in np.asarray(idx)]
-        run: list[Transform] = []
-        for t in (*self.pipeline, None):
+        counters: list[dict[str, int]] = [{} for _ in indices]  # per sample: draws made so far by each transform name
+        for t in self.pipeline:
             if isinstance(t, Transform):
-                run.append(t)
-                continue
-            if run:
-                batch = self._per_sample(tuple(run), batch, seed, step, indices)
-                run = []
-            if t is not None:
+                batch = t.apply_batch(batch, [Draws(seed, t.name, step, i, c) for i, c in zip(indices, counters, strict=True)])
+            else:
                 batch = t.apply(batch, seed=seed, step=step, idx=np.asarray(idx))
         return batch
-
-    @staticmethod
-    def _per_sample(transforms: tuple[Transform, ...], batch: Sample, seed: int, step: int, indices: list[int]) -> Sample:
-        names = list(batch)
-
-        def one(j: int) -> Sample:
-            sample = {name: batch[name][j] for name in names}
-            counter: dict[str, int] = {}
-            for t in transforms:
-                sample = t(sample, Draws(seed, t.name, step, indices[j], counter))
-                if not isinstance(sample, Mapping) or set(sample) != set(names):
-                    raise DataError(f"augmentation {t.name!r} returned {type(sample).__name__} without the batch's tensors {names}")
-            return dict(sample)
-
-        samples = map_samples(one, list(range(len(indices))))
-        out = {}
-        for name in names:
-            parts = [s[name] for s in samples]
-            first = parts[0]
-            if any(p.dtype != first.dtype or p.shape != first.shape for p in parts):
-                raise DataError(f"augmentation made samples of {name!r} of different shapes or dtypes")
-            out[name] = torch.stack(parts)
-        return out
 
 
 def _number(item: Mapping[str, Any], key: str, default: Any, kind: type, low: float, high: float) -> Any:

@@ -173,6 +173,23 @@ def test_augmentation_draws_are_keyed_by_step_and_sample():
         assert any(torch.equal(out[j], c) or torch.equal(out[j], c.flip(-1)) for c in candidates)
 
 
+def test_batched_built_in_transforms_are_the_per_sample_definition():
+    """A built-in transform runs on the whole batch in a few operations: the same bits as its per-sample
+    definition, sample by sample with each sample's own draws."""
+    from pol.augment import Draws, Mixup
+
+    dataset = build_dataset("images", {"n": 64, "size": 8, "channels": 3})
+    idx = np.array([7, 3, 60, 12, 33])
+    batch = dataset.batch(idx)
+    for t in parse_pipeline(JITTER + [{"name": "color_jitter", "brightness": 0.5, "clamp": [-0.5, 0.5]}]):
+        batched = t.apply_batch(batch, [Draws(9, t.name, 4, int(i), {}) for i in idx])["x"]
+        one_by_one = torch.stack([t({"x": batch["x"][j], "y": batch["y"][j]}, Draws(9, t.name, 4, int(i), {}))["x"]
+                                  for j, i in enumerate(idx)])
+        assert torch.equal(batched, one_by_one), t.name
+    mixed = Mixup(classes=10, alpha=3).apply(batch, seed=0, step=2, idx=idx)
+    assert mixed["y"].shape == (5, 10) and torch.equal(mixed["y"].sum(dim=1), torch.ones(5))
+
+
 def test_workers_and_threads_change_no_bit(tmp_path, monkeypatch):
     """0, 1 and 2 fetching workers, 1 and 2 torch threads: the same batches and (exact numerics: native training
     may differ between thread counts, whatever the data) the same trained state."""
