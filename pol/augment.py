@@ -38,6 +38,8 @@ __all__ = ["Draws", "Transform", "BatchTransform", "RandomCrop", "HFlip", "Color
            "TRANSFORMS", "parse_pipeline", "MAX_TRANSFORMS"]
 
 MAX_TRANSFORMS = 16
+MAX_PADDING = 1024  # a spec's random_crop padding (a stranger's spec: bounded)
+MAX_CLASSES = 1 << 16  # a spec's mixup classes: the targets become batch x classes float32 probabilities
 _GRID = 1 << 24  # rng's integer draws are uniform on [0, 2**24)
 
 Sample = dict[str, torch.Tensor]
@@ -133,26 +135,25 @@ class RandomCrop(Transform):
         self.padding, self.key, self.fill = padding, key, fill
 
     def __call__(self, sample: Sample, draws: Draws) -> Sample:
-        x = _image(sample, self.key, self.name)
-        p = self.padding
-        dy, dx = (int(v) for v in draws.ints((2,), 0, 2 * p + 1))
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
-        return {**sample, self.key: padded[..., dy : dy + h, dx : dx + w].contiguous()}
+        return {k: v[0] for k, v in self.apply_batch({k: v[None] for k, v in sample.items()}, [draws]).items()}
 
     def apply_batch(self, batch: Sample, draws: Sequence[Draws]) -> Sample:
+        """Each output pixel is the input pixel `padding` - offset away, or `fill` outside the image: a selection,
+        without materialising the padded images (a stranger's spec may ask for a wide padding)."""
         x = _image(batch, self.key, self.name)
         if x.dim() < 3:
             raise DataError(f"{self.name}: {self.key!r} has per-sample shape {tuple(x.shape[1:])}; expected (..., H, W)")
         p, (h, w) = self.padding, x.shape[-2:]
         offsets = torch.from_numpy(np.stack([d.ints((2,), 0, 2 * p + 1) for d in draws]))
-        padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
-        flat = padded.reshape(x.shape[0], -1, h + 2 * p, w + 2 * p)  # (N, C, H', W'), C all leading dimensions
-        rows = (offsets[:, 0, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
-        cols = (offsets[:, 1, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+        flat = x.reshape(x.shape[0], -1, h, w)  # (N, C, H, W), C all leading dimensions
+        rows = (offsets[:, 0, None] - p + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1): source row
+        cols = (offsets[:, 1, None] - p + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W): source column
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
         n = torch.arange(x.shape[0])[:, None, None, None]
         c = torch.arange(flat.shape[1])[None, :, None, None]
-        return {**batch, self.key: flat[n, c, rows, cols].reshape(x.shape).contiguous()}
+        picked = flat[n, c, rows.clamp(0, h - 1), cols.clamp(0, w - 1)]
+        out = torch.where(inside, picked, torch.tensor(self.fill, dtype=x.dtype))
+        return {**batch, self.key: out.reshape(x.shape).contiguous()}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "padding": self.padding, "key": self.key, "fill": self.fill}
@@ -203,8 +204,8 @@ class ColorJitter(Transform):
             x = x * f.reshape(shape)
         if self.contrast:
             f = torch.cat([d.uniform((1,), 1.0 - self.contrast, 1.0 + self.contrast) for d in draws]).to(x.dtype)
-            per_sample = x.double().reshape(x.shape[0], -1).tolist()
-            means = [math.fsum(row) / max(1, len(row)) for row in per_sample]
+            rows = x.double().reshape(x.shape[0], -1)
+            means = [math.fsum(row.tolist()) / max(1, row.numel()) for row in rows]  # one sample's list at a time
             shift = torch.tensor([m * (1.0 - float(v)) for m, v in zip(means, f.tolist(), strict=True)], dtype=torch.float64)
             x = x * f.reshape(shape) + shift.to(x.dtype).reshape(shape)
         if self.clamp is not None:
@@ -312,7 +313,7 @@ def _key(item: Mapping[str, Any], key: str = "key", default: str = "x") -> str:
 
 
 def _random_crop(item: Mapping[str, Any]) -> Transform:
-    return RandomCrop(_number(item, "padding", 4, int, 0, 4096), _key(item), _number(item, "fill", 0.0, float, -1e30, 1e30))
+    return RandomCrop(_number(item, "padding", 4, int, 0, MAX_PADDING), _key(item), _number(item, "fill", 0.0, float, -1e30, 1e30))
 
 
 def _hflip(item: Mapping[str, Any]) -> Transform:
@@ -332,7 +333,7 @@ def _color_jitter(item: Mapping[str, Any]) -> Transform:
 def _mixup(item: Mapping[str, Any]) -> BatchTransform:
     if "classes" not in item:
         raise ComponentError("augment 'mixup' needs classes (the target's number of classes)")
-    return Mixup(_number(item, "classes", 0, int, 1, 1 << 20), _number(item, "alpha", 1, int, 1, 64), _key(item), _key(item, "target", "y"))
+    return Mixup(_number(item, "classes", 0, int, 1, MAX_CLASSES), _number(item, "alpha", 1, int, 1, 64), _key(item), _key(item, "target", "y"))
 
 
 TRANSFORMS: dict[str, tuple[Any, frozenset[str]]] = {  # name -> (parser, its keys besides name)
