@@ -5,7 +5,8 @@ The prepared device check of issue 4, to run in one call on a machine with a GPU
     python benchmarks/exact_gpu_check.py                       # cpu against cuda (cpu against itself without CUDA)
     python benchmarks/exact_gpu_check.py --devices cpu --threads 1,2 --steps 4
 
-Each built-in model (`mlp`, `cnn`, `transformer`, the built-in defaults) trains `--steps` steps in exact numerics
+Each built-in model (`mlp`, `cnn`, `transformer`, the built-in defaults, and the model zoo's `gpt2`, `llama`, `bert`,
+`vit`, `resnet` when transformers is installed) trains `--steps` steps in exact numerics
 with `pol.prove.train_and_prove` on every device (and thread count) named, checkpointing every `--every` steps; equal
 commitments mean bit-identical full training states at every checkpoint. The script also times one exact and one
 native step per model and device. It prints a table and writes benchmarks/results/exact_gpu_check.{json,md};
@@ -32,6 +33,14 @@ from pol.prove import train_and_prove
 from pol.spec import spec_from_dict
 
 MODELS = ("mlp", "cnn", "transformer")
+try:  # the model zoo, where transformers is installed (issue 13: each zoo model's commitment on CUDA must equal the CPU's)
+    import transformers  # noqa: F401
+
+    from pol.zoo import ZOO_MODELS
+
+    MODELS = (*MODELS, *ZOO_MODELS)
+except ImportError:
+    pass
 
 
 def step_ms(model: str, numerics: str, device: str) -> float:
