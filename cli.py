@@ -180,7 +180,7 @@ def _code_policy(allow: list[str] | None) -> Any:
 SpecOpt = Annotated[Path | None, typer.Option("--spec", help="A TOML or JSON spec file; flags override its fields.")]
 ModelOpt = Annotated[str | None, typer.Option(help="Built-in model (mlp, cnn, transformer; with pol[zoo]: gpt2, llama, bert, vit, resnet) or module:callable.")]
 ModelKwOpt = Annotated[str | None, typer.Option("--model-kwargs", help="JSON keyword arguments for the model.")]
-DataOpt = Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars, tokens, pixels), module:callable or dir:PATH.")]
+DataOpt = Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars, tokens, pixels), module:callable (dict of tensors or a torch map-style Dataset) or dir:PATH (safetensors shards or .npy arrays).")]
 DataKwOpt = Annotated[str | None, typer.Option("--data-kwargs", help="JSON keyword arguments for the data.")]
 StepsOpt = Annotated[int | None, typer.Option(min=1, help="Training steps.")]
 EveryOpt = Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (default: 10, more for big models).")]

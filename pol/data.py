@@ -27,7 +27,6 @@ import blake3
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file  # noqa: F401  (no longer used: shards are opened with safe_open; tests/test_verify.py patches this name)
 
 from . import rng
 from .canonical import Digest, compute_hash

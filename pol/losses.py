@@ -5,7 +5,7 @@ itself, `.logits`, `["logits"]` or the first element) and the batch's target ten
 
 | name              | kwargs                                   | formula (mean over the batch)                          |
 |-------------------|------------------------------------------|--------------------------------------------------------|
-| `cross_entropy`   | `label_smoothing` (0), `ignore_index` (-100) | `F.cross_entropy` over the last dimension          |
+| `cross_entropy`   | `label_smoothing` (0), `ignore_index` (-100) | `F.cross_entropy` over the last dimension; class indices, or class probabilities shaped like the output (mixup) |
 | `mse`             |                                          | `F.mse_loss`                                           |
 | `l1`              |                                          | `F.l1_loss`                                            |
 | `huber`           | `delta` (1.0)                            | `F.huber_loss`                                         |
@@ -61,7 +61,10 @@ def select_output(out: Any, which: str) -> torch.Tensor:
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), label_smoothing=label_smoothing, ignore_index=ignore_index)
+    classes = out.shape[-1]
+    if y.is_floating_point() and y.shape == out.shape:  # class probabilities (soft labels, mixup): one row per sample
+        return F.cross_entropy(out.reshape(-1, classes), y.reshape(-1, classes), label_smoothing=label_smoothing)
+    return F.cross_entropy(out.reshape(-1, classes), y.reshape(-1), label_smoothing=label_smoothing, ignore_index=ignore_index)
 
 
 def _kl_div(out: torch.Tensor, y: torch.Tensor, temperature: float = 1.0, log_target: bool = False) -> torch.Tensor:

@@ -329,3 +329,16 @@ def test_an_optimizer_keeping_python_numbers_checkpoints_them_as_tensors(tmp_pat
         state = b.load_state(4)
     assert state["optim/count/0.weight"].dtype == torch.int64 and int(state["optim/count/0.weight"]) == 4
     assert state["optim/scale/0.weight"].dtype == torch.float64 and float(state["optim/scale/0.weight"]) == 0.5**4
+
+
+def test_cross_entropy_takes_class_probabilities_as_targets(tmp_path):
+    """Soft labels (mixup's, a teacher's) shaped like the output go to cross-entropy as probabilities."""
+    spec = spec_from_dict({"model": "tests.userpkg:make_classifier", "data": "tests.userpkg:make_soft_data",
+                           "loss": {"name": "cross_entropy", "kwargs": {"label_smoothing": 0.05}}, "steps": 6, "every": 2, "batch_size": 16})
+    _, report = train_verify(spec, tmp_path / "b")
+    assert report.verdict == "accept", report.to_dict()
+    from pol.losses import build_loss
+
+    loss = build_loss(spec.loss, output="", target="y", code=CodePolicy())
+    out, y = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), dim=1)
+    assert torch.equal(loss(out, {"y": y}), torch.nn.functional.cross_entropy(out, y, label_smoothing=0.05))

@@ -184,12 +184,15 @@ def test_a_bundle_never_chooses_which_local_path_a_verifier_reads(tmp_path, monk
     opened: list[str] = []
     import pol.data
 
-    real = pol.data.load_file
-    monkeypatch.setattr(pol.data, "load_file", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
+    real = pol.data.safe_open
+    monkeypatch.setattr(pol.data, "safe_open", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
     code = CodePolicy.allowing(["tests"])
     with pytest.raises(DataNotProvided, match="--data-dir"):
         verify(path, samples=1, seed=0, code=code)
     assert opened == []
+    assert verify(path, samples=1, seed=0, data_dir=str(tmp_path / "data"), code=code).verdict == "accept"
+    assert opened  # the watch sees reads: the verifier reads its own --data-dir
+    opened.clear()
     result = runner.invoke(app, ["verify", str(path), "--quiet", "--allow-code", "tests"])
     assert result.exit_code == 2 and "reads no path a bundle names" in result.stderr and opened == []
     assert verify(path, samples=1, seed=0, data_dir=str(tmp_path / "data"), code=code).verdict == "accept"
