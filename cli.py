@@ -532,7 +532,7 @@ def verify(
         raise typer.BadParameter("give --job-id or --spec, not both", param_hint="--job-id")
     code = _code_policy(allow_code)
     if spec_file is not None:
-        job_id, data_dir = _posted_job_id(spec_file, code, data_dir)
+        job_id, data_dir, eval_data_dir = _posted_job_id(spec_file, code, data_dir, eval_data_dir)
     progress = None if quiet or as_json else Progress(
         TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
         TextColumn("left"), TimeRemainingColumn(), console=err)
@@ -553,11 +553,16 @@ def verify(
     raise typer.Exit(EXIT_OK if report.accepted else EXIT_FAILED)
 
 
-def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None) -> tuple[str, str | None]:
+def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None, eval_data_dir: str | None = None) -> tuple[str, str | None, str | None]:
     """The job id of a spec file: as written when resolved (pol job --json's output or its "spec"), else resolved
-    here against the data and code (on the verifier's allow-list). Also the data directory to verify with: the
-    spec file is the verifier's own, so its `dir:` path is where the verifier's data lives (unless --data-dir)."""
+    here against the data and code (on the verifier's allow-list). Also the data directories to verify with: the
+    spec file is the verifier's own, so its `dir:` paths are where the verifier's data lives (unless --data-dir /
+    --eval-data-dir)."""
+    import dataclasses
+
+    from pol.data import data_digest
     from pol.engine import build_spec, resolve_job
+    from pol.evaluate import build_eval_dataset
     from pol.spec import load_spec_file
 
     fields = load_spec_file(spec_file)
@@ -566,7 +571,13 @@ def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None) -> tuple[st
     spec = build_spec(fields, code)
     if data_dir is None and spec.data.name.startswith("dir:"):
         data_dir = spec.data.name[4:]
-    return resolve_job(spec, code=code, data_dir=data_dir).job_id, data_dir
+    ev = spec.evaluation
+    if ev is not None and eval_data_dir is None and ev.data.name.startswith("dir:"):
+        eval_data_dir = ev.data.name[4:]
+    if ev is not None and ev.data_digest is None:  # bound here, where the verifier's evaluation data is
+        digest = data_digest(build_eval_dataset(spec, data_dir=eval_data_dir, code=code))
+        spec = spec.replace(evaluation=dataclasses.replace(ev, data_digest=digest))
+    return resolve_job(spec, code=code, data_dir=data_dir).job_id, data_dir, eval_data_dir
 
 
 @app.command()

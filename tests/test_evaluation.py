@@ -195,6 +195,10 @@ def test_dir_evaluation_data_needs_the_verifiers_copy(tmp_path: Path) -> None:
         verify(path, samples=1, seed=0, eval_data_dir=str(other))
     result = runner.invoke(app, ["verify", str(path), "--seed", "0", "--samples", "1", "--eval-data-dir", str(held)])
     assert result.exit_code == 0 and "certified" in result.stdout
+    posted = tmp_path / "job.json"  # the verifier's own spec file: its dir: paths are the verifier's data
+    posted.write_text(json.dumps({k: v for k, v in spec.to_dict().items() if v is not None and k not in ("versions",)}))
+    result = runner.invoke(app, ["verify", str(path), "--seed", "0", "--samples", "1", "--spec", str(posted)])
+    assert result.exit_code == 0 and "(the job you asked for)" in result.stdout, result.stdout + result.stderr
 
 
 def test_a_user_metric_is_pinned_and_needs_allowing(tmp_path: Path) -> None:
