@@ -558,11 +558,7 @@ def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None, eval_data_d
     here against the data and code (on the verifier's allow-list). Also the data directories to verify with: the
     spec file is the verifier's own, so its `dir:` paths are where the verifier's data lives (unless --data-dir /
     --eval-data-dir)."""
-    import dataclasses
-
-    from pol.data import data_digest
     from pol.engine import build_spec, resolve_job
-    from pol.evaluate import build_eval_dataset
     from pol.spec import load_spec_file
 
     fields = load_spec_file(spec_file)
@@ -574,10 +570,7 @@ def _posted_job_id(spec_file: Path, code: Any, data_dir: str | None, eval_data_d
     ev = spec.evaluation
     if ev is not None and eval_data_dir is None and ev.data.name.startswith("dir:"):
         eval_data_dir = ev.data.name[4:]
-    if ev is not None and ev.data_digest is None:  # bound here, where the verifier's evaluation data is
-        digest = data_digest(build_eval_dataset(spec, data_dir=eval_data_dir, code=code))
-        spec = spec.replace(evaluation=dataclasses.replace(ev, data_digest=digest))
-    return resolve_job(spec, code=code, data_dir=data_dir).job_id, data_dir, eval_data_dir
+    return resolve_job(spec, code=code, data_dir=data_dir, eval_data_dir=eval_data_dir).job_id, data_dir, eval_data_dir
 
 
 @app.command()

@@ -224,13 +224,16 @@ def build_spec(fields: Mapping[str, Any], code: CodePolicy | None = None) -> Job
     return spec
 
 
-def resolve_job(spec: JobSpec, *, code: CodePolicy | None = None, data_dir: str | None = None) -> JobSpec:
+def resolve_job(spec: JobSpec, *, code: CodePolicy | None = None, data_dir: str | None = None,
+                eval_data_dir: str | None = None) -> JobSpec:
     """The spec with its data digest, code digests and versions bound (so it has a job id), without training.
-    A resolved spec is returned as it is. Raises CodeNotAllowed, ComponentError, DataError."""
+    `data_dir` / `eval_data_dir`: where the caller holds a `dir:` training / evaluation dataset. A resolved spec
+    is returned as it is. Raises CodeNotAllowed, ComponentError, DataError."""
     if spec.is_resolved:
         return spec
     verify_code(spec, code or CodePolicy())
-    return resolve_spec(spec, build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code), code=code or CodePolicy())
+    return resolve_spec(spec, build_dataset(spec.data.name, spec.data.kwargs, data_dir=data_dir, code=code),
+                        code=code or CodePolicy(), eval_data_dir=eval_data_dir)
 
 
 def build_runtime(

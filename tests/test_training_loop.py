@@ -342,3 +342,23 @@ def test_cross_entropy_takes_class_probabilities_as_targets(tmp_path):
     loss = build_loss(spec.loss, output="", target="y", code=CodePolicy())
     out, y = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), dim=1)
     assert torch.equal(loss(out, {"y": y}), torch.nn.functional.cross_entropy(out, y, label_smoothing=0.05))
+
+
+@pytest.mark.parametrize("name", [n for n in TORCH_OPTIMIZERS if n not in ("Adam", "SGD")])  # those two: above
+def test_every_torch_optimizer_is_accepted_in_exact_numerics(tmp_path, name):
+    opt = {k: v for k, v in EXACT_OPTIMIZERS.get(name, {"name": name, "lr": 1e-2}).items() if k != "param_groups"}  # the MLP has no LayerNorm
+    _, report = train_verify(small(numerics="exact", optimizer={**opt, "ema": 0.5}), tmp_path / "b")
+    assert report.verdict == "accept", report.to_dict()
+
+
+@pytest.mark.parametrize("loss", [{"name": "mse"}, {"name": "l1"}, {"name": "huber", "kwargs": {"delta": 0.5}}, {"name": "smooth_l1"},
+                                  {"name": "tests.userpkg:weighted_mse"}])
+@pytest.mark.parametrize("scheduler", [{"name": "OneCycleLR", "kwargs": {"max_lr": 0.05, "total_steps": 6}},
+                                       {"name": "SequentialLR", "kwargs": {"schedulers": [{"name": "ConstantLR", "kwargs": {"factor": 0.5, "total_iters": 2}},
+                                                                                          {"name": "StepLR", "kwargs": {"step_size": 2}}], "milestones": [3]}}])
+def test_losses_and_schedulers_are_accepted_in_exact_numerics(tmp_path, loss, scheduler):
+    spec = spec_from_dict({"model": "tests.userpkg:make_model", "data": "tests.userpkg:make_data", "loss": loss, "steps": 6, "every": 2,
+                           "batch_size": 16, "numerics": "exact", "optimizer": {"name": "SGD", "lr": 0.01, "scheduler": scheduler,
+                                                                                 "clip_grad_value": 0.5, "param_groups": [{"match": "*.bias", "lr_scale": 2.0}]}})
+    _, report = train_verify(spec, tmp_path / "b")
+    assert report.verdict == "accept", report.to_dict()
