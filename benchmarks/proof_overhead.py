@@ -136,9 +136,11 @@ def measure(label: str, fields: dict, ks: list[int], repeats: int) -> list[dict]
     return rows
 
 
-def user_loop_fields(hidden: int, steps: int, every: int) -> dict:
-    return {"model": {"name": "mlp", "kwargs": {"hidden": hidden}}, "data": {"name": "synthetic", "kwargs": {"n": 4096}},
-            "steps": steps, "every": every, "batch_size": 64,
+def user_loop_fields(hidden: int, steps: int, every: int | None, depth: int | None = None) -> dict:
+    """The user-loop job's fields; `every` None: pol's default k for it (`compute_default_every`)."""
+    model_kwargs = {"hidden": hidden, **({"depth": depth} if depth else {})}
+    return {"model": {"name": "mlp", "kwargs": model_kwargs}, "data": {"name": "synthetic", "kwargs": {"n": 4096}},
+            "steps": steps, **({"every": every} if every else {}), "batch_size": 64,
             "optimizer": {"name": "AdamW", "lr": 1e-3, "kwargs": {"weight_decay": 0.01}, "clip_grad_norm": 1.0, "ema": 0.999,
                           "scheduler": {"name": "CosineAnnealingLR", "kwargs": {"T_max": steps}}},
             "evaluation": {"data": {"name": "synthetic", "kwargs": {"seed": 1, "n": 2048}}, "metrics": ["loss", "accuracy"],
@@ -195,8 +197,9 @@ def measure_user_loop(label: str, fields: dict, repeats: int) -> list[dict]:
     """Interleaved rounds of the plain user loop and `pol train` on the same job; pol's evaluation time is summed
     inside `Evaluator.__call__`."""
     import pol.evaluate as evaluate_module
+    from pol.engine import build_spec
 
-    spec = spec_from_dict(fields)
+    spec = build_spec(fields)  # without `every`: pol's default k, as `pol train` sizes it
     spent = [0.0]
     original = evaluate_module.Evaluator.__call__
 
@@ -244,8 +247,12 @@ USER_COLUMNS = ["job", "params", "steps", "k", "evaluations", "eval_rows", "plai
 
 
 def run_user_loop(quick: bool, repeats: int) -> None:
-    hidden, steps, every = (256, 60, 10) if quick else (1024, 300, 50)
-    rows = measure_user_loop("mlp: AdamW + cosine + clip + EMA + eval", user_loop_fields(hidden, steps, every), repeats)
+    label = "mlp: AdamW + cosine + clip + EMA + eval"
+    if quick:
+        rows = measure_user_loop(label, user_loop_fields(256, 60, 10), repeats)
+    else:  # at the default k: the main table's 10M-parameter MLP, and a 1M one whose steps are 10x cheaper per state byte
+        rows = measure_user_loop(f"{label} (10M, default k)", user_loop_fields(2240, 200, None, depth=3), repeats)
+        rows += measure_user_loop(f"{label} (1M, default k)", user_loop_fields(1024, 300, None), repeats)
     write_results("proof_overhead_user_loop", {"rows": rows, "quick": quick}, markdown_table(rows, USER_COLUMNS))
 
 
