@@ -227,6 +227,7 @@ def train(
     data_dir: DataDirOpt = None,
     eval_data_dir: EvalDataDirOpt = None,
     fault: Annotated[str | None, typer.Option(help="Testing disputes: corrupt one operator, STEP:NODE[:ELEMENT] (see pol graph).")] = None,
+    nproc: Annotated[int, typer.Option(help="Train data-parallel on this many processes (torch.distributed.run; or launch with torchrun -m pol).")] = 1,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -242,23 +243,35 @@ def train(
       pol train --spec job.toml --steps 1000 --every 50 --out run2.tar
 
       PYTHONPATH=. pol train --model mypkg.models:make_net --data mypkg.data:load --out run3
+
+      pol train --model transformer --numerics exact --microbatch 4 --nproc 2 --out run4
     """
+    from pol import distributed
     from pol.components import CodePolicy
     from pol.engine import build_spec
     from pol.prove import check_output, train_and_prove
 
     fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every, seed=seed,
                           batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
-    check_output(out_path, resume=resume, force=force)  # before anything is built
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:]))
+    dp = None
+    if distributed.launched_by_torchrun():
+        dp, device = distributed.init_from_env(device)
+    lead = dp is None or dp.rank == 0
+    if lead:
+        check_output(out_path, resume=resume, force=force)  # before anything is built
     spec = build_spec(fields, CodePolicy.trust_all_code())
     if fault is not None:
         _train_faulty(spec, out_path, fault, device, force, as_json)
         return
-    progress, update = step_progress(spec.steps, "training", quiet or as_json)
+    progress, update = step_progress(spec.steps, "training", quiet or as_json or not lead)
     started = time.perf_counter()
     with progress or contextlib.nullcontext():
         result = train_and_prove(spec, out_path, device=device, resume=resume, force=force, on_progress=update, data_dir=data_dir,
-                                 eval_data_dir=eval_data_dir)
+                                 eval_data_dir=eval_data_dir, data_parallel=dp)
+    if not lead:
+        return
     elapsed = time.perf_counter() - started
     m = result.manifest
     summary = {

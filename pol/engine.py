@@ -15,7 +15,7 @@ import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 import numpy as np
@@ -56,6 +56,7 @@ from .zoo import get_transformers_version, is_zoo_model
 
 __all__ = [
     "Runtime",
+    "DataParallel",
     "SegmentResult",
     "build_runtime",
     "resolve_spec",
@@ -92,6 +93,23 @@ __all__ = [
 StepCallback = Callable[[int, float], None]  # (step reached, loss of the step)
 
 
+class DataParallel(Protocol):
+    """This process's part in a data-parallel step (implemented by `pol.distributed.DataParallelGroup`).
+
+    `microbatches(count)`: the indices of the step's micro-batches this process computes (a fixed, spec-derived
+    share); `reduce_exact(per_micro, params)`: the exact sum of every process's micro-batch gradients, rounded once
+    (the same bits as one process summing all of them); `reduce_native(grads)`: the float sum of every process's
+    accumulated gradients; `gather_losses(losses, count)`: every micro-batch's (loss * micro-batch size) by index."""
+
+    def microbatches(self, count: int) -> Sequence[int]: ...
+
+    def reduce_exact(self, per_micro: Mapping[str, list[torch.Tensor]], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def reduce_native(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def gather_losses(self, losses: Mapping[int, float], count: int) -> dict[int, float]: ...
+
+
 @dataclass
 class Runtime:
     """A model, its data and optimizer state on one device, at one step. Mutable by design: it *is* the training."""
@@ -114,6 +132,7 @@ class Runtime:
     pristine: bool = True  # the model holds the initialisation it was built with (no state restored, no step run)
     random_draws: int = 0  # torch random operators served from pol.rng so far (dropout, noise, augmentation)
     uses_random: bool | None = None  # the model draws torch random numbers (None: not yet known; see one_step)
+    data_parallel: DataParallel | None = None  # this process's share of each step, with its peers (pol.distributed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,6 +648,18 @@ def one_step(
     returns a context entered inside the numerics context around the whole step, and `around_microbatch` one
     entered around each micro-batch after its dropout masks are bound: pinpoint's operator capture uses both, so
     a captured step is this step, not a copy of it. Raises TrainingError if the loss is not finite.
+
+    The step's gradient. The batch is cut into `size / micro` micro-batches; micro-batch i's gradient g_i is the
+    backward pass of its loss scaled by micro/size. Native numerics accumulates them in `.grad` (float32 adds in
+    micro-batch order). Exact numerics defines the step's gradient as the EXACT sum of the g_i, rounded once to
+    float32 (round to nearest even; a sum of negative zeros only is -0; IEEE rules for NaN/inf): every float32 is an
+    integer multiple of 2**-149, so the sum is an integer, accumulated in fixed-point digits (pol.exact.reduce)
+    and independent of the order and grouping of the micro-batches. One process computes it as an exact `sum` over
+    the stacked g_i under the exact mode; with `rt.data_parallel` set (pol.distributed) each process computes its
+    share of the g_i, accumulates them as int64 digits, the digits are all-reduced (integer addition: any
+    reduction order) and rounded once: the same bits. (Exact numerics used to add the g_i into `.grad`
+    one by one, so exact digests of specs with more than one micro-batch changed; one micro-batch is unchanged.)
+    The step's loss is the sum of (micro-batch loss * micro) in micro-batch order, divided by the batch size.
     """
     spec = rt.spec
     s = rt.step
@@ -638,16 +669,40 @@ def one_step(
     micro = (spec.microbatch if microbatch is None else microbatch) or size
     for p in rt.params.values():
         p.grad = None
-    loss_sum = 0.0
+    count = -(-size // micro)  # micro-batches (a split that does not divide the batch ends with a short one)
+    dp = rt.data_parallel
+    mine = range(count) if dp is None else dp.microbatches(count)
+    exact_sum = spec.numerics == "exact" and (count > 1 or dp is not None)  # the gradient: an exact sum, rounded once
+    per_micro: dict[str, list[torch.Tensor]] = {n: [] for n in rt.params}
+    losses: dict[int, float] = {}
     with numerics_context(spec.numerics), (mode(on_device) if mode else contextlib.nullcontext()):
-        for offset in range(0, size, micro):
+        for i in mine:
+            offset = i * micro
             _bind_randomness(rt, s, offset, size)
             with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
-                with _randomness(rt, s, offset // micro):
-                    loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()}, s, offset // micro)
+                with _randomness(rt, s, i):
+                    loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()}, s, i)
                     (loss * (micro / size) if micro != size else loss).backward()
-                loss_sum += float(loss.detach()) * micro
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
+                losses[i] = float(loss.detach()) * micro
+            if exact_sum:  # keep each micro-batch's gradient apart: they are summed exactly below
+                for n, p in rt.params.items():
+                    per_micro[n].append(p.grad if p.grad is not None else torch.zeros_like(p))
+                    p.grad = None
+        if exact_sum and dp is not None:
+            with _disable_current_modes():  # integer digits, all-reduced: not operators of the step's arithmetic
+                grads = dp.reduce_exact(per_micro, rt.params)
+        elif exact_sum:
+            # under the exact numerics mode a sum over the stacked gradients is their exact sum rounded once
+            # (pol.exact.reduce), the same bits as pol.distributed's digit all-reduce, in any micro-batch order
+            grads = {n: torch.stack(gs).sum(dim=0) for n, gs in per_micro.items()}
+        else:
+            grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
+            if dp is not None:
+                with _disable_current_modes():
+                    grads = dp.reduce_native(grads)
+        if dp is not None:
+            with _disable_current_modes():
+                losses = dp.gather_losses(losses, count)
         # under a mode (pinpoint's capture) the update allocates its temporaries: a reused buffer would be a tensor
         # the step reads without computing it. Same bits either way.
         # exact numerics: AdamW as one compiled kernel per parameter (same bits), except under a capture, which
@@ -657,6 +712,9 @@ def one_step(
                             exact_kernels=spec.numerics == "exact" and mode is None)
     rt.step = s + 1
     rt.pristine = False
+    loss_sum = 0.0
+    for i in range(count):  # in micro-batch order, whichever process computed each
+        loss_sum += losses[i]
     loss_value = loss_sum / size
     if not math.isfinite(loss_value):
         raise TrainingError(f"the loss became non-finite at step {s}: lower the learning rate")

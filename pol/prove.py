@@ -19,12 +19,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .bundle import BundleWriter, FileEntry, Manifest, checkpoint_name, pack_bundle
+from .bundle import BundleWriter, FileEntry, Manifest, checkpoint_name, manifest_from_dict, pack_bundle
 from .canonical import canonical_json, parse_json_strict
 from .components import CodePolicy
 from .data import data_digest as compute_data_digest
@@ -36,6 +37,7 @@ from .engine import (
     capture_state,
     describe_environment,
     dry_run,
+    expected_layout,
     initial_state,
     resolve_spec,
     restore_state,
@@ -46,6 +48,9 @@ from .evaluate import Evaluator, build_eval_dataset
 from .spec import JobSpec, spec_from_dict
 from .trace import EMPTY_DATA, Record, record_from_dict
 from .verify import split_changes_math
+
+if TYPE_CHECKING:
+    from .distributed import DataParallelGroup
 
 __all__ = ["train_and_prove", "check_output", "ProveResult", "PROGRESS_NAME"]
 
@@ -131,6 +136,7 @@ def train_and_prove(
     env_note: str | None = None,
     code: CodePolicy | None = None,
     eval_data_dir: str | None = None,
+    data_parallel: DataParallelGroup | None = None,
 ) -> ProveResult:
     """Train `spec` and write its proof bundle to `out` (a directory, or an archive if it ends in `.tar`).
 
@@ -140,7 +146,11 @@ def train_and_prove(
     in the bundle's environment information. `code`: which user code the spec may import (default: whatever it
     names, since the caller chose to train it). A spec with an evaluation is evaluated at every checkpoint (step 0
     and the last included; pol.evaluate) and the metrics committed in its records; `eval_data_dir` says where a
-    `dir:` evaluation dataset lives (default: the path the spec names).
+    `dir:` evaluation dataset lives (default: the path the spec names). `data_parallel` (pol.distributed): this
+    process's share of a data-parallel run; every process calls this with the same arguments, only rank 0 touches
+    the output (checkpoints, records, progress, manifest; it reads the checkpoint to resume from and broadcasts it)
+    and evaluates, every process checks the others' state digests at each checkpoint (RankDiverged), and every
+    process returns rank 0's result.
 
     Raises OutputExists (before anything is built), SpecError, ComponentError, UserCodeError, DataError,
     DeviceUnavailable, NumericsUnavailable, TrainingError, ResumeError.
@@ -152,8 +162,12 @@ def train_and_prove(
         raise SpecError(f"split {split} does not divide batch_size {spec.batch_size}")
     archive = out if out.suffix == ".tar" else None
     directory = out.with_name(out.name + ".partial") if archive else out
-    check_output(out, resume=resume, force=force)
+    dp = data_parallel
+    lead = dp is None or dp.rank == 0  # the one process that writes
+    if lead:
+        check_output(out, resume=resume, force=force)
     rt = build_runtime(spec, device=device, data_dir=data_dir, code=code or CodePolicy.trust_all_code())
+    rt.data_parallel = dp
     evaluator = None
     if spec.evaluation is not None:
         eval_data = build_eval_dataset(spec, data_dir=eval_data_dir, code=rt.code)  # checked if the spec binds it
@@ -161,7 +175,7 @@ def train_and_prove(
             spec = rt.spec = spec.replace(evaluation=dataclasses.replace(spec.evaluation, data_digest=compute_data_digest(eval_data)))
     if not spec.is_resolved:
         spec = rt.spec = resolve_spec(spec, rt.dataset)
-    if spec.evaluation is not None:
+    if spec.evaluation is not None and lead:
         evaluator = Evaluator(spec, eval_data, code=rt.code, loss_fn=rt.loss_fn)
     if not resume:
         dry_run(rt)
@@ -169,15 +183,18 @@ def train_and_prove(
     if split is not None and split != (spec.microbatch or spec.batch_size) and why:
         raise SpecError(f"the job {why} depend on how a batch is split: splitting it is not an execution choice "
                         "here; set microbatch in the spec instead of split")
-    created = _prepare_output(directory, resume=resume, force=force)
+    created = _prepare_output(directory, resume=resume, force=force) if lead else False
     resumed_from = None
     if resume:
-        records, files, state = _load_progress(directory, spec)
+        records, files, state = _load_progress(directory, spec) if lead else ([], {}, None)
+        if dp is not None:
+            state = dp.share_state(state, lambda step: expected_layout(rt, step))
+        assert state is not None
         restore_state(rt, state)
         resumed_from = rt.step
     else:
         records, files = [], {}  # the step-0 checkpoint is written in the background like every other
-    writer = BundleWriter(directory, spec, records, files)
+    writer = BundleWriter(directory, spec, records, files) if lead else None
     try:
         _train_remaining(rt, writer, on_progress, split, hooks, first=None if resume else initial_state(rt), evaluator=evaluator)
     except BaseException:
@@ -185,17 +202,24 @@ def train_and_prove(
             shutil.rmtree(directory, ignore_errors=True)
         raise
     env = {**describe_environment(rt.device), **({"note": env_note} if env_note else {})}
-    manifest = writer.finish(env)
-    (directory / PROGRESS_NAME).unlink()
-    if archive:
-        pack_bundle(directory, archive)
-        shutil.rmtree(directory)
+    if dp is not None:
+        env["processes"] = dp.world
+    manifest = None
+    if writer is not None:
+        manifest = writer.finish(env)
+        (directory / PROGRESS_NAME).unlink()
+        if archive:
+            pack_bundle(directory, archive)
+            shutil.rmtree(directory)
+    if dp is not None:
+        manifest = manifest_from_dict(dp.share_object(manifest.to_dict() if manifest is not None else None))
+    assert manifest is not None
     return ProveResult(archive or directory, manifest, resumed_from)
 
 
 def _train_remaining(
     rt: Runtime,
-    writer: BundleWriter,
+    writer: BundleWriter | None,
     on_progress: ProgressCallback | None,
     split: int | None,
     hooks: HooksForStep | None,
@@ -213,12 +237,16 @@ def _train_remaining(
     background = sum(p.numel() * p.element_size() for p in rt.params.values()) >= BACKGROUND_MIN_BYTES
 
     def persist(target: int, state: dict, data_digest: str, loss: float | None, metrics: dict[str, float] | None) -> None:
+        if rt.data_parallel is not None:  # every process holds the same state, or none writes it
+            rt.data_parallel.check_digests(target, state_digest(state))
+        if writer is None:
+            return
         writer.add(target, state, data_digest, loss, metrics)
         _write_progress(writer.directory, spec, writer.records, writer.files)
 
     def submit(pool: ThreadPoolExecutor, target: int, state: dict, data_digest: str, loss: float | None) -> Future[None] | None:
         metrics = evaluator(rt.model, step=target, device=rt.device) if evaluator is not None else None
-        if background:
+        if background and rt.data_parallel is None:  # collectives stay on the training thread
             return pool.submit(persist, target, state, data_digest, loss, metrics)
         persist(target, state, data_digest, loss, metrics)
         return None
