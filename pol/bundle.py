@@ -8,9 +8,13 @@
 
 `open_bundle` validates everything before anything is used, and every problem raises a typed `BundleError` that
 names the file or field: unknown version, missing/extra/renamed files, links or paths escaping the bundle, file
-sizes and blake3 digests, every manifest field (types, sizes, finiteness), the job id against the spec, the record
-steps against the spec (computed, never enumerated from a claimed count), and the Merkle root and commitment against
-the records. An archive is read in place, member by member, and never extracted: nothing is written to disk, and
+sizes, every manifest field (types, sizes, finiteness), the job id against the spec, the record steps against the
+spec (computed, never enumerated from a claimed count), and the Merkle root and commitment against the records.
+File digests are checked in full at open (`full=True`, the default; `pol inspect`) or lazily (`full=False`, what
+`pol verify` does): each checkpoint's blake3 is then checked on the bytes actually read, in the same pass, the first
+time the file is read in full (`Bundle.load_state`), so a verifier reads and hashes only the checkpoints its sample
+needs. A corrupt checkpoint that is never read costs nothing and proves nothing either way; one that is read raises
+DigestMismatch. `Bundle.bytes_read` counts the checkpoint bytes read so far (headers and digests included). An archive is read in place, member by member, and never extracted: nothing is written to disk, and
 only regular, non-sparse members with bundle names are accepted. Checkpoints are read with safetensors (no pickle,
 no code) and their tensors checked against the committed state digest on load; `Bundle.read_layout` reads a
 checkpoint's tensor names, dtypes and shapes from its header alone.
@@ -235,6 +239,11 @@ class _Source:
     """
 
     sizes: dict[str, int]
+    bytes_read: int = 0  # checkpoint bytes read (the manifest is not counted)
+
+    def _count(self, name: str, n: int) -> None:
+        if name != MANIFEST_NAME:
+            self.bytes_read += n
 
     def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
@@ -244,7 +253,7 @@ class _Source:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         size = self.sizes[name]
         for offset in range(0, size, _CHUNK):
-            h.update(self.read(name, offset, min(_CHUNK, size - offset)))
+            h.update(self.read(name, offset, min(_CHUNK, size - offset)))  # counted by read
         return h.hexdigest()
 
     def close(self) -> None:
@@ -260,11 +269,13 @@ class _DirectorySource(_Source):
         with open(self.directory / name, "rb") as f:
             f.seek(start)
             data = f.read(self.sizes[name] - start if length is None else length)
+        self._count(name, len(data))
         if len(data) != (self.sizes[name] - start if length is None else length):
             raise BundleFileError(name, "changed size while being read")
         return data
 
     def digest(self, name: str) -> Digest:
+        self._count(name, self.sizes[name])
         return file_digest(self.directory / name)
 
 
@@ -285,6 +296,7 @@ class _ArchiveSource(_Source):
         size = self.sizes[name] - start if length is None else length
         self._file.seek(self.offsets[name] + start)
         data = self._file.read(size)
+        self._count(name, len(data))
         if len(data) != size:
             raise ArchiveError(f"archive {self.archive.name} is truncated inside {name!r}")
         return data
@@ -357,7 +369,8 @@ def _listing(directory: Path) -> dict[str, int]:
     return found
 
 
-def _check_files(source: _Source, manifest: Manifest) -> None:
+def _check_files(source: _Source, manifest: Manifest, full: bool = True) -> None:
+    """Every listed file present, none extra, each of its listed size; with `full`, each file's blake3 too."""
     present = set(source.sizes) - {MANIFEST_NAME}
     for name in sorted(set(manifest.files) - present):
         raise BundleFileError(name, "missing from the bundle")
@@ -366,9 +379,11 @@ def _check_files(source: _Source, manifest: Manifest) -> None:
     for name, entry in sorted(manifest.files.items()):
         if source.sizes[name] != entry.size:
             raise BundleFileError(name, f"size {source.sizes[name]} differs from the manifest's {entry.size}")
-        got = source.digest(name)
-        if got != entry.blake3:
-            raise DigestMismatch(name, entry.blake3, got)
+    if full:
+        for name, entry in sorted(manifest.files.items()):
+            got = source.digest(name)
+            if got != entry.blake3:
+                raise DigestMismatch(name, entry.blake3, got)
 
 
 _SAFETENSORS_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -396,13 +411,36 @@ def _parse_layout(name: str, header: bytes) -> Layout:
 
 
 class Bundle:
-    """An opened bundle whose manifest, records, Merkle root, commitment and file table were checked. Use as a
-    context manager (an archive stays open while the bundle is)."""
+    """An opened bundle whose manifest, records, Merkle root, commitment and file table were checked, and, when
+    opened with `full=True`, every file's digest; otherwise each file's digest is checked when it is read
+    (`load_state`). Use as a context manager (an archive stays open while the bundle is)."""
 
-    def __init__(self, path: Path, manifest: Manifest, source: _Source) -> None:
+    def __init__(self, path: Path, manifest: Manifest, source: _Source, *, checked: bool = True) -> None:
         self.path = path
         self.manifest = manifest
         self._source = source
+        self._checked: set[str] = set(manifest.files) if checked else set()  # files whose blake3 was checked
+        self.files_read: set[str] = set()  # checkpoint files read in full (and so digest-checked)
+
+    @property
+    def fully_checked(self) -> bool:
+        """True when every file's digest has been checked (at open with `full=True`, or by `check_files`)."""
+        return self._checked >= set(self.manifest.files)
+
+    @property
+    def bytes_read(self) -> int:
+        """Checkpoint bytes read from the bundle so far: full reads, headers and full-check digests alike."""
+        return self._source.bytes_read
+
+    def check_files(self) -> None:
+        """Check every file's blake3 not checked yet (what `open_bundle(full=True)` does at open). Raises
+        DigestMismatch naming the first file that differs."""
+        for name, entry in sorted(self.manifest.files.items()):
+            if name not in self._checked:
+                got = self._source.digest(name)
+                if got != entry.blake3:
+                    raise DigestMismatch(name, entry.blake3, got)
+                self._checked.add(name)
 
     def __enter__(self) -> Bundle:
         return self
@@ -435,7 +473,8 @@ class Bundle:
 
     def read_layout(self, step: int) -> Layout:
         """Names, dtypes and shapes of the tensors in the checkpoint at `step`, from its header alone (the file is
-        not read). Raises BundleFileError if the header is malformed."""
+        not read, and its digest not checked: that happens when it is read in full). Raises BundleFileError if the
+        header is malformed."""
         name = checkpoint_name(self.records[self.record_index(step)].step)
         size = self._source.sizes[name]
         if size < 8:
@@ -452,13 +491,22 @@ class Bundle:
         return {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith(("param/", "buffer/"))}
 
     def load_state(self, step: int) -> dict[str, torch.Tensor]:
-        """Read the checkpoint at `step` and check it against its committed state digest.
+        """Read the checkpoint at `step` and check it against its committed state digest (and, the first time it
+        is read, the file's blake3 against the file table, on the same bytes: the file is read once).
 
-        Raises BundleError if unreadable, DigestMismatch (naming the first differing tensor) if it was altered.
+        Raises BundleError if unreadable, DigestMismatch (naming the file, or the first differing tensor) if it was
+        altered.
         """
         record = self.records[self.record_index(step)]
         name = checkpoint_name(step)
         data = self._source.read(name)
+        self.files_read.add(name)
+        if name not in self._checked:
+            got = blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+            expected = self.manifest.files[name].blake3
+            if got != expected:
+                raise DigestMismatch(name, expected, got)
+            self._checked.add(name)
         try:
             state = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -469,10 +517,12 @@ class Bundle:
         return state
 
 
-def open_bundle(path: str | Path) -> Bundle:
-    """Open a bundle directory or archive and validate all of it. An archive is read in place: nothing is
-    extracted or written. Raises BundleNotFound when there is no bundle at `path`, else a BundleError subclass
-    naming the problem."""
+def open_bundle(path: str | Path, *, full: bool = True) -> Bundle:
+    """Open a bundle directory or archive and validate it: manifest, records, Merkle root, commitment, the file
+    table against the files present and their sizes, and (with `full`, the default) every file's blake3. With
+    `full=False` no checkpoint byte is read here: each file's digest is checked when it is read (`load_state`).
+    An archive is read in place: nothing is extracted or written. Raises BundleNotFound when there is no bundle at
+    `path`, else a BundleError subclass naming the problem."""
     path = Path(path)
     if path.is_dir():
         if not (path / MANIFEST_NAME).is_file() and not (path / MANIFEST_NAME).is_symlink():
@@ -487,12 +537,12 @@ def open_bundle(path: str | Path) -> Bundle:
     try:
         manifest = _read_manifest(source)
         try:
-            _check_files(source, manifest)
+            _check_files(source, manifest, full)
         except BundleFileError as exc:
             if isinstance(source, _ArchiveSource):
                 raise ArchiveError(f"archive {path.name} is truncated or incomplete: {exc}") from None
             raise
-        return Bundle(path, manifest, source)
+        return Bundle(path, manifest, source, checked=full)
     except BaseException:
         source.close()
         raise
