@@ -285,6 +285,7 @@ class SpawnedRun:
     errors: dict[int, str]  # rank -> "ErrorClass: message"
     bytes_reduced: int = 0  # rank 0's gradient all-reduce bytes over the run
     seconds: float = 0.0  # rank 0's time in train_and_prove
+    step_seconds: float = 0.0  # rank 0's median time between consecutive steps
 
 
 def _free_port() -> int:
@@ -305,13 +306,17 @@ def _spawned(rank: int, nproc: int, port: int, spec: Any, out: str, kwargs: dict
                        "LOCAL_RANK": str(rank), **env})
     torch.set_num_threads(int(env.get("POL_SPAWN_THREADS", "1")))
     dp, device = init_from_env(kwargs.pop("device", "cpu"), timeout_s=120)
+    stamps: list[float] = []
     try:
         started = time.perf_counter()
-        result = train_and_prove(spec, out, device=device, data_parallel=dp, **kwargs)
+        result = train_and_prove(spec, out, device=device, data_parallel=dp,
+                                 on_progress=lambda *_: stamps.append(time.perf_counter()), **kwargs)
+        gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
         if rank == 0:
-            queue.put(("ok", rank, result.manifest.root, str(result.path), dp.bytes_reduced, time.perf_counter() - started))
+            queue.put(("ok", rank, result.manifest.root, str(result.path), dp.bytes_reduced,
+                       (time.perf_counter() - started, gaps[len(gaps) // 2] if gaps else 0.0)))
     except Exception as exc:
-        queue.put(("error", rank, f"{type(exc).__name__}: {exc}", None, 0, 0.0))
+        queue.put(("error", rank, f"{type(exc).__name__}: {exc}", None, 0, (0.0, 0.0)))
         raise
     finally:
         dist.destroy_process_group()
@@ -334,11 +339,11 @@ def train_spawned(spec: Any, out: str | os.PathLike[str], nproc: int, *, env: Ma
         pass
     root = path = None
     errors: dict[int, str] = {}
-    reduced, seconds = 0, 0.0
+    reduced, seconds, step = 0, 0.0, 0.0
     while not queue.empty():
-        kind, rank, a, b, n, t = queue.get()
+        kind, rank, a, b, n, (t, st) = queue.get()
         if kind == "ok":
-            root, path, reduced, seconds = a, b, n, t
+            root, path, reduced, seconds, step = a, b, n, t, st
         else:
             errors[rank] = a
-    return SpawnedRun(root, path, errors, reduced, seconds)
+    return SpawnedRun(root, path, errors, reduced, seconds, step)
