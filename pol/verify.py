@@ -624,9 +624,8 @@ def verify(
                    expected_job, code or CodePolicy(), device, threads, data_dir, on_progress, eval_data_dir)
     if isinstance(bundle, Bundle):
         return _verify_open(bundle, req)
-    path = Path(bundle)
     try:
-        opened = open_bundle(path, full=False)  # each checkpoint's digest is checked when (and if) it is read
+        opened = open_bundle(bundle, full=False)  # a directory, an archive, or a URL (pol.remote)  # each checkpoint's digest is checked when (and if) it is read
     except (BundleVersionError, BundleNotFound):
         raise
     except BundleError as exc:
