@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from . import __version__
 from .canonical import Digest, canonical_json, is_digest, parse_json_strict
 from .digest import State, combine_digests, tensor_bytes, tensor_digest, tensor_digests
 from .errors import (
@@ -53,7 +54,7 @@ from .errors import (
 )
 from .merkle import InclusionProof, get_proof
 from .spec import FORMAT_VERSION, JobSpec, spec_from_dict
-from .trace import EMPTY_DATA, Record, compute_trace_commitment, record_from_dict
+from .trace import EMPTY_DATA, Record, compute_trace_commitment, compute_update_norm, record_from_dict
 
 __all__ = [
     "Manifest",
@@ -199,8 +200,17 @@ def manifest_from_dict(value: Any) -> Manifest:
     raw_records = value["records"]
     if not isinstance(raw_records, list) or len(raw_records) != spec.n_records:
         raise ManifestError("records", f"expected a list of the spec's {spec.n_records} records (steps 0, {spec.every}, ..., {spec.steps})")
-    records = tuple(record_from_dict(r, f"records[{i}]") for i, r in enumerate(raw_records))
+    try:
+        records = tuple(record_from_dict(r, f"records[{i}]") for i, r in enumerate(raw_records))
+    except ManifestError:
+        made = spec.versions.get("pol")
+        if made != __version__:  # another pol's record format: cannot verify here, rather than a broken bundle
+            raise BundleVersionError(f"the bundle was made with pol {made}, whose records pol {__version__} does not "
+                                     f"read; use pol {made}") from None
+        raise
     for i, r in enumerate(records):
+        if (r.update is None) != (i == 0):
+            raise ManifestError(f"records[{i}].update", "the step-0 record has no update norm; every other record has one")
         if r.step != spec.checkpoint_step(i):
             raise ManifestError(f"records[{i}].step", f"{r.step} is not the spec's checkpoint {spec.checkpoint_step(i)}")
     if records[0].data != EMPTY_DATA or records[0].loss is not None:
@@ -517,23 +527,29 @@ class Bundle:
         return state
 
 
-def open_bundle(path: str | Path, *, full: bool = True) -> Bundle:
-    """Open a bundle directory or archive and validate it: manifest, records, Merkle root, commitment, the file
+def open_bundle(path: str | Path | Any, *, full: bool = True) -> Bundle:
+    """Open a bundle directory, archive or URL and validate it: manifest, records, Merkle root, commitment, the file
     table against the files present and their sizes, and (with `full`, the default) every file's blake3. With
     `full=False` no checkpoint byte is read here: each file's digest is checked when it is read (`load_state`).
-    An archive is read in place: nothing is extracted or written. Raises BundleNotFound when there is no bundle at
-    `path`, else a BundleError subclass naming the problem."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / MANIFEST_NAME).is_file() and not (path / MANIFEST_NAME).is_symlink():
-            raise BundleNotFound(f"{path}: no {MANIFEST_NAME} here (is this a bundle directory?)")
-        source: _Source = _DirectorySource(path)
-    elif path.is_file():
-        if not _looks_like_tar(path):
-            raise BundleNotFound(f"{path}: neither a bundle directory nor a bundle archive (.tar)")
-        source = _ArchiveSource(path)
+    An archive is read in place: nothing is extracted or written. A URL string (`http://...`, `s3://...`) or a
+    `pol.remote.Remote` is read through `pol.remote` (fetching only what is read; see there). Raises BundleNotFound
+    when there is no bundle at `path`, RemoteError and its subclasses when a URL cannot be fetched within its
+    bounds, else a BundleError subclass naming the problem."""
+    source = _remote_source(path)
+    if source is not None:
+        path = source.url
     else:
-        raise BundleNotFound(f"{path}: no such bundle directory or archive")
+        path = Path(path)
+        if path.is_dir():
+            if not (path / MANIFEST_NAME).is_file() and not (path / MANIFEST_NAME).is_symlink():
+                raise BundleNotFound(f"{path}: no {MANIFEST_NAME} here (is this a bundle directory?)")
+            source = _DirectorySource(path)
+        elif path.is_file():
+            if not _looks_like_tar(path):
+                raise BundleNotFound(f"{path}: neither a bundle directory nor a bundle archive (.tar)")
+            source = _ArchiveSource(path)
+        else:
+            raise BundleNotFound(f"{path}: no such bundle directory or archive")
     try:
         manifest = _read_manifest(source)
         try:
@@ -546,6 +562,15 @@ def open_bundle(path: str | Path, *, full: bool = True) -> Bundle:
     except BaseException:
         source.close()
         raise
+
+
+def _remote_source(location: Any) -> Any:
+    """The hook to pol.remote: a source for a URL string or a `pol.remote.Remote`, else None (a local path)."""
+    from . import remote
+
+    if isinstance(location, remote.Remote) or remote.is_url(location):
+        return remote.open_remote_source(location)
+    return None
 
 
 def _looks_like_tar(path: Path) -> bool:
@@ -642,6 +667,11 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     os.replace(tmp, directory / MANIFEST_NAME)
 
 
+def _param_copy(state: State) -> dict[str, torch.Tensor]:
+    """The parameters of a state, copied (the caller may reuse its tensors): what the next update norm needs."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k.startswith("param/")}
+
+
 class BundleWriter:
     """Writes one bundle: checkpoints one by one, in step order, then the manifest. The one writer of bundles.
 
@@ -650,19 +680,25 @@ class BundleWriter:
     start from the records and files of an interrupted run (`records`, `files`).
     """
 
-    def __init__(self, directory: Path, spec: JobSpec, records: Sequence[Record] = (), files: Mapping[str, FileEntry] | None = None) -> None:
+    def __init__(self, directory: Path, spec: JobSpec, records: Sequence[Record] = (), files: Mapping[str, FileEntry] | None = None,
+                 previous: State | None = None) -> None:
+        """`previous`: the state of the last record given (to resume after it), for the next record's update norm."""
         self.directory = Path(directory)
         self.spec = spec
         self.records = list(records)
         self.files = dict(files or {})
+        self._params = _param_copy(previous) if previous is not None else None  # the last checkpoint's parameters
 
     def add(self, step: int, state: State, data: Digest, loss: float | None, evaluation: Mapping[str, float] | None = None) -> Record:
         """Write the checkpoint at `step` and return its record. `state` is written as given (its `meta/step` too);
         `evaluation` is the state's metrics (pol.evaluate) when the spec names an evaluation."""
         assert step == self.spec.checkpoint_step(len(self.records)), f"checkpoint {step} out of order"
+        assert self.records == [] or self._params is not None, "a resumed writer needs the last state (previous=)"
         per_tensor: dict[str, Digest] = {}
         self.files[checkpoint_name(step)] = write_checkpoint(self.directory, step, state, self.spec.job_id, per_tensor)
-        record = Record(step, combine_digests(per_tensor), data, loss, None if evaluation is None else dict(evaluation))
+        update = compute_update_norm(self._params, state) if self.records else None
+        record = Record(step, combine_digests(per_tensor), data, loss, None if evaluation is None else dict(evaluation), update)
+        self._params = _param_copy(state)
         self.records.append(record)
         return record
 

@@ -194,7 +194,7 @@ def train_and_prove(
         resumed_from = rt.step
     else:
         records, files = [], {}  # the step-0 checkpoint is written in the background like every other
-    writer = BundleWriter(directory, spec, records, files) if lead else None
+    writer = BundleWriter(directory, spec, records, files, previous=state if resume else None) if lead else None
     try:
         _train_remaining(rt, writer, on_progress, split, hooks, first=None if resume else initial_state(rt), evaluator=evaluator)
     except BaseException:

@@ -7,12 +7,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .canonical import Digest, canonical_bytes, is_digest
 from .errors import ManifestError
 from .merkle import compute_commitment, merkle_root
 
-__all__ = ["Record", "record_from_dict", "compute_trace_commitment", "EMPTY_DATA", "MAX_EVAL_METRICS"]
+__all__ = ["Record", "record_from_dict", "compute_trace_commitment", "compute_update_norm", "EMPTY_DATA", "MAX_EVAL_METRICS"]
 
+FLOAT32_MAX = 3.4028234663852886e38
 EMPTY_DATA: Digest = "0" * 64  # data digest of record 0: no data consumed yet
 MAX_EVAL_METRICS = 8  # as many as a spec's evaluation may name
 MAX_METRIC_NAME = 300  # a metric's name: "loss", "accuracy" or a module:callable
@@ -20,20 +23,25 @@ MAX_METRIC_NAME = 300  # a metric's name: "loss", "accuracy" or a module:callabl
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """The state at checkpoint `step`, the data consumed since the previous checkpoint, the mean loss there, and
-    the evaluation metrics of that state (metric name -> value) when the spec names an evaluation (pol.evaluate).
+    """The state at checkpoint `step`, the data consumed since the previous checkpoint, the mean loss there, the
+    norm of the parameter update since the previous checkpoint (`update`, `compute_update_norm`; None at step 0),
+    and the evaluation metrics of that state (metric name -> value) when the spec names an evaluation
+    (pol.evaluate).
 
-    `eval` is part of the Merkle leaf; a record without one (a spec without evaluation) has no "eval" key at all,
-    so such bundles are the bytes they were before evaluation existed."""
+    `update` lets a verifier rank segments by update size without reading a checkpoint (largest-update sampling);
+    it is the solver's claim, checked for every segment the verifier replays. `eval` is part of the Merkle leaf; a
+    record without one (a spec without evaluation) has no "eval" key at all."""
 
     step: int
     state: Digest
     data: Digest
     loss: float | None
     eval: Mapping[str, float] | None = None
+    update: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"step": self.step, "state": self.state, "data": self.data, "loss": self.loss}
+        out: dict[str, Any] = {"step": self.step, "state": self.state, "data": self.data, "loss": self.loss,
+                               "update": self.update}
         if self.eval is not None:
             out["eval"] = dict(self.eval)
         return out
@@ -45,8 +53,9 @@ class Record:
 
 def record_from_dict(value: Any, where: str) -> Record:
     """Parse one record strictly. Raises ManifestError naming the field."""
-    if not isinstance(value, Mapping) or set(value) - {"eval"} != {"step", "state", "data", "loss"}:
-        raise ManifestError(where, "a record needs exactly the keys step, state, data, loss (and eval, if evaluated)")
+    if not isinstance(value, Mapping) or set(value) - {"eval"} != {"step", "state", "data", "loss", "update"}:
+        raise ManifestError(where, "a record needs exactly the keys step, state, data, loss, update (and eval, if "
+                                   "evaluated)")
     step, state, data, loss = value["step"], value["state"], value["data"], value["loss"]
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 10**9:
         raise ManifestError(f"{where}.step", "expected an integer step in [0, 1e9]")
@@ -55,8 +64,13 @@ def record_from_dict(value: Any, where: str) -> Record:
             raise ManifestError(f"{where}.{name}", "expected 64 lowercase hex characters")
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise ManifestError(f"{where}.loss", "expected a finite number or null")
+    update = value["update"]
+    if update is not None and (isinstance(update, bool) or not isinstance(update, (int, float)) or not math.isfinite(update)
+                               or update < 0):
+        raise ManifestError(f"{where}.update", "expected a finite non-negative number or null")
     evaluation = _eval_from_value(value["eval"], f"{where}.eval") if "eval" in value else None
-    return Record(step, state, data, None if loss is None else float(loss), evaluation)
+    return Record(step, state, data, None if loss is None else float(loss), evaluation,
+                  None if update is None else float(update))
 
 
 def _eval_from_value(value: Any, where: str) -> dict[str, float]:
@@ -72,6 +86,30 @@ def _eval_from_value(value: Any, where: str) -> dict[str, float]:
             raise ManifestError(f"{where}.{name[:80]}", "expected a finite number")
         out[name] = float(metric)
     return out
+
+
+def compute_update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+    """The committed update norm ||theta_after - theta_before|| over the parameters (the `param/...` tensors).
+
+    Defined bit for bit, from the two states' bytes alone: each element's difference is taken in float64 and
+    rounded to float32, squared in float32, the squares summed exactly and rounded once
+    (`pol.exact.reduce.exact_sum`), and the square root taken in float64. So it is the same number on any machine,
+    thread count or device, in both numerics, and a verifier recomputes it exactly from the checkpoints it reads.
+    A norm beyond float32's range (or not a number) is recorded as float32's largest value. A parameter `before` lacks (or holds in
+    another shape) counts in full, as if it were zeros before: the norm is defined for any two states (a verifier
+    rejects a checkpoint that does not fit the spec anyway, before this matters).
+    """
+    from .exact.reduce import exact_sum
+
+    squares = []
+    for name in sorted(n for n in after if n.startswith("param/") and after[n].is_floating_point()):
+        a, b = after[name].detach().cpu().double(), before.get(name)
+        d = (a - b.detach().cpu().double() if b is not None and b.shape == a.shape else a).float()
+        squares.append((d * d).reshape(-1))
+    if not squares:
+        return 0.0
+    total = float(exact_sum(torch.cat(squares)))
+    return math.sqrt(total) if math.isfinite(total) else FLOAT32_MAX
 
 
 def compute_trace_commitment(job_id: Digest, records: Sequence[Record]) -> tuple[Digest, Digest]:

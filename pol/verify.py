@@ -4,8 +4,8 @@ Checks, in order (DESIGN sections 5 and 8):
   1. the bundle: the manifest, records, Merkle root, commitment and file table (`open_bundle(full=False)`: no
      checkpoint byte is read to open it; each checkpoint's digest is checked on the bytes read, when and only when
      verification reads it, so a corrupt checkpoint outside the sample costs nothing and one inside it is a REJECT;
-     `Report.bytes_read` counts what was read; largest-update ranking still reads every checkpoint,
-     `Report.ranking_reads_all`); the job the caller asked
+     `Report.bytes_read` counts what was read; largest-update ranking reads none: it ranks by the update norms the
+     records commit, `committed_update_norms`); the job the caller asked
      for (`expected_job`, the job id of the spec it posted: any other job is a REJECT, "wrong job") and the
      commitment it expects, if it names them;
   2. its pol (and, for exact numerics, torch) must be the versions the spec names (else `VersionMismatch`), the
@@ -15,7 +15,11 @@ Checks, in order (DESIGN sections 5 and 8):
   3. the step-0 state, recomputed from the seed, must equal the committed one exactly;
   4. segments drawn from randomness the solver could not know when it committed: fresh randomness by default, or a
      public beacon (at least 128 bits) drawn after the commitment; `seed` makes the sample reproducible and
-     predictable, and the report says so. Uniform plus a share of largest-update segments. Before any replay, every
+     predictable, and the report says so. Uniform plus a share of largest-update segments, ranked by the records'
+     committed update norms (the solver's claims: each replayed segment's claim must equal its checkpoints' norm,
+     `check_update_norm`, else REJECT; a solver understating its faked segments' norms only turns the
+     largest-update share into more uniform-like picks, so the escape probabilities count the uniform samples
+     only). Before any replay, every
      sampled checkpoint's tensor names, dtypes and shapes are checked against the spec (a missing, extra or
      reshaped tensor is a REJECT naming it). Each segment is replayed from its committed start state with the
      batches re-derived from the spec, and compared: its data digest, its mean training loss (the committed loss
@@ -40,7 +44,7 @@ import importlib.metadata
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ from .errors import (
 )
 from .evaluate import EVAL_ABS_TOL, EVAL_FLIP_SHARE, EVAL_REL_TOL, Evaluator, build_eval_dataset, compare_eval, values_of
 from .spec import JobSpec
+from .trace import compute_update_norm
 from .zoo import is_zoo_model
 
 __all__ = [
@@ -92,7 +97,6 @@ CALIBRATION_STEPS = 3  # calibration replays this many steps under perturbed con
 # ... on segments of at least this many steps; shorter ones are calibrated whole (2 replays of at most 8 steps: the
 # extrapolation's uncertainty buys little there, and one perturbed draw runs up to 2.5x below the largest of two)
 FEW_STEP_MIN_SEGMENT = 3 * CALIBRATION_STEPS
-GROWTH_MIN, GROWTH_MAX = 1.0, 2.0  # the spread is extrapolated as steps**p, p fitted and clamped to this range
 FLOOR_REL_L2 = 1e-5  # never tighter than this relative L2 distance per tensor (float32 drift over k steps)
 FLOOR_LOG_RATIO = 1e-4  # never tighter than this |log| of the update norm ratio
 FLOOR_COSINE_GAP = 1e-6  # the update cosine threshold is at most 1 minus this
@@ -203,7 +207,8 @@ class Report:
     calibration_steps: int = 0  # steps replayed only to calibrate (native numerics), counted in steps_replayed
     bytes_read: int = 0  # checkpoint bytes this verification read from the bundle (headers included)
     checkpoints_read: int = 0  # checkpoint files it read in full, each digest-checked on the bytes read
-    ranking_reads_all: bool = False  # largest-update sampling read every checkpoint to rank updates
+    uniform_samples: int = 0  # segments drawn uniformly: the escape probabilities count these only
+    largest_samples: int = 0  # segments drawn among the largest committed update norms (the solver's claims)
 
     @property
     def certified_metrics(self) -> dict[str, float] | None:
@@ -264,16 +269,20 @@ def compute_required_samples(n: int, confidence: float, fraction: float) -> int:
     return n
 
 
-def _update_norms(bundle: Bundle) -> list[float]:
-    """||params_i - params_{i-1}|| for each segment i = 1..n, from the committed checkpoints."""
-    norms, previous = [], None
-    for record in bundle.records:
-        params = {k: v for k, v in bundle.load_state(record.step).items() if k.startswith("param/")}
-        if previous is not None:
-            sq = sum(float(((params[k].double() - previous[k].double()) ** 2).sum()) for k in params)
-            norms.append(math.sqrt(sq))
-        previous = params
-    return norms
+def committed_update_norms(bundle: Bundle) -> list[float]:
+    """The update norm each segment i = 1..n claims (its record's `update`): largest-update ranking reads no
+    checkpoint. They are the solver's claims, checked for every replayed segment (`check_update_norm`)."""
+    return [float(r.update) for r in bundle.records[1:]]  # type: ignore[arg-type]  # non-null past record 0 (manifest)
+
+
+def check_update_norm(start: Mapping[str, torch.Tensor], claimed: Mapping[str, torch.Tensor], committed: float | None) -> str | None:
+    """None when a segment's committed update norm is the norm of its two committed checkpoints (bit for bit:
+    `compute_update_norm` is a function of their bytes), else the problem."""
+    actual = compute_update_norm(start, claimed)
+    if committed != actual:
+        return (f"the committed update norm {committed!r} is not its checkpoints' update norm {actual!r} (a solver "
+                "misstating norms steers largest-update sampling)")
+    return None
 
 
 def choose_segments(
@@ -414,16 +423,15 @@ def _spread(start: dict, reference: dict, other: dict, ref_loss: float | None, o
             "log_ratio": d["log_ratio"] if d["log_ratio"] is not None else 0.0, "loss_rel": _loss_gap(other_loss, ref_loss)}
 
 
-def _growth_exponent(first: float, after: float, s: int) -> float:
-    """The exponent p of a spread growing like steps**p, fitted from its value after the first step and after s
-    steps, clamped to [GROWTH_MIN, GROWTH_MAX]: never less than linear growth, never more than quadratic. (The first
-    step starts from one state, so its spread is one gradient's rounding: rounding noise that does not compound
-    fits p <= 1, a model that amplifies it, like the transformer, fits p > 2 and is taken as quadratic.)"""
-    if not math.isfinite(after):
-        return GROWTH_MAX
-    if first <= 0.0 or after <= first or s < 2:
-        return GROWTH_MAX if first <= 0.0 < after else GROWTH_MIN
-    return min(GROWTH_MAX, max(GROWTH_MIN, math.log(after / first) / math.log(s)))
+def _extrapolate(first: float, after: float, s: int, span: int) -> float:
+    """A spread measured after the first step (`first`) and after s steps (`after`), extrapolated to a segment of
+    `span` steps: the growth per step after the first, (after - first) / (s - 1), goes on linearly. (The first step
+    starts from one state, so its spread is one gradient's rounding; what compounds is the growth from there: for
+    the built-in transformer, linear within 25% over 10 steps, where a power law fitted from the first step
+    overshot 3x.) Never below `after`; a non-finite spread stays non-finite (`verify_sound` refuses it)."""
+    if not math.isfinite(after) or not math.isfinite(first):
+        return math.inf
+    return after + max(0.0, after - first) * (span - s) / (s - 1)
 
 
 def _thresholds_from(observed: dict[str, float], segment: int, **extra: Any) -> Thresholds:
@@ -447,9 +455,9 @@ def calibrate_thresholds(
     The reference is the segment's own replay (under the check's conditions), which is also that segment's check,
     so it costs nothing extra. With `steps` = s (the default, CALIBRATION_STEPS) and a segment longer than s, one
     perturbed replay (`_combined_perturbation`) runs only the segment's first s steps: the spread between it and
-    the reference after 1 and after s steps gives each measure's growth exponent p (`_growth_exponent`, clamped
-    to [1, 2]), and the spread over the whole segment of L steps is extrapolated as spread_s x (L / s)^p before the
-    margin and floors. Calibration then replays s extra steps instead of 2 L (3 of the 40 a default verification of
+    the reference after 1 and after s steps gives each measure's growth per step past the first, and the spread
+    over the whole segment of L steps is extrapolated linearly from there (`_extrapolate`) before the margin and
+    floors. Calibration then replays s extra steps instead of 2 L (3 of the 40 a default verification of
     4 segments at k = 10 replays). `steps=None`, or a segment shorter than FEW_STEP_MIN_SEGMENT (3 s) steps,
     replays the whole segment once per perturbation (`_perturbations`), as pol did before.
 
@@ -490,10 +498,9 @@ def calibrate_thresholds(
     observed: dict[str, float] = {}
     extra: dict[str, float] = {"steps": float(s), "segment_steps": float(span)}
     for key in spreads[1]:
-        p = _growth_exponent(spreads[0][key], spreads[1][key], s)
-        observed[key] = spreads[1][key] * (span / s) ** p
+        observed[key] = _extrapolate(spreads[0][key], spreads[1][key], s, span)
+        extra[f"{key}_after_1_step"] = spreads[0][key]
         extra[f"{key}_after_{s}_steps"] = spreads[1][key]
-        extra[f"{key}_growth_exponent"] = p
     return _thresholds_from(observed, segment, **extra), span + s, reference
 
 
@@ -648,8 +655,7 @@ def _reads(b: Bundle | None, req: _Request) -> dict[str, Any]:
     """The report's read counters: checkpoint bytes and files this verification read (since `_verify_open`)."""
     if b is None or "bytes" not in req.reads:
         return {}
-    return {"bytes_read": b.bytes_read - req.reads["bytes"], "checkpoints_read": len(b.files_read - req.reads["files"]),
-            "ranking_reads_all": bool(req.reads.get("ranked"))}
+    return {"bytes_read": b.bytes_read - req.reads["bytes"], "checkpoints_read": len(b.files_read - req.reads["files"])}
 
 
 def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
@@ -675,12 +681,7 @@ def _plan(b: Bundle, req: _Request) -> tuple[list[tuple[int, str]], int]:
         if req.largest is not None:
             largest = min(req.largest, total)
         uniform = total - largest
-    norms = None
-    if largest:
-        # Largest-update ranking reads (and digest-checks) every checkpoint: the one part of verification whose
-        # cost still grows with the bundle (issue 16 item 2: commit the norms in the records instead).
-        req.reads["ranked"] = True
-        norms = _update_norms(b)
+    norms = committed_update_norms(b) if largest else None  # from the records: no checkpoint is read
     return choose_segments(n, req.randomness, b.manifest.root, uniform, largest, norms), uniform
 
 
@@ -789,6 +790,11 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
         if int(start["meta/step"]) != start_rec.step or int(claimed["meta/step"]) != end_rec.step:
             return _reject(req, f"segment {index}: a checkpoint's meta/step is not its record's step", b, tuple(checks),
                            steps_done, thresholds)
+        norm_problem = check_update_norm(start, claimed, end_rec.update)
+        if norm_problem is not None:  # the record's claim is false: no replay needed to reject it
+            calibrated.pop(index, None)
+            checks.append(SegmentCheck(index, start_rec.step, end_rec.step, why, False, norm_problem, data_ok=True))
+            continue
         if index in calibrated:  # already replayed, under the check's own conditions, by the calibration
             replayed = calibrated.pop(index)
         else:
@@ -826,7 +832,8 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
             reason += f"; evaluation matched at steps {', '.join(str(s) for s in evaluation.checked_steps)}"
     return Report("reject" if failed or eval_failed else "accept", reason, m.job_id, m.root, spec.numerics, req.randomness.hex(),
                   req.source, n, tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
-                  time.perf_counter() - req.started, req.expected_job, evaluation, calibration_steps, **_reads(b, req))
+                  time.perf_counter() - req.started, req.expected_job, evaluation, calibration_steps, **_reads(b, req),
+                  uniform_samples=uniform, largest_samples=len(plan) - uniform)
 
 
 class _StateCache:

@@ -25,10 +25,11 @@ CANONICAL = (
     'ns":{"pol":"0.5.0","torch":"2.13.0"}}'
 )
 JOB_ID = "610cacb905b3c9d08bef37b9f771fea57e2e078e4129e8582e702f5d938b91a7"
-RECORDS = (Record(0, "22" * 32, "0" * 64, None), Record(4, "33" * 32, "44" * 32, 2.25), Record(8, "55" * 32, "66" * 32, 1.0000000000000002))
-MERKLE = "473f98a9829fe2bc68cbba2b4ee05c8b2f01a207986bc7ade6634edf7ed67611"
-COMMITMENT = "91a4a7d1e177cbc0c43754dc3b39a32628ae0b72f1f68e368acbcb2c08e5310f"
-MANIFEST_BLAKE3 = "4579436021b25549c1e8eddb348b80d1886dc4d693c93a1308867f6ef632d9f2"
+RECORDS = (Record(0, "22" * 32, "0" * 64, None), Record(4, "33" * 32, "44" * 32, 2.25, update=0.125),
+           Record(8, "55" * 32, "66" * 32, 1.0000000000000002, update=3.0000000000000004))
+MERKLE = "2c335f002e2625300870ebb6a4b8004a9897cf0c265e33dedc595cdda0d7693a"
+COMMITMENT = "af2a858345e526b33b1df13a2078b45d300d352fff326c69071b89473f3e344f"
+MANIFEST_BLAKE3 = "4de3d1cb337d12cfc2bc70d6638fcdd16b6f5059fbe041e561349f88f8039b8f"
 
 
 def test_canonical_spec_and_job_id():

@@ -42,7 +42,7 @@ def test_a_corrupt_unsampled_checkpoint_costs_nothing(bundle_copy):
     _flip(bundle_copy / checkpoint_name(12))  # segment 3's end; segment 1 reads steps 0 and 4 only
     report = verify(bundle_copy, segments=[1], seed=0)
     assert report.accepted, report.reason
-    assert report.checkpoints_read == 2 and not report.ranking_reads_all
+    assert report.checkpoints_read == 2
     assert report.bytes_read == _read_cost(bundle_copy, [0, 4])  # nothing of steps 8 and 12
     assert report.to_dict()["bytes_read"] == report.bytes_read
 
@@ -95,11 +95,12 @@ def test_a_lazy_bundle_checks_each_file_once_on_the_bytes_read(bundle_copy):
             b.check_files()
 
 
-def test_largest_update_ranking_still_reads_every_checkpoint(honest_bundles):
-    """Ranking needs every segment's update norm, read from the checkpoints (issue 16 item 2 will commit them):
-    the report says so."""
+def test_largest_update_ranking_reads_no_checkpoint(honest_bundles):
+    """Ranking uses the update norms the records commit: only the sampled segments' checkpoints are read."""
     report = verify(honest_bundles["mlp"], samples=2, largest=1, seed=0)
-    assert report.accepted and report.ranking_reads_all and report.checkpoints_read == 4
+    assert report.accepted and (report.uniform_samples, report.largest_samples) == (1, 1)
+    touched = {c.start for c in report.checks} | {c.end for c in report.checks}
+    assert report.checkpoints_read == len(touched) < 4
 
 
 @pytest.fixture(scope="module")

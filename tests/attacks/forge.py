@@ -7,6 +7,7 @@ chain recomputed over forged checkpoints"), so only replay can catch it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,11 +15,11 @@ import numpy as np
 import torch
 
 import pol.engine as engine_module
-from pol.bundle import open_bundle, write_bundle
+from pol.bundle import open_bundle, write_bundle, write_manifest
 from pol.components import CodePolicy
 from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, run_steps
 from pol.spec import JobSpec
-from pol.trace import EMPTY_DATA, Record
+from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
 
 States = dict[int, dict[str, torch.Tensor]]
 
@@ -35,6 +36,17 @@ def write_forged(dst: Path, spec: JobSpec, states: States, *, data: dict[int, st
                     losses.get(step)) for step in spec.checkpoint_steps)
     write_bundle(dst, spec, checkpoints, {"forged": "yes"})
     return dst
+
+
+def restate_update_norms(path: Path, norms: dict[int, float]) -> Path:
+    """Rewrite a bundle's committed update norms (segment index -> claimed norm), recommitting consistently: the
+    Merkle root and the commitment over the new records. Only the claims change; every checkpoint stays."""
+    with open_bundle(path) as b:
+        m = b.manifest
+    records = tuple(dataclasses.replace(r, update=norms.get(i, r.update)) for i, r in enumerate(m.records))
+    merkle, root = compute_trace_commitment(m.job_id, records)
+    write_manifest(path, dataclasses.replace(m, records=records, merkle_root=merkle, root=root))
+    return path
 
 
 def forge(src: Path, dst: Path, change: Callable[[JobSpec, States], tuple[JobSpec, States]]) -> Path:

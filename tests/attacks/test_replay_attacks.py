@@ -82,7 +82,7 @@ def test_real_large_steps_where_largest_update_sampling_looks(tmp_path):
     """Really train the first segments (where updates are biggest), then interpolate to a final model: top-Q
     sampling alone passes it; uniform sampling catches the interpolated segments."""
     from pol.engine import build_runtime, resolve_spec
-    from pol.verify import _update_norms
+    from pol.verify import committed_update_norms
 
     spec = tiny_spec("mlp", steps=24, every=4, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9})
     spec = resolve_spec(spec, build_runtime(spec).dataset)
@@ -94,7 +94,7 @@ def test_real_large_steps_where_largest_update_sampling_looks(tmp_path):
     forged = {**{s: honest[s] for s in steps if s <= 8}, **{s: line[s - 8] for s in tail}}
     path = write_forged(tmp_path / "f", spec, forged, data=honest_data, losses=honest_losses)
     with open_bundle(path) as b:
-        norms = _update_norms(b)
+        norms = committed_update_norms(b)
     top = sorted(range(1, len(norms) + 1), key=lambda i: -norms[i - 1])[:2]
     assert set(top) == real_segments, "the real segments must be where largest-update sampling looks"
     assert verify(path, segments=sorted(real_segments), seed=0).verdict == "accept"  # top-Q alone is fooled

@@ -12,7 +12,7 @@ import torch
 from pol.bundle import write_bundle
 from pol.digest import state_digest
 from pol.engine import build_runtime, capture_state, initial_state, resolve_spec, run_steps
-from pol.trace import EMPTY_DATA, Record, compute_trace_commitment
+from pol.trace import EMPTY_DATA, Record, compute_trace_commitment, compute_update_norm
 from pol.verify import choose_segments, compute_escape_probability, derive_randomness, verify
 
 from ..conftest import tiny_spec
@@ -80,7 +80,8 @@ def test_a_solver_who_knows_the_seed_can_grind_the_sample_and_fresh_randomness_s
     for nonce in range(200):
         states = _perturbed(honest, (4, 9, 14), nonce)
         records = [Record(0, state_digest(states[0]), EMPTY_DATA, None)]
-        records += [Record(s, state_digest(states[s]), data[s], losses[s]) for s in range(1, n + 1)]
+        records += [Record(s, state_digest(states[s]), data[s], losses[s], update=compute_update_norm(states[s - 1], states[s]))
+                    for s in range(1, n + 1)]
         _, root = compute_trace_commitment(spec.job_id, records)
         if not {i for i, _ in choose_segments(n, seeded, root, samples, 0, None)} & faked:
             break
