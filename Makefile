@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" || $(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,zoo]"  # after torch: transformers then keeps the CPU build
+	$(BIN)/python -m pip install --quiet -e ".[dev,zoo,remote]"  # after torch: transformers then keeps the CPU build
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -405,10 +405,29 @@ def _bundle_summary(bundle: Any) -> dict[str, Any]:
     }
 
 
+BundleArg = Annotated[str, typer.Argument(metavar="BUNDLE", help="Bundle directory, .tar archive or URL (http(s)://, s3://, ... as published by pol serve).")]
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Where checkpoints fetched from a URL are cached by digest (default: $POL_CACHE_DIR or ~/.cache/pol/blobs).")]
+
+
+def _bundle_location(bundle: str, cache_dir: Path | None, progress: Progress | None) -> Any:
+    """A local path as given, or a URL as a pol.remote.Remote with the cache and a download bar (on `progress`)."""
+    from pol.remote import Remote, default_cache_dir, is_url
+
+    if not is_url(bundle):
+        return bundle
+    fetch = progress.add_task("fetching", total=None, unit="bytes", visible=False) if progress else None
+
+    def fetched(name: str, done: int, total: int) -> None:
+        if progress is not None and fetch is not None:
+            progress.update(fetch, completed=done, total=total, visible=done < total)
+
+    return Remote(bundle, cache_dir=cache_dir or default_cache_dir(), on_progress=fetched if progress else None)
+
+
 @app.command()
 @handle_errors()
 def inspect(
-    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    bundle_path: BundleArg,
     full: Annotated[bool, typer.Option("--full/--quick", " /--no-full",
                                        help="Check every checkpoint file's digest (the default), or only the manifest, "
                                             "records, Merkle root, commitment and file sizes (--quick: reads no checkpoint).")] = True,
@@ -501,7 +520,7 @@ def _print_report(report: Any) -> None:
 @app.command()
 @handle_errors(usage_prefix="cannot verify")
 def verify(
-    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar archive.")],
+    bundle_path: BundleArg,
     job_id: Annotated[str | None, typer.Option("--job-id", help="The job you asked for (pol job prints it); reject a bundle of any other job.")] = None,
     spec_file: Annotated[Path | None, typer.Option("--spec", help="The spec you posted (file); reject a bundle of any other job.")] = None,
     root: Annotated[str | None, typer.Option(help="The commitment you expect (e.g. from the ledger); reject any other.")] = None,
@@ -518,6 +537,7 @@ def verify(
     eval_data_dir: EvalDataDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Verify a proof bundle by replaying randomly sampled segments.
 
@@ -543,6 +563,8 @@ def verify(
       pol verify run1 --confidence 0.999 --cheat-fraction 0.1 --json
 
       pol verify run3 --spec job.toml --allow-code mypkg
+
+      pol verify http://127.0.0.1:8000/ --root 9c1e...   (a bundle published with pol serve)
     """
     from pol.verify import verify as run_verify
 
@@ -560,16 +582,16 @@ def verify(
     if spec_file is not None:
         job_id, data_dir, eval_data_dir = _posted_job_id(spec_file, code, data_dir, eval_data_dir)
     progress = None if quiet or as_json else Progress(
-        TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
-        TextColumn("left"), TimeRemainingColumn(), console=err)
-    task = progress.add_task("replay", total=None) if progress else None
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=err)
+    task = progress.add_task("replaying", total=None, unit="steps") if progress else None
 
     def update(done: int, total: int) -> None:
         if progress is not None and task is not None:
             progress.update(task, completed=done, total=total)
 
     with progress or contextlib.nullcontext():
-        report = run_verify(bundle_path, samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed,
+        report = run_verify(_bundle_location(bundle_path, cache_dir, progress), samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed,
                             beacon=beacon, segments=forced, expected_root=root, expected_job=job_id, code=code,
                             device=device, threads=threads, data_dir=data_dir, on_progress=update, eval_data_dir=eval_data_dir)
     if as_json:
@@ -652,6 +674,49 @@ def pack(
 
     path = pack_bundle(directory, archive)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command()
+@handle_errors()
+def serve(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="The bundle directory or .tar archive to publish.")],
+    host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on; 0 picks a free one (the URL printed says which).")] = 8000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a proof bundle over HTTP, so verifiers fetch only the checkpoints they sample.
+
+    Serves the bundle's own files and nothing else: manifest.json and checkpoints/*.safetensors of a directory, or
+    the archive at its own name; any other path is a 404. Range requests, HEAD and ETags are answered, so a verifier
+    reads a served archive in place. The bundle is checked (quick check) before anything is served. Prints the URL
+    to verify (stdout; --json for {"url": ...}) and serves until Ctrl-C. Needs pol[remote].
+
+    The server trusts nothing it serves and the verifier trusts nothing it fetches: every byte a verifier uses is
+    checked against the commitment (pin it with --root). Use a TLS-terminating proxy in front for https.
+
+    Examples:
+
+      pol serve run1 --port 8000
+
+      pol verify http://HOST:8000/ --root COMMITMENT   (on the verifier's machine)
+
+      pol serve run1.tar --host 0.0.0.0 --port 0
+    """
+    from pol.serve import serve_forever
+
+    def started(url: str) -> None:
+        if as_json:
+            print_json({"url": url, "bundle": str(bundle_path)})
+        else:
+            out.print(url, markup=False, highlight=False)
+            err.print(f"[dim]serving {escape(str(bundle_path))}; verify with: pol verify {escape(url)} --root COMMITMENT; "
+                      "Ctrl-C stops[/]", highlight=False)
+        sys.stdout.flush()
+
+    try:
+        serve_forever(bundle_path, host, port, on_start=started)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
 
 
 @app.command()
@@ -787,12 +852,15 @@ def game_run(
     cheater: Annotated[list[str] | None, typer.Option(help="A solver that forges its bundle (repeatable), e.g. solver-2.")] = None,
     lazy: Annotated[list[str] | None, typer.Option(help="A verifier that approves without checking (repeatable).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the market.")] = 0,
+    sampling: Annotated[str, typer.Option(help="'shared': the committee splits one sample; 'independent': each verifier samples alone.")] = "shared",
+    confidence: Annotated[float | None, typer.Option(help="Required detection posted with each task: catch a cheat of --cheat-fraction with this probability.")] = None,
+    cheat_fraction: Annotated[float, typer.Option(help="The cheat fraction the required detection is against.")] = 0.1,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a whole market with real work on the SQLite ledger: post, auction, train, commit, verify, dispute
-    (pinpoint), settle. Re-running on the same --workdir after a crash continues where it stopped, paying nothing
-    twice. Then `pol ledger show WORKDIR/ledger.db`."""
-    from games.market import report_to_dict, run_market
+    (pinpoint), settle; then print every party's compute and the protocol tax. Re-running on the same --workdir
+    after a crash continues where it stopped, paying nothing twice. Then `pol ledger show WORKDIR/ledger.db`."""
+    from games.market import render_compute, report_to_dict, run_market
 
     def show(event: Any) -> None:
         if not as_json:
@@ -800,13 +868,16 @@ def game_run(
 
     report = run_market(workdir, ledger_path=ledger_path, n_tasks=tasks, n_solvers=solvers, n_verifiers=verifiers,
                         cheaters=tuple(cheater) if cheater is not None else ("solver-2",),
-                        lazy_verifiers=tuple(lazy or ()), seed=seed, on_event=show)
+                        lazy_verifiers=tuple(lazy or ()), seed=seed, on_event=show, sampling=sampling,
+                        detection=(confidence, cheat_fraction) if confidence is not None else None)
     if as_json:
         print_json(report_to_dict(report))
         return
     out.print(f"\nledger {report.ledger_path}: supply {report.total_supply:,}, {report.ledger_events} events, {report.seconds:.1f} s")
     for name, balance in sorted(report.balances.items()):
         out.print(f"  {name:<14} {balance:>14,}")
+    out.print("\ncompute (steps and wall seconds; protocol tax = protocol / training):")
+    out.print(render_compute(report), markup=False, highlight=False)
 
 
 @game_app.command("simulate")

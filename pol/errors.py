@@ -29,6 +29,10 @@ PolError too.
     │   ├── ManifestError               1   a manifest field is missing, mistyped, oversized or non-finite
     │   ├── ArchiveError                1   the single-file archive is truncated, malformed or unsafe
     │   └── StateMismatch               1   a checkpoint's tensors do not fit the spec's model and optimizer
+    ├── RemoteError                     2   a remote bundle could not be fetched within its bounds (not fraud!)
+    │   ├── RemoteTimeout               2   a request or the whole fetch ran past its deadline (a slow drip)
+    │   ├── RemoteProtocolError         2   the server broke HTTP's contract: more or fewer bytes than asked, no range
+    │   └── RemoteChanged               2   the served bundle changed while it was being read
     ├── OutputExists                    2   `--out` exists and neither --resume nor --force was given
     ├── ResumeError                     1   `--resume` found nothing consistent to resume from
     ├── DeviceUnavailable               2   the requested device is not on this machine
@@ -72,6 +76,10 @@ __all__ = [
     "DeviceUnavailable",
     "TrainingError",
     "StateMismatch",
+    "RemoteError",
+    "RemoteTimeout",
+    "RemoteProtocolError",
+    "RemoteChanged",
 ]
 
 
@@ -274,3 +282,24 @@ class TrainingError(PolError):
 
 class StateMismatch(BundleError):
     """A checkpoint's tensors do not fit the model and optimizer that the spec describes."""
+
+
+class RemoteError(PolError):
+    """A bundle at a URL could not be fetched within its bounds: the server is unreachable, kept failing, or the
+    fsspec protocol is not installed. Like DataDiffers, this says nothing about the solver's honesty (the verifier
+    could not read the bundle); bytes that arrive and differ from the commitment are a DigestMismatch instead."""
+
+    exit_code = EXIT_USAGE
+
+
+class RemoteTimeout(RemoteError):
+    """A request (or the whole fetch) ran past its deadline: a server too slow, or one dripping bytes."""
+
+
+class RemoteProtocolError(RemoteError):
+    """The server broke HTTP's contract: a body longer or shorter than the range asked for, an ignored range
+    request, an endless body, a missing length."""
+
+
+class RemoteChanged(RemoteError):
+    """The served bundle changed while it was being read (another ETag or length than at the first request)."""
