@@ -350,12 +350,9 @@ class RemoteSource(_Source):
     def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         if name == MANIFEST_NAME:
             return self._manifest[start:None if length is None else start + length]
-        if name not in self.sizes:
-            raise BundleFileError(name, "not listed in the manifest")
-        size = self.sizes[name]
+        size = self.sizes[name]  # the reader asks only for files the checked manifest lists, within their sizes
         length = size - start if length is None else length
-        if not (0 <= start and 0 <= length and start + length <= size):
-            raise BundleFileError(name, f"bytes {start}..{start + length} lie outside the file's {size} bytes")
+        assert 0 <= start and 0 <= length and start + length <= size, f"{name}: bytes {start}+{length} outside {size}"
         cached = self._cached(name)
         if cached is not None:
             data = cached[start:start + length]

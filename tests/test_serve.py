@@ -17,15 +17,15 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("fsspec")
 
-from tests.conftest import tiny_spec  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from cli import app  # noqa: E402
-from pol.bundle import MANIFEST_NAME, checkpoint_name, open_bundle, pack_bundle  # noqa: E402
-from pol.prove import train_and_prove  # noqa: E402
-from pol.remote import Remote  # noqa: E402
-from pol.serve import serve_in_thread  # noqa: E402
-from pol.verify import verify  # noqa: E402
+from cli import app
+from pol.bundle import MANIFEST_NAME, checkpoint_name, open_bundle, pack_bundle
+from pol.prove import train_and_prove
+from pol.remote import Remote
+from pol.serve import serve_in_thread
+from pol.verify import verify
+from tests.conftest import tiny_spec
 
 
 @pytest.fixture(scope="module")
