@@ -40,6 +40,7 @@ The solver never supplies randomness, hyper-parameters or thresholds: all come f
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import math
 import secrets
@@ -574,6 +575,7 @@ class _Request:
     data_dir: str | None
     on_progress: ProgressCallback | None
     eval_data_dir: str | None = None
+    nproc: int = 1
     reads: dict[str, Any] = field(default_factory=dict)  # read counters at the start, and whether ranking read all
 
 
@@ -595,6 +597,7 @@ def verify(
     data_dir: str | None = None,
     on_progress: ProgressCallback | None = None,
     eval_data_dir: str | None = None,
+    nproc: int = 1,
 ) -> Report:
     """Verify a proof bundle by sampled replay. Returns a Report whose verdict is "accept" or "reject".
 
@@ -605,6 +608,9 @@ def verify(
     reject any other bundle. `code` names the user code the verifier allows (default: pol's built-ins only).
     A spec's evaluation is recomputed on the verifier's evaluation data (`eval_data_dir` for a `dir:` dataset) for
     step 0, every replayed segment's ends and the final checkpoint (`Report.evaluation`, `certified_metrics`).
+    `nproc` > 1 replays the sampled segments on that many worker processes at once (CUDA devices in turn for
+    `device="cuda"`), each with `threads` (default: this process's threads / nproc): the same sample, checks and
+    verdict as one process; `bytes_read` then counts every process's reads.
 
     Raises (the verifier cannot judge): UsageError on bad arguments, BundleNotFound/BundleVersionError when the path
     is not a readable bundle, CodeNotAllowed (before anything is imported), CodeDiffers, DataDiffers when the local
@@ -622,13 +628,15 @@ def verify(
         raise UsageError("--confidence and --cheat-fraction must be strictly between 0 and 1")
     if threads is not None and threads < 1:
         raise UsageError("--threads must be at least 1")
+    if nproc < 1:
+        raise UsageError("--nproc must be at least 1")
     if largest is not None and largest < 0:
         raise UsageError("the number of largest-update samples cannot be negative")
     for name, value in (("expected job id", expected_job), ("expected commitment", expected_root)):
         if value is not None and not is_digest(value):
             raise UsageError(f"the {name} must be 64 lowercase hex characters, got {str(value)[:80]!r}")
     req = _Request(randomness, source, started, samples, confidence, cheat_fraction, segments, largest, expected_root,
-                   expected_job, code or CodePolicy(), device, threads, data_dir, on_progress, eval_data_dir)
+                   expected_job, code or CodePolicy(), device, threads, data_dir, on_progress, eval_data_dir, nproc)
     if isinstance(bundle, Bundle):
         return _verify_open(bundle, req)
     try:
@@ -775,41 +783,13 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
             req.on_progress(steps_done, plan_steps)
 
     checks: list[SegmentCheck] = []
-    for index, why in plan:
-        start_rec, end_rec = m.records[index - 1], m.records[index]
-        try:
-            start, claimed = states.load(start_rec.step), states.load(end_rec.step)
-        except BundleError as exc:
-            return _reject(req, f"bundle integrity: {exc}", b, tuple(checks), steps_done, thresholds)
-        base = steps_done
-
-        def tick(step: int, loss: float, base: int = base, first: int = start_rec.step) -> None:
-            if req.on_progress:
-                req.on_progress(base + step - first, plan_steps)
-
-        if int(start["meta/step"]) != start_rec.step or int(claimed["meta/step"]) != end_rec.step:
-            return _reject(req, f"segment {index}: a checkpoint's meta/step is not its record's step", b, tuple(checks),
-                           steps_done, thresholds)
-        norm_problem = check_update_norm(start, claimed, end_rec.update)
-        if norm_problem is not None:  # the record's claim is false: no replay needed to reject it
-            calibrated.pop(index, None)
-            checks.append(SegmentCheck(index, start_rec.step, end_rec.step, why, False, norm_problem, data_ok=True))
-            continue
-        if index in calibrated:  # already replayed, under the check's own conditions, by the calibration
-            replayed = calibrated.pop(index)
-        else:
-            replayed = _replay(rt, start, end_rec.step, threads=req.threads, on_step=tick)
-            steps_done += end_rec.step - start_rec.step
-        if replayed.data != end_rec.data:
-            check = SegmentCheck(index, start_rec.step, end_rec.step, why, False,
-                                 "the data consumed differs from the committed data (order, skipped or substituted batches)",
-                                 data_ok=False)
-        else:
-            check = _judge(index, why, start, claimed, replayed, end_rec.loss, exact, thresholds, start_rec.step, end_rec.step)
-        checks.append(check)
-        if evals is not None and check.ok:  # the committed states, digests checked on load
-            evals.check(start_rec.step, start)
-            evals.check(end_rec.step, claimed)
+    if req.nproc > 1 and len(plan) > 1:
+        outcome = _check_in_parallel(rt, b, req, plan, thresholds, calibrated, plan_steps, steps_done, evals)
+    else:
+        outcome = _check_in_order(rt, b, req, states, plan, thresholds, calibrated, plan_steps, steps_done, evals)
+    checks, steps_done, rejected = outcome
+    if rejected is not None:
+        return _reject(req, rejected, b, tuple(checks), steps_done, thresholds)
     if evals is not None and all(c.ok for c in checks) and evals.ok:
         try:
             evals.check(m.records[-1].step)
@@ -834,6 +814,164 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
                   req.source, n, tuple(checks), steps_done, spec.steps, steps_done / spec.steps, escape, thresholds,
                   time.perf_counter() - req.started, req.expected_job, evaluation, calibration_steps, **_reads(b, req),
                   uniform_samples=uniform, largest_samples=len(plan) - uniform)
+
+
+class _SegmentRejected(Exception):
+    """A segment whose checkpoints make the whole bundle a REJECT before it is judged (the reason is the message)."""
+
+
+def _check_segment(rt: Runtime, b: Bundle, req: _Request, states: _StateCache, index: int, why: str,
+                   thresholds: Thresholds | None, calibrated: dict[int, _Replayed], evals: _Evaluations | None,
+                   on_step: Callable[[int, float], None] | None = None) -> tuple[SegmentCheck, int]:
+    """Check one segment: its checkpoints (read and digest-checked), its update-norm claim, its replay (unless
+    the calibration already replayed it) and, when it matched, the evaluation of its two ends. Returns the check
+    and the steps replayed for it. Raises _SegmentRejected (bundle integrity, a checkpoint's meta/step)."""
+    m = b.manifest
+    start_rec, end_rec = m.records[index - 1], m.records[index]
+    try:
+        start, claimed = states.load(start_rec.step), states.load(end_rec.step)
+    except BundleError as exc:
+        raise _SegmentRejected(f"bundle integrity: {exc}") from None
+    if int(start["meta/step"]) != start_rec.step or int(claimed["meta/step"]) != end_rec.step:
+        raise _SegmentRejected(f"segment {index}: a checkpoint's meta/step is not its record's step")
+    norm_problem = check_update_norm(start, claimed, end_rec.update)
+    if norm_problem is not None:  # the record's claim is false: no replay needed to reject it
+        calibrated.pop(index, None)
+        return SegmentCheck(index, start_rec.step, end_rec.step, why, False, norm_problem, data_ok=True), 0
+    steps = 0
+    if index in calibrated:  # already replayed, under the check's own conditions, by the calibration
+        replayed = calibrated.pop(index)
+    else:
+        replayed = _replay(rt, start, end_rec.step, threads=req.threads, on_step=on_step)
+        steps = end_rec.step - start_rec.step
+    if replayed.data != end_rec.data:
+        check = SegmentCheck(index, start_rec.step, end_rec.step, why, False,
+                             "the data consumed differs from the committed data (order, skipped or substituted batches)",
+                             data_ok=False)
+    else:
+        check = _judge(index, why, start, claimed, replayed, end_rec.loss, m.spec.numerics == "exact", thresholds,
+                       start_rec.step, end_rec.step)
+    if evals is not None and check.ok:  # the committed states, digests checked on load
+        evals.check(start_rec.step, start)
+        evals.check(end_rec.step, claimed)
+    return check, steps
+
+
+_Outcome = tuple[list[SegmentCheck], int, str | None]  # checks, steps replayed, the reason of a REJECT before judging
+
+
+def _check_in_order(rt: Runtime, b: Bundle, req: _Request, states: _StateCache, plan: list[tuple[int, str]],
+                    thresholds: Thresholds | None, calibrated: dict[int, _Replayed], plan_steps: int, steps_done: int,
+                    evals: _Evaluations | None) -> _Outcome:
+    """Check the planned segments one after another in this process."""
+    checks: list[SegmentCheck] = []
+    for index, why in plan:
+        first = b.records[index - 1].step
+
+        def tick(step: int, loss: float, base: int = steps_done, first: int = first) -> None:
+            if req.on_progress:
+                req.on_progress(base + step - first, plan_steps)
+
+        try:
+            check, steps = _check_segment(rt, b, req, states, index, why, thresholds, calibrated, evals, tick)
+        except _SegmentRejected as exc:
+            return checks, steps_done, str(exc)
+        checks.append(check)
+        steps_done += steps
+    return checks, steps_done, None
+
+
+# One verification's worker processes (`verify(nproc=N)`): each opens the bundle and builds the runtime once.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(location: str, root: Digest, req: _Request, devices: Any) -> None:
+    device = devices.get()
+    opened = open_bundle(location, full=False)
+    if opened.manifest.root != root:
+        raise BundleError(f"{location} changed while it was being verified: its commitment is no longer {root}")
+    rt = build_runtime(opened.spec, device=device, data_dir=req.data_dir, code=req.code)
+    evals = None
+    if opened.spec.evaluation is not None:
+        evals = _Evaluations(Evaluator(opened.spec, build_eval_dataset(opened.spec, data_dir=req.eval_data_dir, code=req.code),
+                                       code=req.code, loss_fn=rt.loss_fn), rt, opened)
+    _WORKER.update(bundle=opened, rt=rt, req=req, states=_StateCache(opened), evals=evals)
+
+
+def _worker_check(index: int, why: str, thresholds: Thresholds | None) -> tuple[SegmentCheck | None, int, str | None,
+                                                                                dict[int, EvalCheck], int, set[str]]:
+    """One segment in a worker: (check, steps, reject reason, evaluation checks, bytes read, files read)."""
+    w = _WORKER
+    bytes_before, files_before = w["bundle"].bytes_read, set(w["bundle"].files_read)
+    evals = w["evals"]
+    if evals is not None:
+        evals.checks.clear()
+    try:
+        check, steps = _check_segment(w["rt"], w["bundle"], w["req"], w["states"], index, why, thresholds, {}, evals)
+        rejected = None
+    except _SegmentRejected as exc:
+        check, steps, rejected = None, 0, str(exc)
+    return (check, steps, rejected, dict(evals.checks) if evals is not None else {},
+            w["bundle"].bytes_read - bytes_before, w["bundle"].files_read - files_before)
+
+
+def _check_in_parallel(rt: Runtime, b: Bundle, req: _Request, plan: list[tuple[int, str]], thresholds: Thresholds | None,
+                       calibrated: dict[int, _Replayed], plan_steps: int, steps_done: int,
+                       evals: _Evaluations | None) -> _Outcome:
+    """Check the planned segments on `req.nproc` worker processes (spawned; each opens the bundle itself, checked
+    against this one's commitment), one segment per task, and merge the results in plan order: the same checks,
+    steps and verdict as `_check_in_order`, which stops at the first segment that rejects the bundle before
+    judging it. A segment the calibration already replayed is checked here. Read counters add every process's
+    reads."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    devices = ctx.Queue()
+    for i in range(req.nproc):
+        devices.put(_worker_device(req.device, i))
+    results: dict[int, tuple] = {}
+    states = _StateCache(b)
+    for index, why in [(i, why) for i, why in plan if i in calibrated]:  # its replay is already here
+        try:
+            check, steps = _check_segment(rt, b, req, states, index, why, thresholds, calibrated, evals)
+            results[index] = (check, steps, None, {}, 0, set())
+        except _SegmentRejected as exc:
+            results[index] = (None, 0, str(exc), {}, 0, set())
+    remote = [(i, why) for i, why in plan if i not in results]
+    threads = req.threads or max(1, torch.get_num_threads() // req.nproc)
+    worker_req = dataclasses.replace(req, on_progress=None, threads=threads, reads={})
+    done = steps_done
+    if remote:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(req.nproc, len(remote)), mp_context=ctx,
+                                                    initializer=_init_worker,
+                                                    initargs=(str(b.path), b.manifest.root, worker_req, devices)) as pool:
+            futures = {pool.submit(_worker_check, i, why, thresholds): i for i, why in remote}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                done += results[futures[future]][1]
+                if req.on_progress:
+                    req.on_progress(done, plan_steps)
+    checks: list[SegmentCheck] = []
+    for index, _ in plan:
+        check, steps, rejected, eval_checks, nbytes, files = results[index]
+        b._source.bytes_read += nbytes
+        b.files_read |= files
+        if rejected is not None:
+            return checks, steps_done, rejected
+        checks.append(check)
+        steps_done += steps
+        if evals is not None:
+            for step, ev in eval_checks.items():
+                evals.checks.setdefault(step, ev)
+    return checks, steps_done, None
+
+
+def _worker_device(device: str, i: int) -> str:
+    """The device of worker i: the CPU, or the CUDA devices in turn."""
+    if device.startswith("cuda") and ":" not in device and torch.cuda.is_available():
+        return f"cuda:{i % torch.cuda.device_count()}"
+    return device
 
 
 class _StateCache:
