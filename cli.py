@@ -509,7 +509,9 @@ def _print_report(report: Any) -> None:
         out.print(f"compute     {report.steps_replayed} of {report.steps_total} training steps replayed ({report.compute_fraction:.1%} of training)")
     if report.escape_probability:
         parts = ", ".join(f"f={f}: {p:.3g}" for f, p in report.escape_probability.items())
-        out.print(f"escape      probability that a cheater faking a fraction f of segments passed this sample: {parts}")
+        note = (f" (the {report.uniform_samples} uniform samples only: the {report.largest_samples} largest-update "
+                "picks follow the solver's committed norms)") if report.largest_samples else ""
+        out.print(f"escape      probability that a cheater faking a fraction f of segments passed this sample: {parts}{note}")
     out.print(f"randomness  {report.randomness_source}; repeat this exact sample with --beacon {report.randomness}")
     if report.sample_predictable:
         err.print("[yellow]warning:[/] the sample came from --seed, so it is predictable: a solver who knew the seed could "
@@ -532,7 +534,9 @@ def verify(
     seed: Annotated[int | None, typer.Option(min=0, help="Reproducible sample for tests: PREDICTABLE, so a solver who knows it could dodge it.")] = None,
     segments: Annotated[str | None, typer.Option(help="Replay exactly these segments, e.g. '3,7' (1-based).")] = None,
     device: DeviceOpt = "cpu",
-    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for the replay.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for the replay (per process with --nproc).")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Replay the sampled segments on N worker processes at once "
+                                       "(CUDA devices in turn with --device cuda): the same report as one process.")] = 1,
     data_dir: DataDirOpt = None,
     eval_data_dir: EvalDataDirOpt = None,
     as_json: JsonOpt = False,
@@ -561,6 +565,8 @@ def verify(
       pol verify run1 --job-id 3f2a...
 
       pol verify run1 --confidence 0.999 --cheat-fraction 0.1 --json
+
+      pol verify run2 --nproc 4 --threads 1
 
       pol verify run3 --spec job.toml --allow-code mypkg
 
@@ -593,7 +599,8 @@ def verify(
     with progress or contextlib.nullcontext():
         report = run_verify(_bundle_location(bundle_path, cache_dir, progress), samples=samples, confidence=confidence, cheat_fraction=cheat_fraction, seed=seed,
                             beacon=beacon, segments=forced, expected_root=root, expected_job=job_id, code=code,
-                            device=device, threads=threads, data_dir=data_dir, on_progress=update, eval_data_dir=eval_data_dir)
+                            device=device, threads=threads, data_dir=data_dir, on_progress=update, eval_data_dir=eval_data_dir,
+                            nproc=nproc)
     if as_json:
         print_json(report.to_dict())
     else:

@@ -66,3 +66,22 @@ def test_a_corrupt_checkpoint_rejects_at_the_same_segment(bundles, tmp_path):
 def test_nproc_must_be_positive(bundles):
     with pytest.raises(UsageError, match="nproc"):
         verify(bundles["exact"], nproc=0)
+
+
+def test_pol_verify_nproc_gives_the_same_json_report(bundles):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    args = ["verify", str(bundles["native"]), "--samples", "4", "--seed", "5", "--json"]
+    one = runner.invoke(app, args)
+    many = runner.invoke(app, [*args, "--nproc", "2"])
+    assert one.exit_code == many.exit_code == 0, many.output
+    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    for key in ("verdict", "reason", "checks", "steps_replayed", "escape_probability", "thresholds", "randomness"):
+        assert a[key] == b[key], key
+    text = runner.invoke(app, ["verify", str(bundles["native"]), "--samples", "4", "--seed", "5", "--nproc", "2"])
+    assert text.exit_code == 0 and "ACCEPT" in text.stdout and "largest-update picks follow" in text.stdout
