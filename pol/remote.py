@@ -130,7 +130,12 @@ class _Budget:
 
 
 class _Transient(Exception):
-    """A failure worth retrying (connection lost, 5xx, a body that ended early)."""
+    """A failure worth retrying (connection lost, 5xx, a body that ended early), and the error it becomes when the
+    retries run out: RemoteError (unreachable, kept failing) or RemoteProtocolError (the body kept ending early)."""
+
+    def __init__(self, message: str, error: type[RemoteError] = RemoteError) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class _NotFound(Exception):
@@ -170,7 +175,9 @@ class _HttpTransport:
         except TimeoutError:
             raise RemoteTimeout(f"{url}: the server did not send {length} bytes in time "
                                 f"(at least {self.budget.limits.min_rate:g} bytes/s after {self.budget.limits.request_timeout:g} s)") from None
-        except (self.aiohttp.ClientConnectionError, self.aiohttp.ClientPayloadError) as exc:
+        except self.aiohttp.ClientPayloadError as exc:  # the body broke off
+            raise _Transient(f"{type(exc).__name__}: {exc}", RemoteProtocolError) from None
+        except self.aiohttp.ClientConnectionError as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from None
 
     async def _get(self, url: str, start: int, length: int, sink: Callable[[bytes], None], upto: bool) -> None:
@@ -201,7 +208,7 @@ class _HttpTransport:
                     raise _TooLong()
                 return
             if got < length:
-                raise _Transient(f"the body ended after {got} of {length} bytes")
+                raise _Transient(f"the body ended after {got} of {length} bytes", RemoteProtocolError)
             if r.status == 206 and await r.content.read(1):
                 raise RemoteProtocolError(f"{url}: the server sent more bytes than the {length} asked for")
 
@@ -305,7 +312,7 @@ def _retrying(budget: _Budget, what: str, attempt: Callable[[], None]) -> None:
             return
         except _Transient as exc:
             if n == limits.retries:
-                raise RemoteProtocolError(f"{what}: failed after {n + 1} tries (last: {exc})") from None
+                raise exc.error(f"{what}: failed after {n + 1} tries (last: {exc})") from None
             pause = limits.backoff * 2**n
             if time.monotonic() + pause > budget.deadline:
                 raise RemoteTimeout(f"{what}: no time left to retry (last: {exc})") from None
@@ -325,6 +332,7 @@ class RemoteSource(_Source):
                                      else _FsspecTransport(remote.url, self.budget))
         self.offsets: dict[str, int] = {}  # archive: name -> offset of the member's data
         self._headers_checked: set[str] = set()
+        self._cache_checked: set[str] = set()  # cache entries hashed once by this source: later reads seek into them
         try:
             self._manifest = self._open_archive() if self.archive else self._fetch_upto(MANIFEST_NAME)
             self.sizes, self.digests = _file_table(self._manifest)
@@ -353,9 +361,9 @@ class RemoteSource(_Source):
         size = self.sizes[name]  # the reader asks only for files the checked manifest lists, within their sizes
         length = size - start if length is None else length
         assert 0 <= start and 0 <= length and start + length <= size, f"{name}: bytes {start}+{length} outside {size}"
-        cached = self._cached(name)
+        cached = self._cached(name, start, length)
         if cached is not None:
-            data = cached[start:start + length]
+            data = cached
         elif (start == 0 and length == size) or self.remote.cache_dir is not None:
             data = self._download(name)[start:start + length]  # caching: a header read fetches the file once, whole
         else:
@@ -453,18 +461,25 @@ class RemoteSource(_Source):
                     os.unlink(tmp.name)
         return bytes(buf)
 
-    def _cached(self, name: str) -> bytes | None:
-        """The checkpoint's bytes from the cache, if there and still hashing to its digest (else dropped)."""
+    def _cached(self, name: str, start: int, length: int) -> bytes | None:
+        """Bytes of a checkpoint from the cache, if there and hashing to its digest (checked at the first read by
+        this source; an entry that does not is dropped)."""
         cache = self.remote.cache_dir
         if cache is None:
             return None
         path = cache / self.digests[name]
         try:
+            if name in self._cache_checked:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(length)
+                return data if len(data) == length else None
             data = path.read_bytes()
         except OSError:
             return None
         if len(data) == self.sizes[name] and blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest() == self.digests[name]:
-            return data
+            self._cache_checked.add(name)
+            return data[start:start + length]
         path.unlink(missing_ok=True)
         return None
 

@@ -455,3 +455,14 @@ def test_missing_packages_are_named(bundles, monkeypatch):
     monkeypatch.setitem(sys.modules, "fsspec", None)
     with pytest.raises(RemoteError, match=r"pol\[remote\]"):
         open_bundle("memory://run")
+
+
+def test_an_unreachable_server_is_remote_error_after_the_retries(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(RemoteError, match="failed after 3 tries") as info:
+        open_bundle(Remote(f"http://127.0.0.1:{port}/", cache_dir=None, limits=FAST))
+    assert type(info.value) is RemoteError and info.value.exit_code == 2
