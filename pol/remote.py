@@ -226,6 +226,9 @@ class _HttpTransport:
         """The resource's total length, after checking the answer is the range asked for. Raises RemoteProtocolError
         or RemoteChanged."""
         declared = r.headers.get("Content-Length")
+        if r.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise RemoteProtocolError(f"{url}: the server sent an encoded body ({r.headers['Content-Encoding'][:40]}) "
+                                      "where the bytes themselves were asked for")
         if r.status == 206:
             m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", r.headers.get("Content-Range", ""))
             if m is None or int(m[1]) != start or int(m[2]) != start + length - 1:

@@ -284,6 +284,13 @@ def test_missing_manifest_missing_checkpoint_and_http_errors(bundles, tmp_path):
         report = verify(Remote(server.url, cache_dir=None, limits=FAST), segments=[3], seed=0)
     assert report.verdict == "reject" and LAST in report.reason and "missing from the server" in report.reason
 
+    async def gzipped(request: Any, *args: Any) -> Any:
+        return web.Response(body=b"\x1f\x8b...", headers={"Content-Encoding": "gzip"})
+
+    with serve_in_thread(hostile(honest, gzipped)) as server:
+        with pytest.raises(RemoteProtocolError, match="encoded body"):
+            open_bundle(Remote(server.url, cache_dir=None, limits=FAST))
+
     async def forbidden(request: Any, *args: Any) -> Any:
         return web.Response(status=403)
 
