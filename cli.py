@@ -373,7 +373,7 @@ def _train_faulty(spec: Any, out_path: Path, fault: str, device: str, force: boo
     except ValueError:
         raise typer.BadParameter("expected STEP:NODE or STEP:NODE:ELEMENT, e.g. 12:40", param_hint="--fault") from None
     path = train_with_fault(spec, out_path, Fault(*parts), device=device, force=force)
-    with open_bundle(path) as b:
+    with open_bundle(path, full=False) as b:
         root = b.manifest.root
     if as_json:
         print_json({"bundle": str(path), "root": root, "fault": parts})
@@ -652,7 +652,7 @@ def export(
 
     if out_path.exists() and not force:
         raise OutputExists(f"output {out_path} exists: pass --force to replace it")
-    with open_bundle(bundle_path) as b:
+    with open_bundle(bundle_path, full=False) as b:
         chosen = b.spec.steps if step is None else step
         if not (chosen <= b.spec.steps and (chosen % b.spec.every == 0 or chosen == b.spec.steps)):
             raise UsageError(f"step {chosen} is not a checkpoint of this bundle (0, {b.spec.every}, ..., {b.spec.steps})")
@@ -813,7 +813,7 @@ def dispute(
         raise typer.BadParameter(f"unknown challenger behaviour {challenger!r}: one of {', '.join(pinpoint.ANSWERS)}", param_hint="--challenger")
     from pol.bundle import open_bundle
 
-    with open_bundle(bundle_path) as b:
+    with open_bundle(bundle_path, full=False) as b:
         root = b.manifest.root
     solver_b = Behaviour(fault=Fault(fault_step, fault_node, fault_element) if fault_step is not None else None,
                          lie_step=lie_step, silent_from=silent_solver)

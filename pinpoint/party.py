@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout = sys.stderr  # stdout carries protocol lines only: anything else printed goes to stderr
     try:
         code = CodePolicy.trust_all_code() if args.trust_all_code else CodePolicy.allowing(args.allow_code)
-        with open_bundle(args.bundle) as bundle:
+        with open_bundle(args.bundle, full=False) as bundle:
             verify_code(bundle.spec, code)  # before anything is imported or built
             party: PartyLike
             if args.role == "solver":

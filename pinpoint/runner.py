@@ -294,7 +294,7 @@ def run_dispute(
     VersionMismatch (made by another pol), PinpointError (a segment the bundle does not have), DataDiffers and what
     building the job raises.
     """
-    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, full=False)
     try:
         verify_code(b.spec, code)
         check_versions(b.manifest.spec)  # a referee of another version would re-execute another step definition
@@ -368,7 +368,7 @@ def export_graph(bundle: str | Path | Bundle, step: int, out: str | Path, *, dev
 
     Raises CodeNotAllowed, CodeDiffers (before anything is built), BundleError, CaptureError.
     """
-    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, full=False)
     try:
         verify_code(b.spec, code)
         graph = capture_step(b, step, device=device, data_dir=data_dir, code=code)

@@ -118,7 +118,7 @@ def test_out_of_turn_replayed_and_misaddressed(mlp) -> None:  # type: ignore[no-
     ("start_proof", ["ab" * 32], InvalidClaim),
     ("segment", 7, MalformedMessage),
     ("merkle_root", "cd" * 32, InvalidClaim),
-    ("end", {"step": 8, "state": "00" * 32, "data": "00" * 32, "loss": 1.0}, InvalidClaim),
+    ("end", {"step": 8, "state": "00" * 32, "data": "00" * 32, "loss": 1.0, "update": 1.0}, InvalidClaim),
     ("spec", {"model": "mlp"}, MalformedMessage),
     ("start", {"step": 4}, MalformedMessage),
 ])
