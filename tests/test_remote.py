@@ -384,6 +384,15 @@ def test_an_archive_whose_headers_lie_or_that_vanishes_or_shrinks(bundles, tmp_p
                 b.load_state(4)
         with pytest.raises(BundleNotFound):
             open_bundle(Remote(server.url.replace("gone.tar", "other.tar"), cache_dir=None, limits=FAST))
+    data, answers = bundles["archive"].read_bytes(), []
+
+    def vanishing(name: str) -> bytes | None:  # gone right after the first request (the manifest's header)
+        answers.append(name)
+        return data if name == "v.tar" and len(answers) == 1 else None
+
+    with serve_in_thread(hostile(vanishing)) as server:
+        with pytest.raises(RemoteChanged, match="gone"):
+            open_bundle(Remote(server.url + "v.tar", cache_dir=None, limits=FAST))
     notar = tmp_path / "notar.tar"
     notar.write_bytes(b"x" * 2048)
     with serve_in_thread(hostile(lambda name: notar.read_bytes() if name == "notar.tar" else None)) as server:
@@ -438,7 +447,7 @@ def test_retries_stop_at_the_total_deadline(bundles):
     assert time.monotonic() - started < 2
 
 
-def test_fsspec_short_reads_and_missing_files(bundles, tmp_path):
+def test_fsspec_short_reads_missing_files_and_deadlines(bundles, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(bundles["honest"], copy)
     victim = copy / checkpoint_name(4)
@@ -448,6 +457,18 @@ def test_fsspec_short_reads_and_missing_files(bundles, tmp_path):
             b.load_state(4)
     with pytest.raises(BundleNotFound):
         open_bundle(Remote("memory://no-such-bundle", cache_dir=None))
+    with pytest.raises(ManifestError, match="larger than 100 bytes"):
+        open_bundle(Remote(copy.as_uri(), cache_dir=None, limits=Limits(max_manifest_bytes=100)))
+    import itertools
+    import types
+
+    import pol.remote
+
+    with open_bundle(Remote(copy.as_uri(), cache_dir=None, limits=Limits(request_timeout=1.0)), full=False) as b:
+        clock = itertools.count(time.monotonic(), 100.0)  # a storage that takes 100 s between reads
+        monkeypatch.setattr(pol.remote, "time", types.SimpleNamespace(monotonic=lambda: next(clock), sleep=time.sleep))
+        with pytest.raises(RemoteTimeout, match="took too long"):
+            b.load_state(0)
 
 
 def test_missing_packages_are_named(bundles, monkeypatch):

@@ -135,6 +135,8 @@ def test_pol_serve_never_serves_a_path_outside_the_bundle(served, tmp_path):
             status, body = _get(server.url, path)
             assert status in (400, 403, 404), path
             assert b"SECRET" not in body and b"root:" not in body, path
+        (bundle / checkpoint_name(8)).unlink()  # a listed file removed after the start
+        assert _get(server.url, "/" + checkpoint_name(8))[0] == 404
         victim = bundle / checkpoint_name(4)
         victim.unlink()
         victim.symlink_to(tmp_path / "secret.txt")  # a listed file turned into a link after the start
