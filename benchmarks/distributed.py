@@ -1,12 +1,17 @@
-"""Data-parallel training (pol.distributed, gloo on CPU): step time at 1, 2, ... processes, exact against native,
-and the bytes each process all-reduces per step for gradients.
+"""Data-parallel training (pol.distributed, gloo on CPU): step time and scaling at 1, 2, 4 processes, exact
+against native, and the bytes each process hands to collectives per step for gradients.
+
+Native numerics: DDP's bucketed float32 all-reduce (4 bytes per parameter), overlapped with the last backward.
+Exact numerics: the window all-reduce, a uint8 exponent code per block of 32 elements (MAX) and an int64 per
+element (SUM), 8 + 1/32 bytes per parameter: 2.008x native's; elements the window cannot round are gathered
+(float32, every micro-batch) and counted as `gathered`. A second table compares code blocks of 1 (9 bytes per
+element, 2.25x), 8, 32 and 128 elements at 2 processes.
 
 Step time: the median interval between consecutive steps on rank 0 (`--steps` steps, checkpoints at the first and
-last only), so process start-up, model building and checkpoints stay out. Each process runs one torch thread. Exact gradients travel as int64
-fixed-point digits (one per 16-bit exponent bin a tensor's gradients span, plus 3 carry digits and a count of
-non-(-0) terms): their width over float32 is reported as `bytes x native`.
+last only), so process start-up, model building and checkpoints stay out. Each process runs one torch thread.
+Byte counts are exact; times on a shared 2-core machine are noisy, and 4 processes on 2 cores cannot scale.
 
-    python benchmarks/distributed.py --procs 1 2 --steps 8
+    python benchmarks/distributed.py --procs 1 2 4 --steps 8
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -25,30 +31,32 @@ from pol.spec import spec_from_dict
 MODELS = {
     "transformer": {"model": {"name": "transformer", "kwargs": {"n_layer": 1, "n_embd": 32, "block_size": 16}},
                     "data": {"name": "chars", "kwargs": {"length": 8192, "block_size": 16}}},
-    "mlp-256": {"model": {"name": "mlp", "kwargs": {"hidden": 256}}, "data": {"name": "synthetic", "kwargs": {"n": 2048}}},
+    "mlp-1024": {"model": {"name": "mlp", "kwargs": {"hidden": 1024}}, "data": {"name": "synthetic", "kwargs": {"n": 2048}}},
 }
+BLOCKS = (1, 8, 32, 128)
 
 
-def measure(model: str, numerics: str, nproc: int, steps: int, batch: int, micro: int) -> dict[str, object]:
+def measure(model: str, numerics: str, nproc: int, steps: int, batch: int, micro: int, **options: Any) -> dict[str, Any]:
     spec = spec_from_dict({**MODELS[model], "steps": steps, "every": steps, "batch_size": batch, "microbatch": micro,
                            "numerics": numerics})
     with tempfile.TemporaryDirectory() as d:
-        run = train_spawned(spec, Path(d) / "b", nproc)
+        run = train_spawned(spec, Path(d) / "b", nproc, group_options=options)
     if run.errors:
         raise SystemExit(f"{model} {numerics} {nproc} processes: {run.errors}")
     return {"model": model, "numerics": numerics, "processes": nproc, "step_ms": 1000 * run.step_seconds,
-            "allreduce_bytes_per_step": int(run.bytes_reduced / steps), "root": run.root}
+            "bytes_per_step": int(run.bytes_reduced / steps), "gathered": run.unsafe, "root": run.root, **options}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     args = ap.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    blocks: list[dict[str, Any]] = []
     for model in args.models:
         for numerics in ("native", "exact"):
             base = None
@@ -62,13 +70,28 @@ def main() -> None:
         for nproc in args.procs:
             ex = next(r for r in rows if r["model"] == model and r["numerics"] == "exact" and r["processes"] == nproc)
             na = next(r for r in rows if r["model"] == model and r["numerics"] == "native" and r["processes"] == nproc)
-            ex["bytes_x_native"] = ex["allreduce_bytes_per_step"] / max(na["allreduce_bytes_per_step"], 1)
+            ex["bytes_x_native"] = ex["bytes_per_step"] / max(na["bytes_per_step"], 1)
             ex["exact_x_native_time"] = ex["step_ms"] / na["step_ms"]
-        exact_roots = {r["root"] for r in rows if r["model"] == model and r["numerics"] == "exact"}
-        print(f"{model}: exact commitments over {args.procs} processes: {'one' if len(exact_roots) == 1 else exact_roots}")
-    cols = ["model", "numerics", "processes", "step_ms", "speedup", "efficiency", "allreduce_bytes_per_step",
-            "bytes_x_native", "exact_x_native_time"]
-    write_results("distributed", {"args": vars(args), "rows": rows}, markdown_table(rows, cols))
+        native_bytes = next(r["bytes_per_step"] for r in rows if r["model"] == model and r["numerics"] == "native")
+        for block in BLOCKS:
+            row = measure(model, "exact", 2, args.steps, args.batch, args.micro, code_block=block)
+            row["bytes_x_native"] = row["bytes_per_step"] / native_bytes
+            blocks.append(row)
+            print(row, flush=True)
+        exact_roots = {r["root"] for r in rows + blocks if r["model"] == model and r["numerics"] == "exact"}
+        print(f"{model}: exact commitments over {args.procs} processes and code blocks {BLOCKS}: "
+              f"{'one' if len(exact_roots) == 1 else exact_roots}")
+    cols = ["model", "numerics", "processes", "step_ms", "speedup", "efficiency", "bytes_per_step", "bytes_x_native",
+            "exact_x_native_time", "gathered"]
+    text = (f"# Data-parallel training, gloo on CPU\n\n`python benchmarks/distributed.py --procs {' '.join(map(str, args.procs))}"
+            f" --steps {args.steps}` (batch {args.batch}, micro-batch {args.micro}: {-(-args.batch // args.micro)} "
+            "micro-batches per step; one torch thread per process; a shared 2-core machine: times are noisy, "
+            "bytes are exact). `bytes_per_step`: what rank 0 hands to gradient collectives per step; `gathered`: "
+            "elements the window all-reduce could not round, over the run.\n\n"
+            + markdown_table(rows, cols)
+            + "\n\n## Exponent code block (exact, 2 processes)\n\n"
+            + markdown_table(blocks, ["model", "code_block", "bytes_per_step", "bytes_x_native", "gathered", "step_ms"]))
+    write_results("distributed", {"args": vars(args), "rows": rows, "blocks": blocks}, text)
 
 
 if __name__ == "__main__":

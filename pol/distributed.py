@@ -5,18 +5,32 @@ A step is a fixed set of micro-batches (the spec's `microbatch`). Process `rank`
 i with i % world == rank, in index order, as `pol.engine.one_step` would (same batch rows, same random keys).
 
 - **Exact numerics.** The step's gradient is defined (`pol.engine.one_step`) as the exact sum of the micro-batch
-  gradients, rounded once to float32. Each process turns its micro-batch gradients into exact fixed-point digits
-  (`pol.exact.reduce.accumulate_digits_dense`: int64 counts of 2**(16*b - 149) per 16-bit exponent bin b), the
-  processes agree on one bin range (an all-reduce of each tensor's lowest and highest bin), the int64 digits are
-  all-reduced by SUM (integer addition is associative, so gloo's or NCCL's reduction order cannot matter) and
-  rounded once (`digits_to_f32`). One more int64 per element counts the terms that are not -0, so that a sum of
-  negative zeros only is -0, as in the single-process exact sum. Carries cannot overflow: a bin-b term is below
-  2**40 units, so 2**21 micro-batches per step sum below 2**61 (checked). A step with a non-finite gradient
-  anywhere falls back to gathering the float gradients and summing them exactly (NaN/inf rules of
-  `pol.exact.reduce.exact_sum`). Result: the same bits as one process, so the same commitment for 1, 2, 3, ... N.
-- **Native numerics.** Each process accumulates its micro-batches in `.grad` and the float32 gradients are
-  all-reduced by SUM (the loss is already scaled by micro/size), as DDP does; the result depends on the world
-  size in its last bits, which native verification tolerates.
+  gradients, rounded once to float32: `pol.exact.reduce.exact_sum`'s bits. The processes compute it with two
+  integer all-reduces whose result no reduction order can change (MAX, then SUM), the window all-reduce:
+  1. Each element's terms get a uint8 exponent code (0: -0, 1: +0, else 1 + max(biased exponent, 1)); the codes are
+     MAXed over blocks of `CODE_BLOCK` = 32 elements, then over processes: each block's largest exponent E.
+  2. With M micro-batches in the step (spec-known, h = bitlength(M)), the window unit is u = 2**(E - 126 - w),
+     w = 62 - 3h (62 - 2h with one code per element): every term is below 2**w units. Each process sums, over
+     its micro-batches, trunc(term / u) (integer shifts of the float32 bits), shifted up by low bits that count
+     the terms cut inexactly and the terms that are not -0; the int64 sums are all-reduced by SUM (no overflow:
+     M terms stay below 2**62).
+  3. Every process rounds each element's sum H once (integer round-to-nearest-even). If no term was cut, H*u is
+     the exact sum. Otherwise the exact sum lies within C units of H*u (C terms cut, under a unit each), and H*u
+     rounds as the exact sum does unless a rounding midpoint lies within C units (a tie, a cancellation to under
+     2**(h + 26) units, a subnormal or overflowing sum): those elements are known alike on every process, and
+     only they are gathered (float32, every micro-batch) and summed by `exact_sum`. A zero sum is -0 only if no
+     term was anything but -0.
+  Bytes per element: 8 + 1/32 (2.008x native's float32); the 0.8% over the issue's 2x target is the exponent code,
+  the 2x is the int64 (a float32 sum needs ~24 bits plus headroom for exponent spread and cancellation: 32-bit
+  integers leave too little, see benchmarks/results/distributed.md). Blocks give up 2h bits of the window to the
+  zero counts; from 16 micro-batches per step on (`MAX_BLOCK_MICROBATCHES`) each element has its own code
+  (9 bytes, 2.25x), beyond 1023 (`MAX_WINDOW_MICROBATCHES`) and on any inf/NaN term every gradient is gathered
+  and summed by `exact_sum` (its IEEE rules). Result: the same bits as one process, the same commitment for any N.
+- **Native numerics.** Each process accumulates its micro-batches in `.grad`; during its last backward pass
+  post-accumulate-grad hooks all-reduce (SUM, asynchronously) buckets of about `BUCKET_BYTES` = 25 MiB of
+  parameters in reverse order as their gradients are final, in bucket order on every process, as DDP does
+  (`NativeBuckets`; the loss is already scaled by micro/size); the optimizer waits for them. The result depends
+  on the world size in its last bits, which native verification tolerates.
 
 Every process runs the optimizer update identically. Only rank 0 writes checkpoints, records, progress and the
 manifest (`pol.prove.train_and_prove` with `data_parallel=`); at every checkpoint all processes all-gather their
@@ -38,9 +52,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .errors import TrainingError
-from .exact.reduce import accumulate_digits_dense, digits_to_f32, exact_sum
+from .exact.reduce import (
+    CODE_SPECIAL,
+    Window,
+    compute_block_codes,
+    compute_exponent_codes,
+    compute_window_rounding,
+    compute_window_sums,
+    exact_sum,
+    get_element_codes,
+)
 
 __all__ = [
     "DataParallelGroup",
@@ -48,11 +72,11 @@ __all__ = [
     "launched_by_torchrun",
     "init_from_env",
     "FAULT_ENV",
-    "MAX_MICROBATCHES",
+    "MAX_WINDOW_MICROBATCHES",
+    "MAX_BLOCK_MICROBATCHES",
+    "CODE_BLOCK",
+    "BUCKET_BYTES",
     "relaunch",
-    "exponent_bins",
-    "digit_block",
-    "round_block",
     "train_spawned",
     "SpawnedRun",
 ]
@@ -62,7 +86,17 @@ FAULT_ENV = "POL_DP_FAULT"
 cross-rank check names it); `RANK:before` makes it add noise to its own contribution before the all-reduce (every
 rank then trains the same wrong state: the bundle is wrong, and verification rejects it); `RANK:kill@N` makes
 that rank SIGKILL itself in its N-th step."""
-MAX_MICROBATCHES = 1 << 21  # micro-batches per step whose digits cannot overflow int64 carries (< 2**61)
+MAX_WINDOW_MICROBATCHES = (1 << 10) - 1
+"""Micro-batches per step up to which gradients are summed by the window all-reduce; beyond, every micro-batch
+gradient is gathered and summed by `exact_sum` (the window's headroom shrinks with h = bitlength(M))."""
+MAX_BLOCK_MICROBATCHES = (1 << 4) - 1
+"""Micro-batches per step up to which one exponent code covers a block of `code_block` elements; from 16 on
+each element has its own code (the zero counts a block needs take 2h of the int64's bits)."""
+CODE_BLOCK = 32
+"""Elements sharing one exponent code in the window all-reduce's first round: 1/32 byte per element (module
+docstring; benchmarks/results/distributed.md compares 1, 8, 32, 128)."""
+BUCKET_BYTES = 25 * 1024 * 1024
+"""Native numerics: gradient bytes per all-reduce bucket, as DDP's default."""
 
 
 class RankDiverged(TrainingError):
@@ -74,45 +108,21 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> tuple[DataParallelGroup, str]:
+def init_from_env(device: str = "cpu", timeout_s: float = 600.0, **options: int) -> tuple[DataParallelGroup, str]:
     """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA). Returns the group and this process's
-    device ("cuda" becomes cuda:<LOCAL_RANK>)."""
+    device ("cuda" becomes cuda:<LOCAL_RANK>). `options`: DataParallelGroup's `code_block`, `bucket_bytes`."""
     cuda = device.startswith("cuda")
     if cuda and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return DataParallelGroup(device=device), device
-
-
-def exponent_bins(x: torch.Tensor) -> torch.Tensor:
-    """Each float32's 16-bit exponent bin, as `accumulate_digits_dense` assigns them."""
-    return (torch.clamp((x.view(torch.int32) >> 23) & 0xFF, min=1) - 1) // 16
-
-
-def digit_block(x: torch.Tensor | None, numel: int, lo: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The exact sums of the rows of finite float32 `x` (elements, terms) as int64 (elements, width + 1): digits
-    0..width-1 weigh 2**(16*(lo + j) - 149) (`lo` at most, and lo + width - 3 above, every bin in `x`), the last
-    column counts the terms that are not -0. Blocks add as integers (any grouping, any order); `round_block`
-    rounds a sum of them once. `x` None: no terms (zeros)."""
-    block = torch.zeros(numel, width + 1, dtype=torch.int64, device=device)
-    if x is not None and x.shape[1]:
-        d, dlo = accumulate_digits_dense(x)
-        block[:, dlo - lo : dlo - lo + d.shape[1]] = d.to(device)  # lo <= dlo and dlo + d.shape[1] <= lo + width
-        block[:, width] = (~((x == 0) & torch.signbit(x))).sum(dim=1).to(device)
-    return block
-
-
-def round_block(block: torch.Tensor, lo: int, width: int) -> torch.Tensor:
-    """float32 of a (sum of) `digit_block`: the exact sum rounded once to nearest even; -0 if every term was -0."""
-    g = digits_to_f32(block[:, :width].contiguous(), lo)
-    return torch.where((g == 0) & (block[:, width] == 0), torch.full_like(g, -0.0), g)
+    return DataParallelGroup(device=device, **options), device
 
 
 class DataParallelGroup:
     """This process's part in a data-parallel job (`pol.engine.DataParallel`), over the default process group."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", code_block: int = CODE_BLOCK, bucket_bytes: int = BUCKET_BYTES) -> None:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.device = torch.device(device)
@@ -121,6 +131,10 @@ class DataParallelGroup:
         rank, _, where = fault.partition(":")
         self.fault = where if fault and int(rank) == self.rank else None
         self.steps_reduced = 0
+        self.code_block = code_block
+        self.bucket_bytes = bucket_bytes
+        self.count = 0  # the current step's micro-batches (set by `microbatches`, which every step calls first)
+        self.unsafe = 0  # elements the window all-reduce could not round, so far (summed by another path)
 
     def _count_step(self) -> None:
         self.steps_reduced += 1
@@ -131,89 +145,87 @@ class DataParallelGroup:
 
     # -- the step ---------------------------------------------------------------------------------------------
     def microbatches(self, count: int) -> Sequence[int]:
+        self.count = count
         return range(self.rank, count, self.world)
 
+    def _all_reduce(self, t: torch.Tensor, op: Any) -> None:
+        self.bytes_reduced += t.numel() * t.element_size()
+        dist.all_reduce(t, op=op)
+
     def reduce_exact(self, per_micro: Mapping[str, list[torch.Tensor]], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The exact sum of every process's micro-batch gradients, rounded once: the window all-reduce (an exponent
+        code per block, MAX; an int64 per element, SUM), the elements it cannot round gathered and summed by
+        `exact_sum`. The same bits as `exact_sum` over all micro-batch gradients on one process."""
         self._count_step()
         names = list(params)
-        local = {n: torch.stack([g.detach().reshape(-1) for g in per_micro[n]], dim=1) if per_micro[n] else None
-                 for n in names}  # (elements, local micro-batches)
+        local = torch.cat([torch.stack([g.detach().reshape(-1).to(self.device) for g in per_micro[n]], dim=1)
+                           if per_micro[n] else torch.zeros(params[n].numel(), 0, device=self.device) for n in names])
         if self.fault == "before":
-            local = {n: (x * 1.001 if x is not None else x) for n, x in local.items()}
-        counts = torch.tensor([len(per_micro[names[0]]) if names else 0], dtype=torch.int64, device=self.device)
-        # agree on each tensor's bin range, and on whether anything is non-finite: one small MAX all-reduce
-        big = 1 << 20
-        stats = torch.full((2 * len(names) + 1,), -big, dtype=torch.int64, device=self.device)
-        finite = True
-        for j, n in enumerate(names):
-            x = local[n]
-            if x is None or x.numel() == 0:
-                continue
-            finite = finite and bool(torch.isfinite(x).all())
-            b = exponent_bins(x)
-            stats[2 * j], stats[2 * j + 1] = -int(b.min()), int(b.max())
-        stats[-1] = 0 if finite else 1
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        total = int(counts[0])
-        if total > MAX_MICROBATCHES:
-            raise TrainingError(f"{total} micro-batches in one step: exact digits hold at most {MAX_MICROBATCHES}")
-        if int(stats[-1]):
-            return self._reduce_gathered(per_micro, params, total)
-        layout = []
-        parts = []
-        for j, n in enumerate(names):
-            lo, hi = -int(stats[2 * j]), int(stats[2 * j + 1])
-            if lo > hi:  # no process has a term (cannot happen with >= 1 micro-batch): zeros
-                lo = hi = 0
-            width = hi - lo + 1 + 3  # 3 carry digits, as accumulate_digits_dense keeps
-            block = digit_block(local[n], params[n].numel(), lo, width, self.device)
-            layout.append((n, lo, width))
-            parts.append(block.reshape(-1))
-        flat = torch.cat(parts)
-        self.bytes_reduced += flat.numel() * flat.element_size()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        out: dict[str, torch.Tensor] = {}
-        pos = 0
-        for n, lo, width in layout:
-            p = params[n]
-            block = flat[pos : pos + p.numel() * (width + 1)].view(p.numel(), width + 1)
-            pos += p.numel() * (width + 1)
-            out[n] = self._after(round_block(block, lo, width).reshape(p.shape).to(p.device))
+            local = local * 1.001
+        count = self.count
+        if count > MAX_WINDOW_MICROBATCHES:
+            return self._split(self._sum_gathered(local, count), params)
+        block = self.code_block if count <= MAX_BLOCK_MICROBATCHES else 1
+        codes = compute_block_codes(compute_exponent_codes(local), block)
+        self._all_reduce(codes, dist.ReduceOp.MAX)
+        if bool((codes == CODE_SPECIAL).any()):  # inf/NaN somewhere: the IEEE rules of exact_sum, on everything
+            return self._split(self._sum_gathered(local, count), params)
+        element = get_element_codes(codes, block, local.shape[0])
+        window = Window(count, counts=block > 1)
+        sums = compute_window_sums(local, element, window)
+        self._all_reduce(sums, dist.ReduceOp.SUM)
+        values, safe = compute_window_rounding(sums, element, window)
+        unsafe = torch.nonzero(~safe).reshape(-1)  # the same on every process: computed from all-reduced values
+        self.unsafe += unsafe.numel()
+        if unsafe.numel():
+            values = values.index_put((unsafe,), self._sum_gathered(local[unsafe], count))
+        return self._split(values, params)
+
+    def _split(self, flat: torch.Tensor, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out, pos = {}, 0
+        for n, p in params.items():
+            out[n] = self._after(flat[pos : pos + p.numel()].reshape(p.shape).to(p.device))
+            pos += p.numel()
         return out
 
-    def _reduce_gathered(self, per_micro: Mapping[str, list[torch.Tensor]], params: Mapping[str, torch.Tensor],
-                         total: int) -> dict[str, torch.Tensor]:
-        """A step with a non-finite gradient: gather every micro-batch's float gradient, sum exactly (one rounding,
-        the IEEE rules of `exact_sum`), in micro-batch index order (which does not change an exact sum)."""
-        out = {}
-        for n, p in params.items():
-            mine = torch.zeros(total, p.numel(), dtype=torch.float32, device=self.device)
-            for k, i in enumerate(self.microbatches(total)):
-                mine[i] = per_micro[n][k].detach().reshape(-1)
-            gathered = [torch.empty_like(mine) for _ in range(self.world)]
-            dist.all_gather(gathered, mine)
-            rows = torch.stack([gathered[i % self.world][i] for i in range(total)])
-            out[n] = self._after(exact_sum(rows, 0).reshape(p.shape).to(p.device))
-        return out
+    def _sum_gathered(self, local: torch.Tensor, count: int) -> torch.Tensor:
+        """`exact_sum` over all `count` micro-batch gradients of some elements: every process's (elements, its
+        micro-batches) float32 rows are all-gathered and summed exactly (one rounding, the IEEE rules of
+        `exact_sum`, which no order or grouping changes)."""
+        per = -(-count // self.world)
+        mine = torch.zeros(per, local.shape[0], dtype=torch.float32, device=self.device)
+        mine[: local.shape[1]] = local.T
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        self.bytes_reduced += mine.numel() * mine.element_size()
+        dist.all_gather(gathered, mine)
+        rows = torch.stack([gathered[i % self.world][i // self.world] for i in range(count)])  # micro-batch order
+        return exact_sum(rows, 0)
 
     def _after(self, g: torch.Tensor) -> torch.Tensor:
         return g * 1.001 if self.fault == "after" else g
 
     def reduce_native(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The float32 sum over processes of each process's accumulated gradients (one flat all-reduce, after the
+        backward passes; `overlap_native` is DDP's overlapped form)."""
         self._count_step()
         names = list(grads)
         flat = torch.cat([grads[n].detach().reshape(-1).to(self.device) for n in names])
         if self.fault == "before":
             flat = flat * 1.001
-        self.bytes_reduced += flat.numel() * flat.element_size()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._all_reduce(flat, dist.ReduceOp.SUM)
         out, pos = {}, 0
         for n in names:
             g = grads[n]
             out[n] = self._after(flat[pos : pos + g.numel()].view(g.shape).to(g.device))
             pos += g.numel()
         return out
+
+    def overlap_native(self, params: Mapping[str, torch.Tensor]) -> NativeBuckets:
+        """Start DDP's overlap for the coming (last) backward pass of this process's step: hooks all-reduce
+        gradient buckets as their gradients are final; `finish()` waits and returns the summed gradients. With
+        no backward pass to come (a process without micro-batches), `finish()` all-reduces them all."""
+        self._count_step()
+        return NativeBuckets(self, params)
 
     def gather_losses(self, losses: Mapping[int, float], count: int) -> dict[int, float]:
         vec = torch.zeros(count, dtype=torch.float64, device=self.device)
@@ -258,6 +270,70 @@ class DataParallelGroup:
         return box[0]
 
 
+class NativeBuckets:
+    """DDP's bucketed all-reduce for native numerics: parameters in reverse order (the order a backward pass
+    finishes them) are cut into buckets of about `bucket_bytes`; a post-accumulate-grad hook marks a parameter
+    ready, and buckets are all-reduced asynchronously in index order (the same on every process) as soon as all
+    of theirs are ready. `finish()` launches the rest (parameters without a gradient count as zeros), waits, and
+    returns each parameter's summed gradient: the float32 sum over processes, as `reduce_native` defines it."""
+
+    def __init__(self, group: DataParallelGroup, params: Mapping[str, torch.Tensor]) -> None:
+        self.group = group
+        self.params = dict(params)
+        self.buckets: list[list[str]] = [[]]
+        size = 0
+        for n in reversed(list(self.params)):
+            if size and size + self.params[n].numel() * 4 > group.bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(n)
+            size += self.params[n].numel() * 4
+        self.bucket_of = {n: b for b, names in enumerate(self.buckets) for n in names}
+        self.waiting = [len(names) for names in self.buckets]
+        self.flat: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self.works: list[Any] = []
+        self.launched = 0
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready(n)) for n, p in self.params.items()
+                        if p.requires_grad]
+
+    def _ready(self, name: str) -> Any:
+        def hook(_: torch.Tensor) -> None:
+            self.waiting[self.bucket_of[name]] -= 1
+            with _disable_current_modes():  # collectives, not operators of the step's arithmetic
+                while self.launched < len(self.buckets) and self.waiting[self.launched] == 0:
+                    self._launch(self.launched)
+
+        return hook
+
+    def _launch(self, b: int) -> None:
+        group = self.group
+        flat = torch.cat([(p.grad if (p := self.params[n]).grad is not None else torch.zeros_like(p)).detach()
+                          .reshape(-1).to(group.device, torch.float32) for n in self.buckets[b]])
+        if group.fault == "before":
+            flat = flat * 1.001
+        group.bytes_reduced += flat.numel() * flat.element_size()
+        self.flat[b] = flat
+        self.works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True))
+        self.launched = b + 1
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        while self.launched < len(self.buckets):
+            self._launch(self.launched)
+        for work in self.works:
+            work.wait()
+        out = {}
+        for b, names in enumerate(self.buckets):
+            flat, pos = self.flat[b], 0
+            assert flat is not None
+            for n in names:
+                p = self.params[n]
+                out[n] = self.group._after(flat[pos : pos + p.numel()].view(p.shape).to(p.device))
+                pos += p.numel()
+        return {n: out[n] for n in self.params}
+
+
 def relaunch(nproc: int, argv: Sequence[str]) -> int:
     """`pol <argv>` with `--nproc N` run as N processes by torch.distributed.run (single node, a free port).
     Returns its exit code."""
@@ -286,6 +362,7 @@ class SpawnedRun:
     bytes_reduced: int = 0  # rank 0's gradient all-reduce bytes over the run
     seconds: float = 0.0  # rank 0's time in train_and_prove
     step_seconds: float = 0.0  # rank 0's median time between consecutive steps
+    unsafe: int = 0  # elements rank 0's window all-reduces could not round (summed from gathered gradients)
 
 
 def _free_port() -> int:
@@ -305,7 +382,7 @@ def _spawned(rank: int, nproc: int, port: int, spec: Any, out: str, kwargs: dict
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(nproc),
                        "LOCAL_RANK": str(rank), **env})
     torch.set_num_threads(int(env.get("POL_SPAWN_THREADS", "1")))
-    dp, device = init_from_env(kwargs.pop("device", "cpu"), timeout_s=120)
+    dp, device = init_from_env(kwargs.pop("device", "cpu"), timeout_s=120, **kwargs.pop("group_options", {}))
     stamps: list[float] = []
     try:
         started = time.perf_counter()
@@ -314,9 +391,9 @@ def _spawned(rank: int, nproc: int, port: int, spec: Any, out: str, kwargs: dict
         gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
         if rank == 0:
             queue.put(("ok", rank, result.manifest.root, str(result.path), dp.bytes_reduced,
-                       (time.perf_counter() - started, gaps[len(gaps) // 2] if gaps else 0.0)))
+                       (time.perf_counter() - started, gaps[len(gaps) // 2] if gaps else 0.0, dp.unsafe)))
     except Exception as exc:
-        queue.put(("error", rank, f"{type(exc).__name__}: {exc}", None, 0, (0.0, 0.0)))
+        queue.put(("error", rank, f"{type(exc).__name__}: {exc}", None, 0, (0.0, 0.0, 0)))
         raise
     finally:
         dist.destroy_process_group()
@@ -325,7 +402,8 @@ def _spawned(rank: int, nproc: int, port: int, spec: Any, out: str, kwargs: dict
 def train_spawned(spec: Any, out: str | os.PathLike[str], nproc: int, *, env: Mapping[str, str] | None = None,
                   **kwargs: Any) -> SpawnedRun:
     """Train `spec` (pol.prove.train_and_prove's keyword arguments in `kwargs`) on `nproc` local processes started
-    with torch.multiprocessing (gloo on CPU, one thread each): for tests and benchmarks; `env` is set in each."""
+    with torch.multiprocessing (gloo on CPU, one thread each): for tests and benchmarks; `env` is set in each;
+    `group_options` (a keyword) go to each DataParallelGroup."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -339,11 +417,11 @@ def train_spawned(spec: Any, out: str | os.PathLike[str], nproc: int, *, env: Ma
         pass
     root = path = None
     errors: dict[int, str] = {}
-    reduced, seconds, step = 0, 0.0, 0.0
+    reduced, seconds, step, unsafe = 0, 0.0, 0.0, 0
     while not queue.empty():
-        kind, rank, a, b, n, (t, st) = queue.get()
+        kind, rank, a, b, n, (t, st, un) = queue.get()
         if kind == "ok":
-            root, path, reduced, seconds, step = a, b, n, t, st
+            root, path, reduced, seconds, step, unsafe = a, b, n, t, st, un
         else:
             errors[rank] = a
-    return SpawnedRun(root, path, errors, reduced, seconds, step)
+    return SpawnedRun(root, path, errors, reduced, seconds, step, unsafe)

@@ -656,8 +656,10 @@ def one_step(
     integer multiple of 2**-149, so the sum is an integer, accumulated in fixed-point digits (pol.exact.reduce)
     and independent of the order and grouping of the micro-batches. One process computes it as an exact `sum` over
     the stacked g_i under the exact mode; with `rt.data_parallel` set (pol.distributed) each process computes its
-    share of the g_i, accumulates them as int64 digits, the digits are all-reduced (integer addition: any
-    reduction order) and rounded once: the same bits. (Exact numerics used to add the g_i into `.grad`
+    share of the g_i, sums them as int64 fixed-point windows, the windows are all-reduced (integer addition: any
+    reduction order) and rounded once, the few elements a window cannot round summed exactly from the gathered
+    g_i: the same bits. Native numerics with several processes all-reduces gradient buckets during the last
+    backward pass (DDP's overlap, `overlap_native`). (Exact numerics used to add the g_i into `.grad`
     one by one, so exact digests of specs with more than one micro-batch changed; one micro-batch is unchanged.)
     The step's loss is the sum of (micro-batch loss * micro) in micro-batch order, divided by the batch size.
     """
@@ -675,6 +677,10 @@ def one_step(
     exact_sum = spec.numerics == "exact" and (count > 1 or dp is not None)  # the gradient: an exact sum, rounded once
     per_micro: dict[str, list[torch.Tensor]] = {n: [] for n in rt.params}
     losses: dict[int, float] = {}
+    # native numerics on several processes: DDP's overlap, gradient buckets all-reduced during the last backward
+    overlap = getattr(dp, "overlap_native", None) if dp is not None and not exact_sum and mode is None else None
+    last = mine[-1] if len(mine) else None
+    buckets = None
     with numerics_context(spec.numerics), (mode(on_device) if mode else contextlib.nullcontext()):
         for i in mine:
             offset = i * micro
@@ -682,6 +688,8 @@ def one_step(
             with around_microbatch(offset) if around_microbatch else contextlib.nullcontext():
                 with _randomness(rt, s, i):
                     loss = _forward_loss(rt, {name: t[offset : offset + micro] for name, t in on_device.items()}, s, i)
+                    if overlap is not None and i == last:
+                        buckets = overlap(rt.params)
                     (loss * (micro / size) if micro != size else loss).backward()
                 losses[i] = float(loss.detach()) * micro
             if exact_sum:  # keep each micro-batch's gradient apart: they are summed exactly below
@@ -699,7 +707,10 @@ def one_step(
             grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
             if dp is not None:
                 with _disable_current_modes():
-                    grads = dp.reduce_native(grads)
+                    if overlap is not None:
+                        grads = (buckets if buckets is not None else overlap(rt.params)).finish()
+                    else:
+                        grads = dp.reduce_native(grads)
         if dp is not None:
             with _disable_current_modes():
                 losses = dp.gather_losses(losses, count)

@@ -1,9 +1,9 @@
 """Data-parallel training (pol.distributed): exact gradient sums that do not depend on how micro-batches are
-ordered or grouped, and one commitment whatever the number of processes (gloo on CPU, spawned processes)."""
+ordered or grouped, and one commitment whatever the number of processes (gloo on CPU, spawned processes). The
+window all-reduce's arithmetic is held to `exact_sum` in tests/exact/test_compact_reduce.py; here it runs on gloo."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -12,52 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from pol.distributed import digit_block, exponent_bins, round_block, train_spawned
+from pol.distributed import DataParallelGroup, train_spawned
 from pol.engine import build_runtime, capture_state, initial_state, one_step
+from pol.exact.reduce import exact_sum
 from pol.numerics import numerics_context
 from pol.prove import train_and_prove
+from pol.spec import spec_from_dict
 from pol.verify import verify
 from tests.conftest import TINY_KWARGS, tiny_spec
 
 EXACT = dict(numerics="exact", microbatch=4, steps=4, every=2)  # batch 16: 4 micro-batches per step
-
-
-def _gradients(count: int = 5, n: int = 300) -> list[torch.Tensor]:
-    torch.manual_seed(1)
-    gs = [torch.randn(n) * torch.exp2(torch.randint(-60, 40, (n,)).float()) for _ in range(count)]
-    gs[0][:20] = -0.0  # a sum of negative zeros only is -0
-    for g in gs:
-        g[:20] = -0.0
-    gs[1][10:20] = 0.0  # with one +0 the sum is +0
-    gs[2][30:40] = -gs[3][30:40]  # cancellations
-    return gs
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
-def test_exact_gradient_sum_does_not_depend_on_order_or_grouping():
-    gs = _gradients()
-    with numerics_context("exact"):
-        reference = torch.stack(gs).sum(dim=0)  # what one process computes (pol.engine.one_step)
-    assert torch.signbit(reference[:10]).all() and (reference[:10] == 0).all()
-    assert not torch.signbit(reference[10:20]).any()
-    bins = exponent_bins(torch.stack(gs))
-    lo, hi = int(bins.min()), int(bins.max())
-    width = hi - lo + 4
-    for order in itertools.islice(itertools.permutations(range(len(gs))), 0, 120, 7):
-        for cut in ([1, 2, 2], [3, 2], [1, 1, 1, 1, 1], [5]):  # groups: what each process would hold
-            blocks, start = [], 0
-            for size in cut:
-                members = [gs[i] for i in order[start : start + size]]
-                start += size
-                blocks.append(digit_block(torch.stack(members, dim=1), len(gs[0]), lo, width))
-            total = sum(blocks[::-1])  # integer addition: any order
-            assert torch.equal(_bits(round_block(total, lo, width)), _bits(reference)), (order, cut)
-    with numerics_context("exact"):  # and the exact sum itself is order-free
-        assert torch.equal(_bits(torch.stack(gs[::-1]).sum(dim=0)), _bits(reference))
 
 
 class _Reordered:
@@ -101,20 +68,110 @@ def exact_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return train_and_prove(tiny_spec("transformer", **EXACT), tmp_path_factory.mktemp("ref") / "b").manifest.root
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3])
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
 def test_exact_commitment_does_not_depend_on_process_count(nproc, exact_reference, tmp_path):
     run = train_spawned(tiny_spec("transformer", **EXACT), tmp_path / "b", nproc)
     assert not run.errors, run.errors
     assert run.root == exact_reference
+    assert run.unsafe == 0  # ordinary gradients: two integer all-reduces, no gathered fallback
     if nproc == 2:
         report = verify(run.path, samples=1)
         assert report.verdict == "accept", report.reason
+
+
+@pytest.mark.parametrize(("nproc", "options"), [(2, {"code_block": 1}), (3, {"code_block": 1 << 20})])
+def test_per_element_codes_and_the_gathered_fallback_give_the_same_commitment(nproc, options, exact_reference, tmp_path):
+    # one code per element (9 bytes per element), or one code for everything: far-below elements then cannot be
+    # rounded from the window and go through the gathered exact path, with the same result
+    run = train_spawned(tiny_spec("transformer", **EXACT), tmp_path / "b", nproc, group_options=options)
+    assert not run.errors, run.errors
+    assert run.root == exact_reference
+    assert (run.unsafe > 0) == (options["code_block"] > 1)
+
+
+def test_sixteen_micro_batches_use_one_code_per_element_and_give_the_single_process_commitment(tmp_path):
+    spec = tiny_spec("mlp", numerics="exact", microbatch=1, steps=2, every=2)  # batch 16: 16 micro-batches
+    reference = train_and_prove(spec, tmp_path / "one").manifest.root
+    run = train_spawned(spec, tmp_path / "b", 3)
+    assert not run.errors, run.errors
+    assert run.root == reference
+
+
+def _reduce_cases() -> list[list[torch.Tensor]]:
+    """Micro-batch gradient lists (one tensor per micro-batch) that stress the exact all-reduce."""
+    torch.manual_seed(3)
+    tiny = 2.0**-149
+    ties = torch.tensor([[1.0, 2.0**-24, 0.0], [1.0 + 2.0**-23, 2.0**-24, 0.0], [1.0, 2.0**-24, 2.0**-100],
+                         [-0.0, -0.0, -0.0], [-0.0, 0.0, -0.0], [1.0, -1.0, 0.0], [tiny, tiny, -tiny],
+                         [1.7e38, 1.7e38, 1.7e38], [2.0**100, tiny, -(2.0**100)]])
+    wide = torch.randn(64, 5) * torch.exp2(torch.randint(-150, 120, (64, 5)).float())
+    special = torch.randn(6, 3)
+    special[0, 1], special[1, 2], special[2, 0], special[2, 1] = float("inf"), float("nan"), float("inf"), float("-inf")
+    return [list(ties.T), list(wide.T), list(special.T)]
+
+
+def _reduce_in_ranks(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for block in (1, 32):
+            group = DataParallelGroup(code_block=block)
+            for case, grads in enumerate(_reduce_cases()):
+                mine = group.microbatches(len(grads))
+                got = group.reduce_exact({"g": [grads[i] for i in mine]}, {"g": grads[0]})["g"]
+                queue.put((rank, block, case, got.view(torch.int32).tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reduce_exact_on_gloo_equals_exact_sum_with_ties_signed_zeros_and_non_finite_terms(world):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_reduce_in_ranks, args=(world, port, queue), nprocs=world, join=True, start_method="spawn")
+    results = []
+    while not queue.empty():
+        results.append(queue.get())
+    cases = _reduce_cases()
+    assert len(results) == world * 2 * len(cases)
+    for _, _, case, bits in results:
+        want = exact_sum(torch.stack(cases[case]), 0).view(torch.int32).tolist()
+        assert bits == want, case
+
+
+def test_exact_zoo_gpt2_commitment_does_not_depend_on_process_count(tmp_path):
+    pytest.importorskip("transformers")
+    spec = spec_from_dict({"model": {"name": "gpt2", "kwargs": {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 8}},
+                           "data": {"name": "tokens", "kwargs": {"length": 1024, "block_size": 8}}, "steps": 2,
+                           "every": 2, "batch_size": 8, "microbatch": 2, "numerics": "exact"})
+    reference = train_and_prove(spec, tmp_path / "one").manifest.root
+    for nproc in (2, 3, 4):
+        run = train_spawned(spec, tmp_path / f"b{nproc}", nproc)
+        assert not run.errors, run.errors
+        assert run.root == reference, nproc
 
 
 def test_native_data_parallel_bundle_verifies_on_one_process(tmp_path):
     run = train_spawned(tiny_spec("mlp", microbatch=4, steps=4, every=2), tmp_path / "b", 2)
     assert not run.errors, run.errors
     report = verify(run.path)
+    assert report.verdict == "accept", report.reason
+
+
+def test_native_overlap_in_many_buckets_gives_the_one_bucket_result(tmp_path):
+    # DDP's overlap: buckets all-reduced during the last backward. With 2 processes a float sum is a + b whatever
+    # the buckets, so many small buckets must give one bucket's bits; the bundle verifies on one process
+    spec = tiny_spec("transformer", microbatch=4, steps=2, every=2)
+    one = train_spawned(spec, tmp_path / "one", 2)
+    many = train_spawned(spec, tmp_path / "many", 2, group_options={"bucket_bytes": 4096})
+    assert not one.errors and not many.errors, (one.errors, many.errors)
+    assert many.root == one.root
+    assert many.bytes_reduced == one.bytes_reduced
+    report = verify(many.path)
     assert report.verdict == "accept", report.reason
 
 

@@ -15,6 +15,7 @@ Raises `UnsupportedOperator` for dtypes other than float32.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +42,12 @@ __all__ = [
     "exact_cumsum",
     "accumulate_digits",
     "digits_to_f32",
+    "Window",
+    "compute_exponent_codes",
+    "compute_block_codes",
+    "get_element_codes",
+    "compute_window_sums",
+    "compute_window_rounding",
 ]
 
 PASS_TERMS = 1 << 22
@@ -342,3 +349,136 @@ def exact_cumsum(x: FloatTensor, dim: int) -> FloatTensor:
     step = max(1, CUMSUM_BLOCK // max(moved.numel(), 1))
     parts = [exact_sum(torch.where(keep[j0 : j0 + step], moved.unsqueeze(-2), -0.0), [-1]) for j0 in range(0, n, step)]
     return torch.cat(parts, -1).movedim(-1, dim).contiguous()
+
+
+# -- a compact exact all-reduce: an exponent code, then one int64 per element ------------------------------------
+#
+# Sum M float32 terms per element, held by several processes, with two integer all-reduces whose results do not
+# depend on the reduction order (MAX, then SUM), and round the sum once. The window sums are exact for most
+# elements; the few they cannot round are flagged (identically on every process) for an exact path.
+
+CODE_SPECIAL = 255
+"""Exponent code of a non-finite term (and of a term with biased exponent 254): such a sum takes another path."""
+WINDOW_BITS = 62
+"""Bits of an int64 a window sum may use: |sum| < 2**62, one bit of headroom below int64's sign."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """How M terms per element are cut into int64 units (`compute_window_sums`), h = bitlength(M).
+
+    The int64's low bits count, per element, the terms cut inexactly (h bits: the bound on the sum's error) and,
+    with `counts`, the terms that are not -0 (h bits: an exact zero sum is -0 only if none is): needed when one
+    exponent code covers a block of elements (one code per element says it). The value part has `width` bits per
+    term: |term| < 2**width units, so M terms sum below 2**(62 - low) units."""
+
+    terms: int  # M: the terms per element over all processes (the step's micro-batches; spec-known)
+    counts: bool
+
+    @property
+    def h(self) -> int:
+        return self.terms.bit_length()
+
+    @property
+    def low(self) -> int:
+        return 2 * self.h if self.counts else self.h
+
+    @property
+    def width(self) -> int:
+        return WINDOW_BITS - self.h - self.low
+
+
+def compute_exponent_codes(x: FloatTensor) -> torch.Tensor:
+    """Per row of 2-D float32 `x` (elements, terms): the MAX over the row of a uint8 code, monotone in a term's
+    scale: 0 for -0, 1 for +0, 1 + max(biased exponent, 1) for a nonzero finite term (subnormals share biased
+    exponent 1's scale), `CODE_SPECIAL` for inf/NaN and biased exponent 254. MAX over any grouping of the terms
+    (processes, micro-batches, a block of elements) is the code of the largest term."""
+    biased = (x.view(torch.int32) >> 23) & 0xFF
+    code = torch.where(x == 0, (~torch.signbit(x)).to(torch.int32), torch.clamp(biased, min=1) + 1)
+    code = torch.clamp(code, max=CODE_SPECIAL)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.uint8, device=x.device)
+    return code.amax(dim=1).to(torch.uint8)
+
+
+def compute_block_codes(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """MAX of uint8 `codes` over consecutive blocks of `block` elements (the last one short)."""
+    pad = (-codes.numel()) % block
+    padded = torch.cat([codes, torch.zeros(pad, dtype=codes.dtype, device=codes.device)])
+    return padded.view(-1, block).amax(dim=1)
+
+
+def get_element_codes(blocks: torch.Tensor, block: int, numel: int) -> torch.Tensor:
+    """Each element's code (int64) from its block's code."""
+    return blocks.to(torch.int64).repeat_interleave(block)[:numel]
+
+
+def _window_unit_exponent(code: IntTensor, window: Window) -> IntTensor:
+    """k with the window's unit u = 2**k: the largest term is below 2**(emax - 126) = 2**width units."""
+    return torch.clamp(code - 1, min=1) - 126 - window.width
+
+
+def compute_window_sums(x: FloatTensor, code: IntTensor, window: Window) -> IntTensor:
+    """Per row of finite 2-D float32 `x` (elements, terms): sum over the row of trunc(term / u) (exact integer
+    operations on the float32 bits), u = 2**k from the row's code (`code`: int64, at least the code of every
+    term of the element on every process), shifted up by `window.low` bits that count the terms cut inexactly
+    (and, with `window.counts`, the terms that are not -0). These int64 add as integers: any order."""
+    bits = x.view(torch.int32).to(torch.int64)
+    biased = (bits >> 23) & 0xFF
+    mant = (bits & 0x7FFFFF) | torch.where(biased > 0, 1 << 23, 0)
+    k = _window_unit_exponent(code, window).unsqueeze(1)
+    shift = torch.clamp(biased, min=1) - 150 - k  # term = mant * 2**shift units
+    mag = torch.where(shift >= 0, mant << torch.clamp(shift, 0, 62), mant >> torch.clamp(-shift, 0, 63))
+    total = torch.where(bits < 0, -mag, mag).sum(dim=1)
+    cut = (shift < 0) & ((mant & ((1 << torch.clamp(-shift, 0, 62)) - 1)) != 0)  # bits below u were dropped
+    low = cut.to(torch.int64).sum(dim=1)
+    if window.counts:
+        not_negative_zero = (~((x == 0) & torch.signbit(x))).to(torch.int64).sum(dim=1)
+        low = (low << window.h) + not_negative_zero
+    return total * (1 << window.low) + low
+
+
+def _bit_length(a: IntTensor) -> IntTensor:
+    """bitlength of non-negative int64 `a` (0 for 0), exactly: frexp of the float64, corrected where the
+    conversion rounded up to the next power of two."""
+    _, e = torch.frexp(a.to(torch.float64))
+    e = e.to(torch.int64)
+    return e - ((e > 0) & ((a >> torch.clamp(e - 1, 0, 63)) == 0)).to(torch.int64)
+
+
+def compute_window_rounding(total: IntTensor, code: IntTensor, window: Window) -> tuple[FloatTensor, torch.Tensor]:
+    """float32 of all-reduced `compute_window_sums` (int64, every process's terms) and a SAFE mask: where it is
+    True, the value is the exact sum of the terms rounded once to nearest even (`exact_sum`'s bits, signed zeros
+    included); where False, another exact path must sum that element.
+
+    The window sum H (in units u = 2**k) misses the bits below u of the C terms cut inexactly, under one unit
+    each: the exact sum S has |S - H*u| < C*u. C = 0: H*u is S, rounded here (ties and subnormals included). C > 0:
+    if no float32 rounding midpoint lies within C units of H, S and H*u round alike. Unsafe: C > 0 and a sum
+    rounding to a subnormal, within C units of a midpoint, or cancelled to under 2**(h + 26) units; an overflow."""
+    h = window.h
+    low = total & ((1 << window.low) - 1)
+    hsum = total >> window.low
+    if window.counts:
+        cut, plus = low >> h, (low & ((1 << h) - 1)) > 0
+    else:
+        cut, plus = low, code >= 1
+    k = _window_unit_exponent(code, window)
+    a = hsum.abs()
+    length = _bit_length(a)
+    p = length - 1 + k  # 2**p <= |H*u| < 2**(p + 1)
+    pe = torch.clamp(p, min=-126)
+    d = pe - 23 - k  # the float32 quantum at |H*u| is 2**d units
+    dd = torch.clamp(d, 0, 62)
+    t = torch.where(d < 0, a << torch.clamp(-d, 0, 62), a >> dd)  # a sum of under 24 bits is widened, exactly
+    rem = torch.where(d < 0, 0, a - (t << dd))
+    half = torch.where(dd > 0, torch.ones_like(dd) << torch.clamp(dd - 1, min=0), 0)
+    up = (dd > 0) & ((rem > half) | ((rem == half) & ((t & 1) == 1)))
+    mag_bits = ((pe + 126) << 23) + t + up.to(torch.int64)  # a carry into the next binade is the next exponent
+    exact = cut == 0
+    inexact_safe = (p >= -126) & (length >= h + 27) & ((rem - half).abs() >= cut)
+    safe = (a > 0) & (mag_bits < 0x7F800000) & (exact | inexact_safe)
+    mag_bits = torch.where(a > 0, mag_bits, 0)
+    signed = torch.where(hsum < 0, mag_bits - (1 << 31), mag_bits).to(torch.int32).view(torch.float32)
+    zero = (a == 0) & exact  # an exact zero sum: -0 only if every term was -0
+    value = torch.where(zero, torch.where(plus, 0.0, -0.0), signed)
+    return value, safe | zero
