@@ -27,6 +27,7 @@ fails its own invariants is a failure (1).
         │   ├── DuplicateMove           2   the party already made this move (second bid, second verdict, ...)
         │   ├── BidRejected             2   a bid above the maximum price or not meeting the requirements
         │   ├── BadMove                 2   a malformed move (weight out of range, unknown ruling, bad commitment)
+        │   │   └── CostError           2   a figure of the cost model out of range (games.cost; rule 'cost.*')
         │   └── SaltMismatch            2   the revealed salt does not hash to the digest given with the bid
         └── MarketError(rule)           2   `games.market` cannot go on: its journal belongs to another market or
                                             diverged
@@ -44,6 +45,7 @@ __all__ = [
     "AccountExists",
     "BadMove",
     "BidRejected",
+    "CostError",
     "DeadlineMissed",
     "DuplicateMove",
     "GameError",
@@ -186,6 +188,10 @@ class BidRejected(RuleViolation):
 
 class BadMove(RuleViolation):
     pass
+
+
+class CostError(BadMove):
+    """A figure of the cost model (`games.cost`) out of range; `rule` is 'cost.<field>'."""
 
 
 class SaltMismatch(RuleViolation):

@@ -12,9 +12,13 @@
                replay can tell). If the beacon and its salt force an error, it publishes a bundle with every
                segment wrong and commits to that (Truebit's forced error), keeping the true one for later.
       commit   the winner locks its bond and posts the root of the bundle it published
-      verify   every verifier stakes, replays the segments `get_verifier_segments` assigns it with
-               `pol.verify.verify(expected_root=<posted commitment>)` and approves or rejects (a lazy verifier
-               approves without looking)
+      verify   every verifier of the committee stakes, replays the segments `get_verifier_segments` assigns it
+               with `pol.verify.verify(expected_root=<posted commitment>)` and approves or rejects (a lazy verifier
+               approves without looking). With `sampling='shared'` the committee splits one beacon-drawn sample
+               into disjoint shares (each replays only its share); with 'independent' each draws its own. The
+               sample is sized by the task's posted `detection` (confidence, cheat fraction). A silent verifier
+               (joins, never gives a verdict) has its share re-assigned after the verify deadline to a fresh
+               verifier from the reserve (the verifiers beyond `committee`), and is slashed at the reveal
                (with an outcome condition, an approver also reports the certified final metric, which `pol.verify`
                recomputes from the final checkpoint on its own copy of the evaluation data)
       reveal   the solver reveals its salt: a forced error pays the catchers from the jackpot and slashes the
@@ -28,6 +32,17 @@
                payment, the bond returned (a valid bundle that misses a target is not fraud), the fee refunded to
                the submitter but for the verifiers' rewards
 Every ledger change goes through `games.task.apply_post` / `apply_move`.
+
+Compute accounting (`games.cost`): every task reports the compute each party spent for it as `ComputeEntry`s:
+the solver's training steps and seconds (steps x its median step time, measured from the run's per-step
+progress), its proof overhead (the rest of the run after the first step: checkpoint capture, hashing, writing,
+the manifest) and any forced-error bundle it had to write; each verifier's replayed and calibration steps and
+seconds (pol.verify's report; seconds apportioned between the two by steps); each dispute's work (the replay
+referee's replayed steps, or pinpoint's rounds, both sides' replay of the segment, estimated as 2 k steps, and the
+referee's seconds). `TaskReport.tax` and `MarketReport.tax` are the protocol tax per task and in total. Not
+counted: setup before the first step (a plain loop builds its model too; for a small model it includes writing
+the step-0 checkpoint), a cheater's forging, and the submitter's
+job-id resolution.
 
 Crash safety: the market keeps a journal (`market-journal.json` in the work directory, replaced atomically) of
 every move applied and of every result that took work or read live balances (bundle roots, verifications,
@@ -56,6 +71,7 @@ from blake3 import blake3
 
 from games.auction import make_capabilities, make_requirements
 from games.consensus import WEIGHT_ONE
+from games.cost import ComputeEntry, TaxSummary, compute_tax
 from games.errors import MarketError
 from games.ledger import AccountId, Amount, Ledger, mint, open_account, verify_ledger
 from games.ledger_sqlite import SqliteLedger
@@ -83,6 +99,7 @@ from games.task import (
     compute_salt_digest,
     get_verifier_segments,
     is_approval,
+    verify_detection,
     verify_params,
 )
 from pol.components import CodePolicy
@@ -106,6 +123,7 @@ __all__ = [
     "get_market_params",
     "pinpoint_dispute",
     "replay_dispute",
+    "render_compute",
     "report_to_dict",
     "run_market",
 ]
@@ -126,6 +144,9 @@ class DisputeOutcome:
 
     ruling: str
     description: str = ""
+    steps: int = 0  # training steps the dispute replayed (both sides and the referee)
+    rounds: int = 0  # rounds of the dispute protocol (0: a single replay)
+    referee_seconds: float = 0.0  # the referee's own work, when the protocol measures it apart
 
 
 DisputeFn = Callable[[Path, int], "DisputeOutcome | str"]  # (bundle path, 0-based segment) -> outcome
@@ -188,6 +209,10 @@ class TaskReport:
     changes: tuple[tuple[AccountId, Amount], ...]  # each account's balance change over the task (non-zero only)
     condition: tuple[str, str, float] | tuple[()] = ()  # the outcome condition posted with the task, if any
     certified_metric: float | None = None  # the median certified final metric the settlement used
+    detection: tuple[float, float] | tuple[()] = ()  # the required detection posted with the task
+    sampling: str = "independent"
+    compute: tuple[ComputeEntry, ...] = ()  # every party's compute for this task (games.cost)
+    tax: TaxSummary = TaxSummary(0, 0.0, 0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +228,7 @@ class MarketReport:
     market_events: int  # MarketEvents emitted by this call
     resumed: bool  # this call went on from a journal
     seconds: float
+    tax: TaxSummary = TaxSummary(0, 0.0, 0, 0.0, 0.0, 0.0)  # over every task
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -286,9 +312,10 @@ def replay_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy(
     failed = [c for c in report.checks if not c.ok]
     if report.verdict == "accept":
         return DisputeOutcome("challenger_wrong", f"replay referee (no pinpoint): segment {segment} replays as "
-                                                  "committed")
+                                                  "committed", steps=report.steps_replayed)
     why = failed[0].problem if failed else report.reason
-    return DisputeOutcome("solver_wrong", f"replay referee (no pinpoint): segment {segment} does not replay: {why}")
+    return DisputeOutcome("solver_wrong", f"replay referee (no pinpoint): segment {segment} does not replay: {why}",
+                          steps=report.steps_replayed)
 
 
 def pinpoint_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
@@ -305,7 +332,8 @@ def pinpoint_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolic
     where = f"step {result.step}, node {result.node}" + (f" ({result.op})" if result.op else "")
     return DisputeOutcome(ruling, f"pinpoint: {result.rounds} rounds, {result.messages} messages, narrowed to "
                                   f"{where}; {result.outcome.loser} loses by {result.outcome.by}: "
-                                  f"{result.outcome.reason}")
+                                  f"{result.outcome.reason}", steps=2 * int(result.k), rounds=int(result.rounds),
+                          referee_seconds=float(result.referee_seconds))
 
 
 def default_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
@@ -318,7 +346,7 @@ def default_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy
     except Exception as exc:  # pinpoint is young: a failure of it must not stall settlement
         why = f"pinpoint failed ({type(exc).__name__}: {exc})"
     fallback = replay_dispute(bundle, segment, code=code)
-    return DisputeOutcome(fallback.ruling, f"{why}; {fallback.description}")
+    return dataclasses.replace(fallback, description=f"{why}; {fallback.description}")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -380,16 +408,42 @@ def _altered_bundle(src: Path, dst: Path, seed_text: str, first: int) -> str:
     return root
 
 
-def _train(spec: JobSpec, out: Path) -> str:
-    """Train `spec` into `out`, resuming an interrupted run; an already finished bundle is reused. Returns its root."""
+def _train(spec: JobSpec, out: Path) -> tuple[str, dict[str, Any]]:
+    """Train `spec` into `out`, resuming an interrupted run; an already finished bundle is reused. Returns its root
+    and the run's timing: `steps` run, `train_s` (steps x the median time between steps that shared a segment),
+    `proof_s` (the rest of the run from its first step on: checkpoints, hashing, the manifest)."""
     from pol.bundle import open_bundle
     from pol.prove import PROGRESS_NAME, train_and_prove
 
     if (out / "manifest.json").is_file():
         with open_bundle(out) as b:
-            return b.manifest.root
+            return b.manifest.root, {"steps": 0, "train_s": 0.0, "proof_s": 0.0}
     resume = (out / PROGRESS_NAME).is_file()
-    return train_and_prove(spec, out, resume=resume, force=not resume).manifest.root
+    marks: list[tuple[int, float]] = []
+    result = train_and_prove(spec, out, resume=resume, force=not resume,
+                             on_progress=lambda step, total, loss: marks.append((step, time.perf_counter())))
+    done = time.perf_counter()
+    return result.manifest.root, _compute_run_timing(marks, done, set(spec.checkpoint_steps))
+
+
+def _compute_run_timing(marks: Sequence[tuple[int, float]], done: float, checkpoints: set[int]) -> dict[str, Any]:
+    """Split a run's time, from its first step's end to `done`, into training and proof overhead. `marks` are
+    (step reached, time) after every step. An interval that starts at a checkpoint holds one step and that
+    checkpoint's work: the step is counted at the median of the other intervals (one step each), the rest is
+    proof; so is everything after the last step (the final checkpoint, the manifest). The first step counts at
+    the median too (what came before it is setup, which a plain loop has as well)."""
+    if not marks:
+        return {"steps": 0, "train_s": 0.0, "proof_s": 0.0, "step_s": 0.0}
+    pairs = list(zip(marks[:-1], marks[1:], strict=True))
+    plain = [b[1] - a[1] for a, b in pairs if a[0] not in checkpoints]
+    step_s = sorted(plain)[len(plain) // 2] if plain else 0.0
+    train_s, proof_s = step_s, done - marks[-1][1]
+    for a, b in pairs:
+        if a[0] in checkpoints:
+            train_s, proof_s = train_s + step_s, proof_s + max(0.0, b[1] - a[1] - step_s)
+        else:
+            train_s += b[1] - a[1]
+    return {"steps": len(marks), "train_s": train_s, "proof_s": proof_s, "step_s": step_s}
 
 
 # ---------------------------------------------------------------------------------------------------- the journal
@@ -434,6 +488,9 @@ class _Setup:
     funding: tuple[tuple[AccountId, Amount], ...]
     code: CodePolicy = CodePolicy()  # the user code every verifier (and the dispute's parties) may import
     condition: tuple[str, str, float] | tuple[()] = ()  # the outcome condition every task is posted with
+    detection: tuple[float, float] | tuple[()] = ()  # the required detection every task is posted with
+    committee: tuple[AccountId, ...] = ()  # the verifiers seated on every task (the rest are the reserve)
+    silent: frozenset[AccountId] = frozenset()  # verifiers that join and then never give a verdict
 
 
 class _Market:
@@ -448,6 +505,7 @@ class _Market:
         self.cursor = 0
         self.emitted = 0
         self.clock = 0
+        self.compute: list[ComputeEntry] = []  # the current task's compute, gathered as it is spent (or replayed)
 
     # -- plumbing
 
@@ -508,7 +566,9 @@ class _Market:
         now = self.clock + 1
         job_id = self.cached(f"plan/{t}/job_id", lambda: _job_id(spec))
         condition = s.condition
-        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics]), job_id, condition), "post",
+        self.compute = []
+        task = self.play(Post(t, now, SUBMITTER, s.flops, make_requirements({}, [spec.numerics]), job_id, condition,
+                              s.detection), "post",
                          f"{SUBMITTER} posts job {job_id[:16]}: {spec.model.name} x {spec.steps} steps "
                          f"({s.flops:.3g} FLOPs): fee estimate {compute_fee_estimate(s.flops, s.params)} escrowed"
                          + (f"; pays only if the certified {condition[0]} {condition[1]} {condition[2]:g}" if condition else ""))
@@ -579,7 +639,17 @@ class _Market:
         t, solver, base = task.task_id, task.solver, self.workdir / "tasks" / task.task_id
         honest = base / "honest"
         started = time.perf_counter()
-        self.cached(f"root/tasks/{t}/honest", lambda: _train(spec, honest))
+
+        def train() -> str:
+            root, timing = _train(spec, honest)
+            self.journal.work[f"compute/{t}/train"] = timing  # journaled with the root
+            return root
+
+        self.cached(f"root/tasks/{t}/honest", train)
+        timing = self.journal.work.get(f"compute/{t}/train", {"steps": 0, "train_s": 0.0, "proof_s": 0.0})
+        self.compute += [ComputeEntry(solver, "train", 0, int(timing["steps"]), float(timing["train_s"])),
+                         ComputeEntry(solver, "proof", 0, 0, float(timing["proof_s"]),
+                                      "checkpoints: capture, hash, write; the manifest")]
         self.emit(t, "train", f"{solver} trains the job for real: root {self.root(honest)[:16]} "
                               f"({time.perf_counter() - started:.1f}s)", f"root/tasks/{t}/honest" in self.preloaded)
         true_path = honest
@@ -594,8 +664,17 @@ class _Market:
         if not forced:
             return true_path, true_path
         wrong = base / "forced"
-        self.cached(f"root/tasks/{t}/forced",
-                    lambda: _altered_bundle(true_path, wrong, f"{self.s.seed}/{t}/forced", 1))
+
+        def forced_error() -> str:
+            began = time.perf_counter()
+            root = _altered_bundle(true_path, wrong, f"{self.s.seed}/{t}/forced", 1)
+            self.journal.work[f"compute/{t}/forced"] = time.perf_counter() - began
+            return root
+
+        self.cached(f"root/tasks/{t}/forced", forced_error)
+        self.compute.append(ComputeEntry(solver, "forced_error", 0, 0,
+                                         float(self.journal.work.get(f"compute/{t}/forced", 0.0)),
+                                         "writes the wrong bundle the beacon forced"))
         self.emit(t, "train", f"the forced-error beacon picks {solver}: it publishes a wrong bundle (every segment "
                               f"altered), root {self.root(wrong)[:16]}", f"root/tasks/{t}/forced" in self.preloaded)
         return wrong, true_path
@@ -604,27 +683,55 @@ class _Market:
         s, t, r = self.s, task.task_id, task.round
         start = task.last_tick + 1
         stakers = self.cached(f"plan/{t}/r{r}/verifiers",
-                              lambda: [v for v in s.verifiers if self.can_pay(v, s.params.verifier_stake)])
-        for v in s.verifiers:
+                              lambda: [v for v in s.committee if self.can_pay(v, s.params.verifier_stake)])
+        for v in s.committee:
             if v not in stakers:
                 self.emit(t, "join", f"{v} sits out round {r}: cannot cover the stake {s.params.verifier_stake}")
         for v in stakers:
             task = self.play(Join(t, start, v), "join", f"{v} stakes {s.params.verifier_stake} (round {r})")
         for v in stakers:
-            segments = tuple(sorted(get_verifier_segments(task, v, s.params)))
-            key = f"verify/{t}/r{r}/{v}"
-            result = self.cached(key, functools.partial(self.check, task, path, v, segments))
-            report = VerificationReport(v, r, segments, result["verdict"], tuple(result["failed"]), result["reason"],
-                                        result.get("metric"), bool(result.get("evaluation")))
-            out.append(report)
-            certified = f"; certified {s.condition[0]} {report.metric:.6g}" if report.metric is not None and s.condition else ""
-            self.emit(t, "verify", f"{v} replays segments {_segments_text(segments)} of {task.commitment[:16]}: "
-                                   f"{report.verdict}" + (f" ({_short(report.reason)})" if report.reason else "") + certified,
-                      key in self.preloaded)
-            weight = 0 if report.verdict == "reject" else WEIGHT_ONE
-            task = self.play(Verdict(t, start + 1, v, weight, report.metric if is_approval(weight) else None), "verdict",
-                             f"{v} {'approves' if is_approval(weight) else 'challenges'}")
+            if v in s.silent:
+                self.emit(t, "verify", f"{v} is silent: it staked but gives no verdict")
+                continue
+            task = self.verify_one(task, path, v, start + 1, out)
+        for v in [v for v in stakers if v in s.silent]:
+            reserve = tuple(u for u in s.verifiers if u not in stakers and u not in {a for a, _ in task.replacements})
+            fresh = self.cached(f"plan/{t}/r{r}/replace/{v}", functools.partial(self.first_able, reserve))
+            if not fresh:
+                self.emit(t, "join", f"nobody in the reserve can take over {v}'s segments: they go unreplayed")
+                continue
+            task = self.play(Join(t, task.verify_deadline, fresh, v), "join",
+                             f"{fresh} stakes {s.params.verifier_stake} and takes over silent {v}'s segments")
+            task = self.verify_one(task, path, fresh, task.verify_deadline, out)
         return task
+
+    def first_able(self, candidates: tuple[AccountId, ...]) -> AccountId:
+        """The first of `candidates` that can cover a verifier's stake ("" if none)."""
+        return next((u for u in candidates if self.can_pay(u, self.s.params.verifier_stake)), "")
+
+    def verify_one(self, task: Task, path: Path, v: AccountId, now: int, out: list[VerificationReport]) -> Task:
+        """One verifier replays its segments and gives its verdict."""
+        s, t, r = self.s, task.task_id, task.round
+        segments = tuple(sorted(get_verifier_segments(task, v, s.params)))
+        key = f"verify/{t}/r{r}/{v}"
+        result = self.cached(key, functools.partial(self.check, task, path, v, segments))
+        report = VerificationReport(v, r, segments, result["verdict"], tuple(result["failed"]), result["reason"],
+                                    result.get("metric"), bool(result.get("evaluation")))
+        out.append(report)
+        steps, calibration, seconds = (int(result.get("steps", 0)), int(result.get("calibration_steps", 0)),
+                                       float(result.get("seconds", 0.0)))
+        if steps:
+            share = calibration / steps
+            self.compute += [ComputeEntry(v, "replay", r, steps - calibration, seconds * (1 - share),
+                                          f"segments {_segments_text(segments)}"),
+                             ComputeEntry(v, "calibration", r, calibration, seconds * share)]
+        certified = f"; certified {s.condition[0]} {report.metric:.6g}" if report.metric is not None and s.condition else ""
+        self.emit(t, "verify", f"{v} replays segments {_segments_text(segments)} of {task.commitment[:16]}: "
+                               f"{report.verdict}" + (f" ({_short(report.reason)})" if report.reason else "") + certified,
+                  key in self.preloaded)
+        weight = 0 if report.verdict == "reject" else WEIGHT_ONE
+        return self.play(Verdict(t, now, v, weight, report.metric if is_approval(weight) else None), "verdict",
+                         f"{v} {'approves' if is_approval(weight) else 'challenges'}")
 
     def check(self, task: Task, path: Path, verifier: AccountId, segments: tuple[int, ...]) -> dict[str, Any]:
         """A verifier's real work: replay its segments against the posted commitment (a lazy one does nothing)."""
@@ -634,13 +741,17 @@ class _Market:
 
         # the segments come from the ledger's beacon, drawn after the commitment (get_verifier_segments); the
         # verifier pins the posted job and commitment, and allows no code beyond pol's built-ins
+        if not segments:
+            return {"verdict": "accept", "failed": [], "reason": "an empty share: nothing to replay"}
         report = verify(path, segments=[i + 1 for i in segments], expected_root=task.commitment,
                         expected_job=task.job_id or None, beacon=task.segment_beacon, code=self.s.code)
         failed = sorted(c.index - 1 for c in report.checks if not c.ok)
+        work = {"steps": report.steps_replayed, "calibration_steps": report.calibration_steps,
+                "seconds": report.seconds}
         if report.verdict == "accept":
             certified = report.certified_metrics or {}
             metric = certified.get(self.s.condition[0]) if self.s.condition else None
-            return {"verdict": "accept", "failed": [], "reason": "", "metric": metric}
+            return {"verdict": "accept", "failed": [], "reason": "", "metric": metric, **work}
         problems = [c.problem for c in report.checks if not c.ok and c.problem]
         bad_eval = [c for c in report.evaluation.checks if not c.ok] if report.evaluation is not None else []
         if not failed and bad_eval:  # a committed metric that does not recompute: the segment ending at its checkpoint
@@ -649,9 +760,9 @@ class _Market:
             with open_bundle(path) as b:
                 index = b.record_index(bad_eval[0].step)
             return {"verdict": "reject", "failed": [max(index - 1, 0)], "reason": f"evaluation: {bad_eval[0].problem}",
-                    "evaluation": True}
+                    "evaluation": True, **work}
         return {"verdict": "reject", "failed": failed or [segments[0]],
-                "reason": problems[0] if problems else report.reason}
+                "reason": problems[0] if problems else report.reason, **work}
 
     def settle_dispute(self, task: Task, path: Path, verifications: list[VerificationReport],
                        out: list[DisputeReport]) -> Task:
@@ -679,8 +790,9 @@ class _Market:
             # a disputed evaluation is not a training step to bisect: the replay referee recomputes the metric
             rule = (functools.partial(self.rule_on_evaluation, path, segment) if segment in on_eval
                     else functools.partial(self.rule_on, path, segment))
-            result = self.cached(key, rule)
+            result = self.cached(key, functools.partial(_timed, rule))
             out.append(DisputeReport(r, segment, tuple(flagged[segment]), result["ruling"], result["description"]))
+            self.add_dispute_compute(r, segment, result, segment in on_eval)
             self.emit(t, "dispute", f"segment {segment}: {result['ruling']}: {_short(result['description'], 300)}",
                       key in self.preloaded)
             if result["ruling"] == "solver_wrong":
@@ -688,6 +800,17 @@ class _Market:
         ruling = "solver_wrong" if wrong else "challenger_wrong"
         return self.play(Rule(t, task.last_tick + 1, ruling, tuple(wrong)), "rule",
                          f"ruling {ruling}" + (f" on segments {_segments_text(wrong)}" if wrong else ""))
+
+    def add_dispute_compute(self, r: int, segment: int, result: Mapping[str, Any], on_eval: bool) -> None:
+        steps, rounds = int(result.get("steps", 0)), int(result.get("rounds", 0))
+        seconds, referee = float(result.get("seconds", 0.0)), float(result.get("referee_seconds", 0.0))
+        if rounds == 0:  # a single replay: the referee's own work
+            self.compute.append(ComputeEntry("referee", "referee", r, steps, seconds,
+                                             f"replays segment {segment}" + (" (its evaluation)" if on_eval else "")))
+            return
+        self.compute += [ComputeEntry("dispute", "dispute", r, steps, max(0.0, seconds - referee),
+                                      f"segment {segment}: {rounds} rounds; steps: both sides replay the segment"),
+                         ComputeEntry("referee", "referee", r, 0, referee, f"segment {segment}: one operator")]
 
     def rule_on(self, path: Path, segment: int) -> dict[str, str]:
         return dataclasses.asdict(_normalise(self.dispute(path, segment)))
@@ -702,12 +825,20 @@ class _Market:
         changes = tuple((a, after[a] - before.get(a, 0)) for a in sorted(after) if after[a] != before.get(a, 0))
         certified = [m for v, m in task.metrics if v in {a for a, w in task.verdicts if is_approval(w)}]
         median = sorted(certified)[(len(certified) - 1) // 2] if certified else None
+        compute = tuple(self.compute)
         return TaskReport(task.task_id, task.submitter, task.flops, task.max_price, bids, task.solver, task.price,
                           cheated, task.forced, task.commitment, task.outcome, tuple(verifications),
-                          tuple(disputes), changes, task.condition, median)
+                          tuple(disputes), changes, task.condition, median, task.detection, self.s.params.sampling,
+                          compute, compute_tax(compute))
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
+
+
+def _timed(rule: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    began = time.perf_counter()
+    result = rule()
+    return {**result, "seconds": time.perf_counter() - began}
 
 
 def _verify_names(what: str, names: Sequence[str], pool: Sequence[str]) -> None:
@@ -743,6 +874,10 @@ def run_market(
     dispute: DisputeFn | None = None,
     allow_code: Sequence[str] = (),
     condition: tuple[str, str, float] | None = None,
+    sampling: str | None = None,
+    detection: tuple[float, float] | None = None,
+    committee: int | None = None,
+    silent_verifiers: Sequence[str] = (),
 ) -> MarketReport:
     """Run a whole market with real work in `workdir` (bundles under `tasks/<id>/`, the journal `JOURNAL_NAME`) and
     return its report. Parties are `submitter`, `solver-1..n`, `verifier-1..n` and the jackpot account.
@@ -755,11 +890,15 @@ def run_market(
     segment)` returns a `DisputeOutcome` (or a bare ruling string); default: `default_dispute` under the same
     allow-list. `condition` = (metric, one of ">=", ">", "<=", "<", threshold) posts every task with an outcome
     condition on a metric of the spec's evaluation: the solver is paid only if the approvers' certified final
-    metric meets it, else the task ends 'target_missed' (see games.task). `on_event` gets
+    metric meets it, else the task ends 'target_missed' (see games.task). `sampling` ('independent' or 'shared')
+    overrides `params.sampling`; `detection` = (confidence, cheat fraction) posts every task with a required
+    detection that sizes the sample (`games.task.get_sample_size`). `committee` seats the first that many verifiers
+    on every task (default: all); the others are the reserve that takes over the share of a verifier in
+    `silent_verifiers` (one that stakes and never gives a verdict: it is slashed). `on_event` gets
     every `MarketEvent`; an exception it raises propagates, and a re-run on the same work directory goes on from
     the journal and finishes exactly once.
 
-    Raises MarketError (a cheater or lazy verifier that is not a party, a bad count, a journal of another market or
+    Raises MarketError (a cheater, lazy or silent verifier that is not a party, a bad count or committee, a journal of another market or
     one the run diverged from, a dispute callable that does not rule), BadMove (params out of range, before anything
     is written), LedgerError (a given ledger whose accounts another market opened; LedgerCorrupt if the ledger fails
     its invariants at the end), and what `pol.prove.train_and_prove` / `pol.verify.verify` / the dispute callable
@@ -772,9 +911,18 @@ def run_market(
     verifiers = tuple(f"verifier-{i}" for i in range(1, n_verifiers + 1))
     _verify_names("cheaters", cheaters, solvers)
     _verify_names("lazy_verifiers", lazy_verifiers, verifiers)
+    _verify_names("silent_verifiers", silent_verifiers, verifiers)
+    seats = n_verifiers if committee is None else committee
+    if type(seats) is not int or not 1 <= seats <= n_verifiers:
+        raise MarketError("market.committee", f"a committee of {committee!r} is not 1..{n_verifiers} verifiers")
     spec = spec if spec is not None else get_default_spec()
     game = get_market_params(spec, params)
+    if sampling is not None:
+        game = dataclasses.replace(game, sampling=sampling)
     verify_params(game)
+    if detection is not None:
+        detection = (float(detection[0]), float(detection[1])) if isinstance(detection, (tuple, list)) else detection
+        verify_detection(detection)
     flops = compute_job_flops(spec, _count_params(spec))
     funding = _funding(game, compute_fee_estimate(flops, game), n_tasks, solvers, verifiers)
     code = CodePolicy.allowing(allow_code)
@@ -785,11 +933,14 @@ def run_market(
                                                   f"spec's evaluation metrics {names}")
         condition = (str(condition[0]), str(condition[1]), float(condition[2]))
     setup = _Setup(seed, spec, game, flops, solvers, verifiers, frozenset(cheaters), frozenset(lazy_verifiers),
-                   funding, code, condition or ())
+                   funding, code, condition or (), detection or (), verifiers[:seats], frozenset(silent_verifiers))
     config = json.loads(json.dumps({"seed": seed, "spec": spec.to_dict(), "params": dataclasses.asdict(game),
                                     "n_tasks": n_tasks, "solvers": solvers, "verifiers": verifiers,
                                     "cheaters": sorted(cheaters), "lazy": sorted(lazy_verifiers),
-                                    **({"condition": list(condition)} if condition else {})}))
+                                    **({"condition": list(condition)} if condition else {}),
+                                    **({"detection": list(detection)} if detection else {}),
+                                    **({"committee": seats} if seats != n_verifiers else {}),
+                                    **({"silent": sorted(silent_verifiers)} if silent_verifiers else {})}))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     journal = _Journal(workdir / JOURNAL_NAME, config)
@@ -809,10 +960,30 @@ def run_market(
         balances = dict(sorted(active.get_accounts().items()))
         market.emit("", "done", "balances: " + ", ".join(f"{a} {b}" for a, b in balances.items()))
         return MarketReport(workdir, path, seed, reports, dict(funding), balances, active.total_supply(),
-                            len(active.events()), market.emitted, journal.resumed, time.perf_counter() - started)
+                            len(active.events()), market.emitted, journal.resumed, time.perf_counter() - started,
+                            compute_tax(e for r in reports for e in r.compute))
     finally:
         if own is not None:
             own.close()
+
+
+def render_compute(report: MarketReport) -> str:
+    """The compute table of a market: every party's compute per task, each task's protocol tax, and the total."""
+    lines = [f"{'task':<8} {'party':<12} {'kind':<13} {'round':>5} {'steps':>7} {'seconds':>9}  note"]
+    for task in report.tasks:
+        for e in task.compute:
+            lines.append(f"{task.task_id:<8} {e.party:<12} {e.kind:<13} {e.round:>5} {e.steps:>7} {e.seconds:>9.3f}"
+                         + (f"  {e.note}" if e.note else ""))
+        lines.append(f"{task.task_id:<8} {_tax_text(task.tax)}  [{task.sampling} sampling"
+                     + (f", detection {task.detection[0]:g} of f={task.detection[1]:g}" if task.detection else "")
+                     + "]")
+    lines.append(f"{'total':<8} {_tax_text(report.tax)}")
+    return "\n".join(lines) + "\n"
+
+
+def _tax_text(t: TaxSummary) -> str:
+    return (f"training {t.training_steps} steps {t.training_seconds:.3f} s; protocol {t.protocol_steps} steps "
+            f"{t.protocol_seconds:.3f} s; tax {100 * t.tax_steps:.1f}% of steps, {100 * t.tax_seconds:.1f}% of seconds")
 
 
 def report_to_dict(report: MarketReport) -> dict[str, Any]:

@@ -9,9 +9,16 @@ Strategies
 - verifier: honest (replays its s segments, rejects if one is wrong) or lazy (approves without checking).
 - whistleblower: with probability r per task, replays the samples the approving verifiers attested to and blows
   the whistle if one is wrong (it never accuses wrongly, so its deposit is never lost here).
-Costs are off-ledger: training C for an honest run, c = C * s / n for each replay of s of the n segments. Profit
-per task = change of the party's ledger balance - its compute cost. The referee of a dispute is truthful and
-names the wrong segments among those the challengers and the approvers sampled.
+Costs are off-ledger and come from the protocol's cost model (`games.cost.CostModel`, `SimConfig.cost`, whose
+figures `benchmarks/protocol_tax.py` measures): training C for an honest run of N = n x k steps; the solver's
+proof overhead C x proof / training (it writes every checkpoint, cheater or not); for each replayed segment
+c1 = C x (k t + reading and hashing its two checkpoints) / (N t), so a replay of s segments costs about C s / n;
+each replaying verifier also pays its setup and, in native numerics, calibrates (C x calibration steps / N). Each verifier's workload
+follows `params.sampling`: its own sample of s segments (independent), or its share of ONE committee sample of s
+(shared: about s / 3 each with three verifiers). Profit per task = change of the party's ledger balance - its
+compute cost, and the report gives each strategy's mean compute cost and the realised protocol tax (protocol
+compute / training compute). The referee of a dispute is truthful and names the wrong segments among those the
+challengers and the approvers sampled.
 
 Default parameters (`GameParams()` and `SimConfig()`), with P the price, F = P (1 - v - t) the solver's pay
 (v the verifiers' share, t the jackpot tax), R = P v / k the share of each of k approving verifiers, p the
@@ -46,6 +53,7 @@ forced-error rate, J the jackpot payout, B the solver bond, S the verifier stake
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from collections import defaultdict
@@ -57,6 +65,7 @@ from blake3 import blake3
 
 from games.auction import make_capabilities
 from games.consensus import WEIGHT_ONE, Weight
+from games.cost import CostModel, compute_task_cost
 from games.errors import BadMove
 from games.ledger import Amount, mint, open_account
 from games.ledger_memory import MemoryLedger
@@ -90,6 +99,7 @@ __all__ = [
     "StrategyResult",
     "compute_break_even",
     "compute_detection_probability",
+    "compute_sim_costs",
     "render_markdown",
     "report_to_dict",
     "save_plot",
@@ -119,6 +129,13 @@ class SimConfig:
     lazy_fraction: float = 0.3  # each verifier seat is lazy with this probability
     whistle_rate: float = 0.2  # a whistleblower re-checks a task with this probability
     jackpot_seed: Amount = 20_000  # minted into the jackpot at genesis
+    detection: tuple[float, float] | tuple[()] = ()  # the required detection every task posts (sizes the sample)
+    # the compute figures (its steps, sample and committee are set from the game: n_segments x every steps);
+    # default: the built-in transformer in exact numerics at k = 10, as benchmarks/protocol_tax.py measured it
+    # (CPU seconds, benchmarks/results/protocol_tax.md); only ratios matter here, the price is `train_cost`
+    cost: CostModel = dataclasses.field(default_factory=lambda: CostModel(
+        step_seconds=0.0476, state_bytes=1_274_904, write_bytes_per_s=2.5e8, hash_bytes_per_s=1.55e9,
+        read_bytes_per_s=1.87e9, every=10, numerics="exact", verifier_setup_seconds=0.038))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +144,11 @@ class StrategyResult:
     role: str
     honest: bool
     samples: int
-    mean_profit: float
+    mean_profit: float  # net of the party's compute cost
     stderr: float
     loss_rate: float  # share of its tasks in which it lost its bond or stake
     break_even_stake: float | None  # bond (solvers) or stake (verifiers) at which expected profit is 0
+    mean_compute: float = 0.0  # its mean compute cost per task (training, proof, replays), in base units
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +162,7 @@ class SimulationReport:
     strategies: tuple[StrategyResult, ...]
     min_unprofitable_bond: float  # the smallest solver bond at which every simulated cheat loses money
     min_unprofitable_stake: float  # the smallest verifier stake at which laziness loses money
+    protocol_tax: float = 0.0  # protocol compute (proof, replays, whistleblowers' re-checks) / training compute
 
 
 def compute_detection_probability(f: float, s: int) -> float:
@@ -157,6 +176,24 @@ def compute_break_even(mean_profit: float, loss_rate: float, stake: float) -> fl
     if loss_rate <= 0:
         return None
     return max(0.0, stake + mean_profit / loss_rate)
+
+
+def compute_sim_costs(config: SimConfig) -> tuple[float, float, float]:
+    """(proof cost of a task, cost of replaying one segment, fixed cost of a verifier that replays anything: its
+    setup and, in native numerics, its calibration), in base units:
+    `config.cost` on a run of n_segments x every steps, priced so that the training costs `config.train_cost`.
+    Raises CostError for figures out of range."""
+    p, model = config.params, config.cost
+    model = dataclasses.replace(model, steps=p.n_segments * model.every)
+    cost = compute_task_cost(model)
+    unit = config.train_cost / cost.training_seconds  # base units per second of compute
+    segment = (model.every * model.step_seconds
+               + 2 * model.state_bytes * (1 / model.hash_bytes_per_s + 1 / model.read_bytes_per_s))
+    calibration = model.calibration_steps * model.step_seconds if model.numerics == "native" else 0.0
+    return cost.proof_seconds * unit, segment * unit, (calibration + model.verifier_setup_seconds) * unit
+
+
+_sim_costs = functools.lru_cache(maxsize=8)(compute_sim_costs)
 
 
 def _digest(*parts: object) -> str:
@@ -180,6 +217,8 @@ def _verify_config(config: SimConfig) -> None:
     verify_params(config.params)
     if config.n_tasks <= 0 or config.verifiers_per_task <= 0 or not config.solver_mix:
         raise BadMove("sim.config", "need tasks, verifiers and a solver mix")
+    if not config.train_cost > 0:
+        raise BadMove("sim.train_cost", "the training's cost must be positive")
     if config.price > compute_fee_estimate(config.flops, config.params):
         raise BadMove("sim.price", "the solvers' price exceeds the task's maximum price")
     if any(not 0 <= f <= 1 or w < 0 for f, w in config.solver_mix):
@@ -197,25 +236,33 @@ class _Play:
     forced: bool
     wrong: frozenset[int] = frozenset()
     disputed: bool = False
+    protocol: float = 0.0  # compute spent for the protocol (proof, replays, re-checks), base units
 
 
 def _play_round(ledger: MemoryLedger, cfg: SimConfig, play: _Play, verifiers: dict[str, bool],
                 rng: random.Random) -> None:
     """Joins, verdicts, an optional whistle, the reveal and, if challenged, the truthful ruling."""
     p, tid, now = cfg.params, play.task.task_id, play.task.last_tick
-    check = cfg.train_cost * p.sample_count / p.n_segments
+    _, segment_cost, calibration_cost = _sim_costs(cfg)
     for v in verifiers:
         play.task = apply_move(ledger, play.task, Join(tid, now, v))
     samples = {v: set(get_verifier_segments(play.task, v, p)) for v in verifiers}
+
+    def check(segments: set[int]) -> float:
+        return segment_cost * len(segments) + (calibration_cost if segments else 0.0)
+
     for v, lazy in verifiers.items():
         weight: Weight = WEIGHT_ONE
         if not lazy:
-            play.costs[v] += check
+            play.costs[v] += check(samples[v])
+            play.protocol += check(samples[v])
             weight = 0 if play.wrong & samples[v] else WEIGHT_ONE
         play.task = apply_move(ledger, play.task, Verdict(tid, now, v, weight))
     approvers = [v for v, w in play.task.verdicts if is_approval(w)]
     if approvers and rng.random() < cfg.whistle_rate:
-        play.costs["wb"] += check * len(approvers)
+        recheck = sum(check(samples[a]) for a in approvers)
+        play.costs["wb"] += recheck
+        play.protocol += recheck
         if any(play.wrong & samples[a] for a in approvers):
             play.task = apply_move(ledger, play.task, Whistle(tid, play.task.verify_deadline, "wb"))
     reveal = play.true_commitment if play.forced and play.task.round == 0 else ""
@@ -233,17 +280,18 @@ def _play_task(ledger: MemoryLedger, cfg: SimConfig, index: int, rng: random.Ran
     p, tid = cfg.params, f"sim{index}"
     fakes = frozenset(i for i in range(p.n_segments) if rng.random() < f)
     salt = f"salt/{tid}"
-    task = apply_post(ledger, p, Post(tid, 0, "submitter", cfg.flops))
+    task = apply_post(ledger, p, Post(tid, 0, "submitter", cfg.flops, detection=cfg.detection))
     task = apply_move(ledger, task, Bid(tid, 1, "solver", cfg.price, _CAPS, compute_salt_digest(salt)))
     task = apply_move(ledger, task, CloseAuction(tid, p.bid_window))
     forced = compute_is_forced(bytes.fromhex(task.forced_beacon), salt, p.forced_error_bps)
     true_commitment = _digest("result", tid, sorted(fakes))
     posted = _digest("forced", tid) if forced else true_commitment
     costs: dict[str, float] = defaultdict(float)
-    costs["solver"] = cfg.train_cost * (1 - len(fakes) / p.n_segments)
+    proof = _sim_costs(cfg)[0]
+    costs["solver"] = cfg.train_cost * (1 - len(fakes) / p.n_segments) + proof
     task = apply_move(ledger, task, Commit(tid, p.bid_window + 1, "solver", posted))
     play = _Play(task, costs, fakes, true_commitment, forced,
-                 wrong=frozenset(range(p.n_segments)) if forced else fakes)
+                 wrong=frozenset(range(p.n_segments)) if forced else fakes, protocol=proof)
     _play_round(ledger, cfg, play, lazy, rng)
     if play.task.phase == COMMITTED:  # a forced error was revealed: verify the true commitment
         play.wrong = fakes
@@ -252,13 +300,13 @@ def _play_task(ledger: MemoryLedger, cfg: SimConfig, index: int, rng: random.Ran
 
 
 def _summarise(name: str, role: str, honest: bool, profits: list[float], losses: int,
-               stake: float) -> StrategyResult:
+               stake: float, compute: float) -> StrategyResult:
     n = len(profits)
     mean = sum(profits) / n
     var = sum((x - mean) ** 2 for x in profits) / (n - 1) if n > 1 else 0.0
     rate = losses / n
     return StrategyResult(name, role, honest, n, mean, math.sqrt(var / n), rate,
-                          compute_break_even(mean, rate, stake) if not honest else None)
+                          compute_break_even(mean, rate, stake) if not honest else None, compute / n)
 
 
 def simulate(config: SimConfig | None = None) -> SimulationReport:
@@ -266,6 +314,7 @@ def simulate(config: SimConfig | None = None) -> SimulationReport:
     Raises BadMove ('sim.*' or 'params.*') for an invalid configuration."""
     config = config if config is not None else SimConfig()
     _verify_config(config)
+    compute_sim_costs(config)  # raises CostError before anything is played
     p, rng = config.params, random.Random(config.seed)
     ledger = MemoryLedger(blake3(f"pol.games.simulate/{config.seed}".encode()).digest())
     verifiers = [f"v{j}" for j in range(config.verifiers_per_task)]
@@ -275,7 +324,9 @@ def simulate(config: SimConfig | None = None) -> SimulationReport:
              config.jackpot_seed if account == p.jackpot_account else _FUNDS)
     profits: dict[tuple[str, str, bool], list[float]] = defaultdict(list)
     losses: dict[tuple[str, str, bool], int] = defaultdict(int)
+    computes: dict[tuple[str, str, bool], float] = defaultdict(float)
     forced = disputes = 0
+    training = protocol = 0.0
     for index in range(config.n_tasks):
         f = _draw_fraction(rng, config.solver_mix)
         lazy = {v: rng.random() < config.lazy_fraction for v in verifiers}
@@ -284,6 +335,8 @@ def simulate(config: SimConfig | None = None) -> SimulationReport:
         after = ledger.get_accounts()
         forced += play.forced
         disputes += play.disputed
+        training += config.train_cost * (1 - len(play.fakes) / p.n_segments)
+        protocol += play.protocol
         slashed = {ev.src.rsplit("/", 1)[-1] for ev in ledger.events(start) if ev.kind == "slash"}
         roles = {"solver": ("solver", _solver_name(f), f == 0), "wb": ("whistleblower",
                  f"whistleblower r={config.whistle_rate:g}", True), "submitter": ("submitter", "submitter", True)}
@@ -292,12 +345,13 @@ def simulate(config: SimConfig | None = None) -> SimulationReport:
         for account, (role, name, honest) in roles.items():
             key = (name, role, honest)
             profits[key].append(after[account] - before[account] - play.costs[account])
+            computes[key] += play.costs[account]
             lost = play.task.outcome == "solver_wrong" if account == "solver" else account in slashed
             losses[key] += lost
     stakes = {"solver": p.solver_bond, "verifier": p.verifier_stake, "whistleblower": p.whistle_deposit,
               "submitter": 0}
     results = tuple(_summarise(name, role, honest, profits[(name, role, honest)], losses[(name, role, honest)],
-                               stakes[role])
+                               stakes[role], computes[(name, role, honest)])
                     for name, role, honest in sorted(profits, key=lambda k: (k[1], k[0])))
     return SimulationReport(
         config=_config_to_dict(config), n_tasks=config.n_tasks, forced_errors=forced, disputes=disputes,
@@ -305,12 +359,14 @@ def simulate(config: SimConfig | None = None) -> SimulationReport:
         min_unprofitable_bond=max((r.break_even_stake or 0.0 for r in results if r.role == "solver"),
                                   default=0.0),
         min_unprofitable_stake=max((r.break_even_stake or 0.0 for r in results if r.role == "verifier"),
-                                   default=0.0))
+                                   default=0.0),
+        protocol_tax=protocol / training if training else 0.0)
 
 
 def _config_to_dict(config: SimConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data["solver_mix"] = [list(x) for x in config.solver_mix]
+    data["detection"] = list(config.detection)
     return data
 
 
@@ -321,16 +377,18 @@ def report_to_dict(report: SimulationReport) -> dict[str, Any]:
 
 def render_markdown(report: SimulationReport) -> str:
     """The report as a markdown table plus the headline numbers."""
-    header = ("| strategy | role | honest | tasks | expected profit / task | ± s.e. | loses stake in | "
-              "break-even stake |")
-    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|"]
+    header = ("| strategy | role | honest | tasks | compute cost / task | expected profit / task (net of compute) "
+              "| ± s.e. | loses stake in | break-even stake |")
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report.strategies:
         even = "-" if r.break_even_stake is None else f"{r.break_even_stake:,.0f}"
         lines.append(f"| {r.strategy} | {r.role} | {'yes' if r.honest else 'no'} | {r.samples} | "
-                     f"{r.mean_profit:,.1f} | {r.stderr:,.1f} | {100 * r.loss_rate:.1f}% | {even} |")
+                     f"{r.mean_compute:,.1f} | {r.mean_profit:,.1f} | {r.stderr:,.1f} | {100 * r.loss_rate:.1f}% | "
+                     f"{even} |")
     p = report.config["params"]
     counts = (f"{report.n_tasks} tasks, {report.forced_errors} forced errors, {report.disputes} disputes; "
-              f"jackpot {report.jackpot_start:,} -> {report.jackpot_end:,}.")
+              f"jackpot {report.jackpot_start:,} -> {report.jackpot_end:,}; {p['sampling']} sampling, protocol "
+              f"tax {100 * report.protocol_tax:.1f}% (proof, replays and re-checks / training compute).")
     headline = (f"Solver bond {p['solver_bond']:,}: every simulated cheat loses money from a bond of "
                 f"{report.min_unprofitable_bond:,.0f}. Verifier stake {p['verifier_stake']:,}: laziness loses "
                 f"money from a stake of {report.min_unprofitable_stake:,.0f}.")

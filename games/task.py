@@ -9,7 +9,17 @@ idempotent ledger operations with op ids derived from (task id, round, transitio
        |       Commit (before the commit deadline): the winner locks its bond and posts its commitment (a hex
        v             digest); its deposit returns; the segment beacon is drawn *after* the commitment.
     COMMITTED  Join*/Verdict* (before the verify deadline): verifiers lock a stake, then give a weight in
-       |             [0, WEIGHT_ONE] (>= half approves, below challenges).
+       |             [0, WEIGHT_ONE] (>= half approves, below challenges). What each replays
+       |             (`get_verifier_segments`) comes from the segment beacon: with `params.sampling` 'independent'
+       |             every verifier draws its own sample; with 'shared' the committee (the verifiers who joined;
+       |             closed by the first verdict) splits ONE sample into disjoint shares dealt by a permutation
+       |             keyed by the beacon and the committee, so no verifier chooses its share. The sample's size is
+       |             the task's posted detection (confidence against a cheat fraction, `Post.detection`) through
+       |             the hypergeometric bound (`games.cost.compute_required_samples`), else `params.sample_count`.
+       |       Join(replaces=silent)/Verdict (between the verify and the whistle deadline): a silent verifier
+       |             (joined, no verdict by the verify deadline) has its sample re-assigned: a fresh verifier stakes
+       |             in its place and replays exactly the silent one's segments. The silent one is slashed at the
+       |             reveal like any silent verifier.
        |       Whistle* (between the verify and the whistle deadline): whistleblowers lock a deposit and challenge
        |             the result and every verifier who approved it.
        |       Reveal (between the whistle and the reveal deadline): the solver reveals its salt. Verifiers who
@@ -78,6 +88,7 @@ __all__ = [
     "MOVE_TYPES",
     "POSTED",
     "RULINGS",
+    "SAMPLINGS",
     "CONDITION_OPS",
     "Bid",
     "CloseAuction",
@@ -102,9 +113,15 @@ __all__ = [
     "compute_is_forced",
     "compute_salt_digest",
     "compute_segments",
+    "compute_share_order",
+    "compute_shared_sample",
+    "compute_shares",
+    "get_committee",
+    "get_sample_size",
     "get_task_escrows",
     "get_verifier_segments",
     "is_approval",
+    "verify_detection",
     "verify_params",
 ]
 
@@ -118,6 +135,8 @@ BPS = 10_000
 SALT_DOMAIN = b"pol.games.task.salt.v1\x00"
 FORCED_DOMAIN = b"pol.games.task.forced.v1\x00"
 SEGMENT_DOMAIN = b"pol.games.task.segments.v1\x00"
+SHARE_DOMAIN = b"pol.games.task.shares.v1\x00"
+SAMPLINGS = ("independent", "shared")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +154,9 @@ class GameParams:
     forced_error_bps: int = 500  # probability of a forced error, in basis points
     jackpot_payout: Amount = 1_000  # paid from the jackpot, split among those who catch a forced error
     n_segments: int = 200  # checkpoint segments in a job's trace
-    sample_count: int = 8  # segments each verifier replays
+    sample_count: int = 8  # segments each verifier replays (independent) or the committee splits (shared), unless
+    #                        the task posts a required detection
+    sampling: str = "independent"  # 'independent' samples per verifier, or one 'shared' committee sample
     bid_window: Tick = 10
     commit_window: Tick = 10
     verify_window: Tick = 20
@@ -185,6 +206,8 @@ class Task:
     job_id: str = ""  # the posted job (blake3 of its canonical spec); "" in simulations that train nothing
     condition: tuple[str, str, float] | tuple[()] = ()  # (metric, comparison, threshold): pay only if met; () none
     metrics: tuple[tuple[AccountId, float], ...] = ()  # the certified final metric each approving verifier reported
+    detection: tuple[float, float] | tuple[()] = ()  # (confidence, cheat fraction) the sample must reach; () none
+    replacements: tuple[tuple[AccountId, AccountId], ...] = ()  # (fresh verifier, the silent one it replaces)
 
 
 # ---------------------------------------------------------------------------------------------------- moves
@@ -205,6 +228,7 @@ class Post(Move):
     requirements: Requirements = dataclasses.field(default_factory=Requirements)
     job_id: str = ""  # the job id of the spec posted (pol job): verifiers reject a bundle of any other job
     condition: tuple[str, str, float] | tuple[()] = ()  # outcome condition (metric, ">=" / ">" / "<=" / "<", threshold)
+    detection: tuple[float, float] | tuple[()] = ()  # required detection: (confidence, cheat fraction), e.g. (0.999, 0.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +256,7 @@ class Commit(Move):
 class Join(Move):
     kind: ClassVar[str] = "join"
     verifier: AccountId
+    replaces: AccountId = ""  # a silent verifier whose sample this fresh verifier takes over (after the verify deadline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,11 +334,68 @@ def compute_segments(beacon: bytes, verifier: AccountId, n_segments: int, count:
     return tuple(chosen + rest[: count - len(chosen)])
 
 
+def compute_shared_sample(beacon: bytes, n_segments: int, count: int) -> tuple[int, ...]:
+    """The committee's one sample: `count` distinct segments in [0, n_segments), in draw order, from the beacon."""
+    stream = blake3(SHARE_DOMAIN + b"sample\x00" + beacon).digest(length=8 * 4 * count + 64)
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for i in range(0, len(stream) - 7, 8):
+        idx = int.from_bytes(stream[i:i + 8], "big") % n_segments
+        if idx not in seen:
+            chosen.append(idx)
+            seen.add(idx)
+        if len(chosen) == count:
+            return tuple(chosen)
+    return tuple(chosen + [i for i in range(n_segments) if i not in seen][: count - len(chosen)])
+
+
+def compute_share_order(beacon: bytes, committee: tuple[AccountId, ...]) -> tuple[AccountId, ...]:
+    """The committee in the order the shares are dealt: a permutation keyed by the beacon and the whole committee
+    (sorted, so the order of joining does not matter), which no member controls."""
+    key = blake3(SHARE_DOMAIN + b"order\x00" + beacon + "\x00".join(sorted(committee)).encode()).digest()
+    return tuple(sorted(set(committee), key=lambda v: blake3(key + v.encode()).digest()))
+
+
+def compute_shares(beacon: bytes, committee: tuple[AccountId, ...], sample: tuple[int, ...]) -> dict[AccountId, tuple[int, ...]]:
+    """Split `sample` into disjoint shares: its j-th segment goes to the (j mod m)-th member of the keyed order, so
+    shares differ in size by at most one and together are the whole sample."""
+    order = compute_share_order(beacon, committee)
+    shares: dict[AccountId, list[int]] = {v: [] for v in order}
+    for j, segment in enumerate(sample):
+        shares[order[j % len(order)]].append(segment)
+    return {v: tuple(s) for v, s in shares.items()}
+
+
+def get_sample_size(task: Task, params: GameParams) -> int:
+    """Segments a sample holds: the posted detection's hypergeometric bound, else `params.sample_count`."""
+    if task.detection:
+        from games.cost import compute_required_samples
+
+        confidence, fraction = task.detection
+        return compute_required_samples(params.n_segments, confidence, fraction)
+    return params.sample_count
+
+
+def get_committee(task: Task) -> tuple[AccountId, ...]:
+    """The verifiers who joined the round in their own right (not as replacements of a silent one)."""
+    fresh = {r for r, _ in task.replacements}
+    return tuple(v for v in task.joined if v not in fresh)
+
+
 def get_verifier_segments(task: Task, verifier: AccountId, params: GameParams) -> tuple[int, ...]:
-    """The segments `verifier` must replay in the task's current round. Raises WrongPhase before the commit."""
+    """The segments `verifier` must replay in the task's current round: its own sample (independent sampling) or
+    its share of the committee's sample (shared; a verifier outside the committee has none); a replacement replays
+    the segments of the silent verifier it replaces. Raises WrongPhase before the commit."""
     if not task.segment_beacon:
         raise WrongPhase("segments.phase", "no segment beacon before the commitment")
-    return compute_segments(bytes.fromhex(task.segment_beacon), verifier, params.n_segments, params.sample_count)
+    verifier = dict(task.replacements).get(verifier, verifier)
+    beacon, count = bytes.fromhex(task.segment_beacon), get_sample_size(task, params)
+    if params.sampling == "independent":
+        return compute_segments(beacon, verifier, params.n_segments, count)
+    committee = get_committee(task)
+    if verifier not in committee:
+        return ()
+    return compute_shares(beacon, committee, compute_shared_sample(beacon, params.n_segments, count))[verifier]
 
 
 def is_approval(weight: Weight) -> bool:
@@ -328,7 +410,10 @@ def get_task_escrows(task_id: TaskId) -> str:
 
 def verify_params(params: GameParams) -> None:
     """Raises BadMove (rule 'params.<field>') for a parameter out of range."""
-    ints = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "jackpot_account"}
+    ints = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+            if f.name not in ("jackpot_account", "sampling")}
+    if params.sampling not in SAMPLINGS:
+        raise BadMove("params.sampling", f"{params.sampling!r} is not one of {SAMPLINGS}")
     for name, value in ints.items():
         if type(value) is not int or value < 0:
             raise BadMove(f"params.{name}", f"{value!r} is not a non-negative int")
@@ -399,7 +484,8 @@ def _approvers(task: Task) -> tuple[AccountId, ...]:
 
 def _next_round(task: Task, now: Tick, params: GameParams, ledger: Ledger, commitment: str) -> Task:
     """Open a verification window for `commitment`, drawing the segment beacon after it."""
-    task = dataclasses.replace(task, commitment=commitment, joined=(), verdicts=(), metrics=(), whistleblowers=())
+    task = dataclasses.replace(task, commitment=commitment, joined=(), verdicts=(), metrics=(), whistleblowers=(),
+                               replacements=())
     beacon = ledger.beacon(f"task/{task.task_id}/r{task.round}/segments")
     verify = now + params.verify_window
     whistle = verify + params.whistle_window
@@ -523,9 +609,11 @@ def apply_post(ledger: Ledger, params: GameParams, move: Post) -> Task:
     if move.job_id != "":
         _verify_hex(move.job_id, "post.job_id")
     _verify_condition(move.condition)
+    verify_detection(move.detection)
     task = Task(move.task_id, move.submitter, move.flops, compute_fee_estimate(move.flops, params),
                 move.requirements, last_tick=move.now, bid_deadline=move.now + params.bid_window, params=params,
-                job_id=move.job_id, condition=tuple(move.condition))  # type: ignore[arg-type]
+                job_id=move.job_id, condition=tuple(move.condition),  # type: ignore[arg-type]
+                detection=tuple(move.detection))  # type: ignore[arg-type]
     lock(ledger, _op(task, "post", move.submitter), move.submitter, _escrow(task, "fee"), task.max_price)
     return task
 
@@ -540,6 +628,19 @@ def _verify_condition(condition: object) -> None:
               and isinstance(threshold, (int, float)) and math.isfinite(threshold))
     if not ok:
         raise BadMove("post.condition", f"{condition!r} is not (metric, one of {CONDITION_OPS}, a finite threshold)")
+
+
+def verify_detection(detection: object) -> None:
+    """Raises BadMove ('post.detection') unless `detection` is () or (confidence in (0, 1), fraction in (0, 1])."""
+    if detection == ():
+        return
+    ok = isinstance(detection, tuple) and len(detection) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in detection)
+    if ok:
+        confidence, fraction = detection  # type: ignore[misc]
+        ok = 0 < confidence < 1 and 0 < fraction <= 1
+    if not ok:
+        raise BadMove("post.detection", f"{detection!r} is not (confidence in (0, 1), cheat fraction in (0, 1])")
 
 
 def _apply_bid(ledger: Ledger, task: Task, move: Bid) -> Task:
@@ -592,19 +693,38 @@ def _apply_commit(ledger: Ledger, task: Task, move: Commit) -> Task:
 
 def _apply_join(ledger: Ledger, task: Task, move: Join) -> Task:
     _verify_phase(task, move, COMMITTED)
-    _verify_before(move, task.verify_deadline, "join.deadline")
+    if move.replaces:
+        _verify_replacement(task, move)
+    else:
+        _verify_before(move, task.verify_deadline, "join.deadline")
     if move.verifier in (task.solver, task.submitter):
         raise NotAuthorized("join.party", "the solver and the submitter cannot verify their own task")
     if move.verifier in task.joined:
         raise DuplicateMove("join.duplicate", f"{move.verifier} already joined round {task.round}")
+    if not move.replaces and task.params.sampling == "shared" and task.verdicts:
+        raise WrongPhase("join.committee", "the committee closed with its first verdict: its shares are dealt")
     lock(ledger, _op(task, "join", move.verifier), move.verifier, _stake_escrow(task, "stake", move.verifier),
          task.params.verifier_stake)
-    return dataclasses.replace(task, joined=(*task.joined, move.verifier), last_tick=move.now)
+    replacements = (*task.replacements, (move.verifier, move.replaces)) if move.replaces else task.replacements
+    return dataclasses.replace(task, joined=(*task.joined, move.verifier), replacements=replacements,
+                               last_tick=move.now)
+
+
+def _verify_replacement(task: Task, move: Join) -> None:
+    """A fresh verifier may take over a silent one's sample between the verify and the whistle deadline."""
+    _verify_not_before(move, task.verify_deadline, "join.replace_window")
+    _verify_before(move, task.whistle_deadline, "join.replace_deadline")
+    voted = {v for v, _ in task.verdicts}
+    if not isinstance(move.replaces, str) or move.replaces not in get_committee(task) or move.replaces in voted:
+        raise BadMove("join.replaces", f"{move.replaces!r} is not a silent member of the round's committee")
+    if any(s == move.replaces for _, s in task.replacements):
+        raise DuplicateMove("join.replaces", f"{move.replaces} was already replaced")
 
 
 def _apply_verdict(ledger: Ledger, task: Task, move: Verdict) -> Task:
     _verify_phase(task, move, COMMITTED)
-    _verify_before(move, task.verify_deadline, "verdict.deadline")
+    replacing = any(r == move.verifier for r, _ in task.replacements)
+    _verify_before(move, task.whistle_deadline if replacing else task.verify_deadline, "verdict.deadline")
     if move.verifier not in task.joined:
         raise NotAuthorized("verdict.party", f"{move.verifier} has no stake in round {task.round}")
     if any(v == move.verifier for v, _ in task.verdicts):

@@ -15,6 +15,7 @@ from games.simulate import (
     SimConfig,
     compute_break_even,
     compute_detection_probability,
+    compute_sim_costs,
     render_markdown,
     report_to_dict,
     save_plot,
@@ -52,7 +53,10 @@ def test_honest_solver_earns_exactly_its_margin(report) -> None:  # type: ignore
     honest = next(r for r in report.strategies if r.strategy == "solver honest")
     p, cfg = GameParams(), SimConfig()
     pay = cfg.price - cfg.price * (p.verifier_share_bps + p.jackpot_tax_bps) // 10_000
-    assert honest.mean_profit == pytest.approx(pay - cfg.train_cost)
+    proof = compute_sim_costs(cfg)[0]  # it writes its checkpoints: the proof's compute, net of which it earns
+    assert 0 < proof < 0.2 * cfg.train_cost
+    assert honest.mean_profit == pytest.approx(pay - cfg.train_cost - proof)
+    assert honest.mean_compute == pytest.approx(cfg.train_cost + proof)
 
 
 def test_report_renders(report, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
