@@ -21,8 +21,10 @@ request; a later request that finds another is RemoteChanged.
 
 Fetched checkpoints are cached by their committed blake3 (`cache_dir`; default `$POL_CACHE_DIR` or
 `~/.cache/pol/blobs`): written to a temporary file in the cache directory and renamed to the digest only when the
-bytes hash to it, so a verifier that reads a checkpoint twice (or verifies a bundle again) fetches it once. Names in
-the cache come from digests, never from the server, and nothing is written anywhere else.
+bytes hash to it, so a verifier that reads a checkpoint twice (or verifies a bundle again) fetches it once; with a
+cache, the first read of a checkpoint (its header too: `Bundle.read_layout`) fetches the whole file, in one request.
+Bytes that fail their digest are not kept. Names in the cache come from digests, never from the server, and nothing
+is written anywhere else. Without a cache (`cache_dir=None`) nothing is written at all and each read is a request.
 
 Errors (pol.errors): RemoteError (unreachable, kept failing, protocol not installed), RemoteTimeout, RemoteProtocolError,
 RemoteChanged, all "cannot verify" (exit 2); BundleNotFound (no manifest at the URL); BundleFileError (a checkpoint
