@@ -6,7 +6,10 @@ ledger throughput in operations per second on both backends.
     python benchmarks/game_economics.py --quick    # smaller, for a smoke run
 
 Writes benchmarks/results/game_economics.{json,md,png} and game_simulation.png (the headline run's plot).
-- headline: the default parameters and population (see `games.simulate` for why these parameters);
+- headline: the default parameters and population (see `games.simulate` for why these parameters); profits are
+  net of each party's compute (`games.cost`: training, proof overhead, replays, re-checks);
+- shared: the same with one committee sample of 16 segments split among the three verifiers (issue 17): each
+  verifier replays 5 or 6 segments instead of 8, and laziness must still lose;
 - bond sweep: the default population at several solver bonds (cheaters' profit should fall through zero);
 - forced-error sweep: a population with no cheating solver, where only forced errors can catch a lazy verifier:
   at rate 0 laziness pays (the verifier's dilemma), at the default rate it does not;
@@ -135,6 +138,9 @@ def main() -> None:
     n_memory, n_sqlite = (4_000, 400) if args.quick else (40_000, 4_000)
     start = time.perf_counter()
     headline = simulate(SimConfig(n_tasks=headline_tasks, seed=7))
+    # one committee sample of 16 segments split among the 3 verifiers (5 or 6 each, against 8 each alone)
+    shared = simulate(SimConfig(n_tasks=headline_tasks, seed=7,
+                                params=dataclasses.replace(GameParams(), sampling="shared", sample_count=16)))
     bonds = bond_sweep(sweep_tasks)
     forced = forced_sweep(sweep_tasks)
     speed = throughput(n_memory, n_sqlite)
@@ -145,6 +151,8 @@ def main() -> None:
     verifier_cols = [k for k in forced[0] if k.startswith(("verifier", "whistle"))]
     table = "\n\n".join([
         "## Headline (default parameters)\n\n" + render_markdown(headline),
+        "## Shared committee sample (16 segments split among the 3 verifiers; otherwise the headline's parameters)"
+        "\n\n" + render_markdown(shared),
         "## Expected profit per task vs solver bond (default population, "
         f"{sweep_tasks} tasks each)\n\n" + markdown_table(bonds, ["solver_bond", *solver_cols]),
         "## Expected profit per task vs forced-error rate (no cheating solver, "
@@ -153,7 +161,7 @@ def main() -> None:
                                                             "ops_per_s", "retry_us"]),
         "![simulation](game_simulation.png)\n\n![sweeps](game_economics.png)",
     ])
-    payload = {"headline": dataclasses.asdict(headline), "bond_sweep": bonds, "forced_sweep": forced,
+    payload = {"headline": dataclasses.asdict(headline), "shared": dataclasses.asdict(shared), "bond_sweep": bonds, "forced_sweep": forced,
                "throughput": speed, "wall_seconds": round(time.perf_counter() - start, 1),
                "quick": args.quick}
     write_results("game_economics", payload, table)

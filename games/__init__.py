@@ -7,7 +7,9 @@ Modules
     ledger_sqlite the SQLite backend (one file, one transaction per operation; the default persistent ledger)
     auction       the reverse auction that assigns a task (lowest compliant bid, ties by hash)
     consensus     Yuma-style stake-weighted consensus among verifiers, and exact reward splits
-    task          the task lifecycle as a pure state machine over a ledger, with forced errors and whistleblowers
+    task          the task lifecycle as a pure state machine over a ledger, with forced errors and whistleblowers,
+                  independent or shared (committee) samples sized by the task's required detection
+    cost          the protocol tax: compute entries, their sum, and the cost model with its best checkpoint interval
     scenarios     games as data (moves, validity, expected balances), their runner and JSON form
     simulate      the economic simulation of strategies, its report, table and plot
     views         read-only ledger views (what `pol ledger show` prints)
