@@ -183,7 +183,8 @@ ModelKwOpt = Annotated[str | None, typer.Option("--model-kwargs", help="JSON key
 DataOpt = Annotated[str | None, typer.Option(help="Built-in data (synthetic, images, chars, tokens, pixels), module:callable (dict of tensors or a torch map-style Dataset) or dir:PATH (safetensors shards or .npy arrays).")]
 DataKwOpt = Annotated[str | None, typer.Option("--data-kwargs", help="JSON keyword arguments for the data.")]
 StepsOpt = Annotated[int | None, typer.Option(min=1, help="Training steps.")]
-EveryOpt = Annotated[int | None, typer.Option(min=1, help="Checkpoint interval k (default: 10, more for big models).")]
+EveryOpt = Annotated[str | None, typer.Option(metavar="K|auto", help="Checkpoint interval k (default: 10, more for big models); "
+                                              "'auto': the k of least protocol tax, measured on this machine (the job id then depends on it).")]
 SeedOpt = Annotated[int | None, typer.Option(min=0, help="Seed of every random draw (init, data order, dropout).")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per step.")]
 MicroOpt = Annotated[int | None, typer.Option(min=0, help="Run each batch in micro-batches of this size.")]
@@ -194,11 +195,41 @@ DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Where you ho
 EvalDataDirOpt = Annotated[str | None, typer.Option("--eval-data-dir", help="Where you hold a dir: evaluation dataset's files (the spec's evaluation.data).")]
 
 
+def _parse_every(every: str | None) -> int | str | None:
+    """--every: a positive integer, or 'auto'."""
+    if every is None or every == "auto":
+        return every
+    try:
+        k = int(every)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise typer.BadParameter(f"expected a positive integer or 'auto', got {every!r}", param_hint="--every")
+    return k
+
+
+def _every_auto(spec: Any, code: Any, data_dir: str | None, device: str, quiet: bool) -> Any:
+    """The spec with the k of least protocol tax measured here (`pol.every.measured_every`), said on stderr."""
+    from pol.every import DEFAULT_CHEAT_FRACTION, DEFAULT_CONFIDENCE, measured_every
+
+    if not quiet:
+        err.print("measuring a few steps and one checkpoint for --every auto ...", highlight=False)
+    m = measured_every(spec, device=device, data_dir=data_dir, code=code)
+    if not quiet:
+        err.print(f"every auto  k = {m.every}: a step {m.step_seconds * 1e3:.3g} ms, a checkpoint {m.checkpoint_seconds * 1e3:.3g} ms "
+                  f"({m.checkpoint_steps:.3g} steps); modelled protocol tax {m.tax:.1%} at {DEFAULT_CONFIDENCE:.1%} detection of "
+                  f"a {DEFAULT_CHEAT_FRACTION:.0%} cheat ({m.tax_at_default:.1%} at the default k = {m.default_every})", highlight=False)
+    return spec.replace(every=m.every)
+
+
 def _spec_fields(spec_file: Path | None, model: str | None, model_kwargs: str | None, data: str | None,
                  data_kwargs: str | None, **flags: Any) -> dict[str, Any]:
-    """The spec fields a command line gives: a spec file's, overridden by flags (`pol.spec.apply_flags`)."""
+    """The spec fields a command line gives: a spec file's, overridden by flags (`pol.spec.apply_flags`).
+    `every="auto"` is left for the caller (`_every_auto`)."""
     from pol.spec import Flags, apply_flags, load_spec_file
 
+    if flags.get("every") == "auto":
+        flags["every"] = None
     fields = load_spec_file(spec_file) if spec_file else {}
     return apply_flags(fields, Flags(model=model, model_kwargs=parse_kwargs(model_kwargs, "--model-kwargs"), data=data,
                                      data_kwargs=parse_kwargs(data_kwargs, "--data-kwargs"), **flags))
@@ -251,7 +282,11 @@ def train(
     from pol.engine import build_spec
     from pol.prove import check_output, train_and_prove
 
-    fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every, seed=seed,
+    every_k = _parse_every(every)
+    if every_k == "auto" and (nproc > 1 or distributed.launched_by_torchrun()):
+        raise typer.BadParameter("every process would measure its own k: measure once with `pol job --every auto`, "
+                                 "then train with that --every", param_hint="--every")
+    fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every_k, seed=seed,
                           batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
     if nproc > 1 and not distributed.launched_by_torchrun():
         raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:]))
@@ -262,6 +297,8 @@ def train(
     if lead:
         check_output(out_path, resume=resume, force=force)  # before anything is built
     spec = build_spec(fields, CodePolicy.trust_all_code())
+    if every_k == "auto":
+        spec = _every_auto(spec, CodePolicy.trust_all_code(), data_dir, device, quiet or as_json)
     if fault is not None:
         _train_faulty(spec, out_path, fault, device, force, as_json)
         return
@@ -341,14 +378,20 @@ def job(
       pol verify run1 --job-id $(pol job --model transformer --id)
 
       pol job --spec job.toml --json > job.json && pol verify run1 --spec job.json
+
+      pol job --model transformer --steps 20000 --every auto   (the k of least protocol tax, measured here)
     """
     from pol.components import CodePolicy
     from pol.engine import build_spec, resolve_job
 
-    fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every, seed=seed,
+    every_k = _parse_every(every)
+    fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every_k, seed=seed,
                           batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
     code = CodePolicy.trust_all_code()
-    spec = resolve_job(build_spec(fields, code), code=code, data_dir=data_dir)
+    spec = build_spec(fields, code)
+    if every_k == "auto":
+        spec = _every_auto(spec, code, data_dir, "cpu", id_only or as_json)
+    spec = resolve_job(spec, code=code, data_dir=data_dir)
     if id_only:
         sys.stdout.write(spec.job_id + "\n")
         return
