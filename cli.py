@@ -29,6 +29,8 @@ from pol.errors import (
     DataDiffers,
     DataNotProvided,
     PolError,
+    RemoteChanged,
+    RemoteError,
     VersionMismatch,
 )
 
@@ -53,6 +55,10 @@ _HINTS: tuple[tuple[type[PolError], str], ...] = (
     (CodeDiffers, "this is not evidence of fraud: install the version of that package the spec pins"),
     (CodeNotAllowed, "pol imports no code a bundle names unless you allow its package beforehand"),
     (VersionMismatch, "this is not evidence of fraud: verify with the versions the spec names"),
+    (RemoteChanged, "the server changed the bundle while it was read: ask the solver to publish it unchanged (its "
+                    "commitment is on the ledger) and verify again"),
+    (RemoteError, "this is not evidence of fraud: the bundle could not be fetched within the limits; try again, or "
+                  "fetch it yourself and verify the local copy"),
 )
 
 

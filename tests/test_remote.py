@@ -494,3 +494,17 @@ def test_an_unreachable_server_is_remote_error_after_the_retries(tmp_path):
     with pytest.raises(RemoteError, match="failed after 3 tries") as info:
         open_bundle(Remote(f"http://127.0.0.1:{port}/", cache_dir=None, limits=FAST))
     assert type(info.value) is RemoteError and info.value.exit_code == 2
+
+
+def test_pol_verify_of_an_unreachable_url_cannot_verify_and_says_why(tmp_path):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = CliRunner().invoke(app, ["verify", f"http://127.0.0.1:{port}/", "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "cannot verify" in result.stderr and "not evidence of fraud" in result.stderr
