@@ -911,11 +911,14 @@ def game_run(
     sampling: Annotated[str, typer.Option(help="'shared': the committee splits one sample; 'independent': each verifier samples alone.")] = "shared",
     confidence: Annotated[float | None, typer.Option(help="Required detection posted with each task: catch a cheat of --cheat-fraction with this probability.")] = None,
     cheat_fraction: Annotated[float, typer.Option(help="The cheat fraction the required detection is against.")] = 0.1,
+    publish: Annotated[str, typer.Option(help="'local': parties read the solver's bundle directory; 'http': each solver serves its bundle over loopback HTTP and parties fetch by URL.")] = "local",
     as_json: JsonOpt = False,
 ) -> None:
     """Run a whole market with real work on the SQLite ledger: post, auction, train, commit, verify, dispute
     (pinpoint), settle; then print every party's compute and the protocol tax. Re-running on the same --workdir
-    after a crash continues where it stopped, paying nothing twice. Then `pol ledger show WORKDIR/ledger.db`."""
+    after a crash continues where it stopped, paying nothing twice. Then `pol ledger show WORKDIR/ledger.db`.
+    With --publish http, verifiers and the referee fetch only the manifest and the checkpoints they replay, each
+    checked against the posted commitment; a verifier that cannot fetch votes "unavailable" (never an approval)."""
     from games.market import render_compute, report_to_dict, run_market
 
     def show(event: Any) -> None:
@@ -925,7 +928,8 @@ def game_run(
     report = run_market(workdir, ledger_path=ledger_path, n_tasks=tasks, n_solvers=solvers, n_verifiers=verifiers,
                         cheaters=tuple(cheater) if cheater is not None else ("solver-2",),
                         lazy_verifiers=tuple(lazy or ()), seed=seed, on_event=show, sampling=sampling,
-                        detection=(confidence, cheat_fraction) if confidence is not None else None)
+                        detection=(confidence, cheat_fraction) if confidence is not None else None,
+                        publish=publish)
     if as_json:
         print_json(report_to_dict(report))
         return
@@ -943,14 +947,18 @@ def game_simulate(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the simulation.")] = 0,
     lazy: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of verifier seats that approve without checking.")] = 0.3,
     whistle: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability a whistleblower re-checks a task.")] = 0.2,
+    sampling: Annotated[str, typer.Option(help="'independent': each verifier samples alone; 'shared': the committee splits one sample.")] = "independent",
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Play many tasks with honest, cheating and lazy strategies on the in-memory ledger and report each
     strategy's expected profit per task, and the stake at which cheating stops paying."""
     from games.simulate import SimConfig, render_markdown, report_to_dict, save_plot, simulate
+    from games.task import GameParams
 
-    report = simulate(SimConfig(n_tasks=tasks, seed=seed, lazy_fraction=lazy, whistle_rate=whistle))
+    config = SimConfig(params=GameParams(sampling=sampling), n_tasks=tasks, seed=seed, lazy_fraction=lazy,
+                       whistle_rate=whistle)
+    report = simulate(config)
     if plot is not None:
         save_plot(report, plot)
         err.print(f"wrote {plot}")

@@ -44,6 +44,23 @@ counted: setup before the first step (a plain loop builds its model too; for a s
 the step-0 checkpoint), a cheater's forging, and the submitter's
 job-id resolution.
 
+Served bundles (`publish="http"`, `pol game run --publish http`): each solver publishes the bundle it commits to by
+serving its directory over loopback HTTP (`pol.serve.serve_in_thread`, one server per bundle) and posts the URL with
+its commitment (the commit event and the journal's `published/<task>/r<round>`). Every verifier, the referee
+and the forced-error rounds then fetch by URL (`pol.verify.verify(url, expected_root=...)`): only the manifest and the
+checkpoints they read, each checked against the commitment, cached per party under `workdir/cache/<party>`. A
+checkpoint the server changes after the commitment fails its digest: a REJECT, disputed like any wrong segment, so
+the solver is slashed and not the verifier. A fetch that fails (RemoteError: unreachable, too slow, changed archive;
+BundleNotFound: no manifest at the URL) is the verdict "unavailable": the verifier cannot verify, so it does not
+approve (its vote is a challenge, weight 0) and the task goes to dispute. There, for a served bundle, the referee
+first fetches what the solver committed to for each disputed segment (the manifest of the posted commitment, the
+segment's two checkpoints, each checked against its digest): if it cannot (gone, or other bytes), the solver does
+not serve its commitment and is ruled wrong on that segment (not paid, bond slashed), so no verifier is slashed for
+a server that lies or stops; if it can, the segment is disputed as usual, and a verifier that cried "unavailable"
+or rejected a bundle that was there loses its stake like any wrong challenger. A
+`Publisher` of the caller's (e.g. an `HttpPublisher` a test stops mid-task) can stand in for "http". Local paths
+(`publish="local"`, the default) are used exactly as before; a URL is never turned into a `Path`.
+
 Crash safety: the market keeps a journal (`market-journal.json` in the work directory, replaced atomically) of
 every move applied and of every result that took work or read live balances (bundle roots, verifications,
 disputes, who could afford to bid or stake). A re-run on the same work directory re-plays the journal and goes on;
@@ -63,9 +80,10 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from blake3 import blake3
 
@@ -103,12 +121,19 @@ from games.task import (
     verify_params,
 )
 from pol.components import CodePolicy
+from pol.errors import BundleNotFound, RemoteError
 
 if TYPE_CHECKING:
+    from pol.remote import Limits
+    from pol.serve import Server
     from pol.spec import JobSpec
 
 __all__ = [
     "JOURNAL_NAME",
+    "PUBLISH_MODES",
+    "BundleLocation",
+    "HttpPublisher",
+    "Publisher",
     "DisputeFn",
     "DisputeOutcome",
     "DisputeReport",
@@ -133,6 +158,9 @@ JOURNAL_FORMAT = "pol-market-journal"
 SUBMITTER = "submitter"
 _DOMAIN = b"pol.games.market.v1\x00"
 _CAPS = ("exact", "native")
+PUBLISH_MODES = ("local", "http")  # where solvers publish their bundles: their own directory, or served over HTTP
+
+BundleLocation = str | Path  # a local bundle (directory or archive) or a URL string; a URL is never made a Path
 
 
 # ---------------------------------------------------------------------------------------------------- types
@@ -149,7 +177,7 @@ class DisputeOutcome:
     referee_seconds: float = 0.0  # the referee's own work, when the protocol measures it apart
 
 
-DisputeFn = Callable[[Path, int], "DisputeOutcome | str"]  # (bundle path, 0-based segment) -> outcome
+DisputeFn = Callable[[BundleLocation, int], "DisputeOutcome | str"]  # (bundle path or URL, 0-based segment) -> outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +203,7 @@ class VerificationReport:
     verifier: AccountId
     round: int
     segments: tuple[int, ...]  # 0-based segments it was assigned, sorted (pol.verify numbers them from 1)
-    verdict: str  # "accept", "reject" or "unchecked" (a lazy verifier's approval)
+    verdict: str  # "accept", "reject", "unchecked" (a lazy verifier's approval) or "unavailable" (could not fetch)
     failed: tuple[int, ...]  # 0-based segments its replay found wrong
     reason: str
     metric: float | None = None  # the certified final value of the task's condition metric (accept only)
@@ -213,6 +241,7 @@ class TaskReport:
     sampling: str = "independent"
     compute: tuple[ComputeEntry, ...] = ()  # every party's compute for this task (games.cost)
     tax: TaxSummary = TaxSummary(0, 0.0, 0, 0.0, 0.0, 0.0)
+    location: str = ""  # the URL the last round's bundle was fetched from ("" for a local bundle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,12 +300,87 @@ def get_market_params(spec: JobSpec, params: GameParams | None = None) -> GamePa
     return dataclasses.replace(base, n_segments=n, sample_count=max(1, min(base.sample_count, n)))
 
 
-def _bundle_job(path: Path) -> str:
-    """The job id a published bundle proves (read from its manifest, checked against its commitment)."""
+def _bundle_job(path: Any) -> str:
+    """The job id a published bundle proves (read from its manifest, checked against its commitment). `path`: a
+    local bundle, a URL or a `pol.remote.Remote` (then only the manifest is fetched)."""
     from pol.bundle import open_bundle
 
-    with open_bundle(path) as b:
+    with open_bundle(path, full=not _is_remote(path)) as b:
         return b.manifest.job_id
+
+
+# ---------------------------------------------------------------------------------------------------- publishing
+
+_UNAVAILABLE = (RemoteError, BundleNotFound)  # a served bundle that cannot be fetched: the party cannot verify
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """Where solvers publish their bundles: `publish(name, bundle)` makes the local bundle fetchable (idempotent per
+    name) and returns the URL the other parties fetch it from; `limits` bounds each party's fetches of one bundle
+    (None: pol.remote's defaults)."""
+
+    limits: Limits | None
+
+    def publish(self, name: str, bundle: Path) -> str: ...
+
+
+class HttpPublisher:
+    """Publish each bundle over HTTP on a server of its own (`pol.serve.serve_in_thread`, on `host`, a free port)
+    until `close()` or the end of a `with` block. `servers[name]` is the running server (`url`, `requests`: what
+    was fetched); `stop(name)` stops one (its solver stops answering). `publish` raises RemoteError when aiohttp
+    is missing and the errors of `pol.bundle.open_bundle` for a bundle that is not valid."""
+
+    def __init__(self, host: str = "127.0.0.1", limits: Limits | None = None) -> None:
+        self.host, self.limits = host, limits
+        self.servers: dict[str, Server] = {}
+        self._stack = ExitStack()
+
+    def publish(self, name: str, bundle: Path) -> str:
+        if name not in self.servers:
+            from pol.serve import serve_in_thread
+
+            self.servers[name] = self._stack.enter_context(serve_in_thread(bundle, host=self.host))
+        return self.servers[name].url
+
+    def stop(self, name: str) -> None:
+        self.servers[name].stop()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> HttpPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _get_publisher(publish: str | Publisher) -> tuple[Publisher | None, bool]:
+    """(the publisher, whether the market owns it and must close it); None for local bundles. Raises MarketError."""
+    if isinstance(publish, Publisher):
+        return publish, False
+    if publish == "local":
+        return None, False
+    if publish == "http":
+        return HttpPublisher(), True
+    raise MarketError("market.publish", f"{publish!r} is not one of {PUBLISH_MODES} or a Publisher")
+
+
+def _is_remote(location: object) -> bool:
+    from pol.remote import Remote, is_url
+
+    return isinstance(location, Remote) or is_url(location)
+
+
+def _fetchable(location: BundleLocation, cache_dir: Path | None, limits: Limits | None) -> Any:
+    """What a party opens: a local bundle as it is; a URL as a `pol.remote.Remote` caching under `cache_dir` (a URL
+    string as it is when there is no `cache_dir`: pol.remote's default cache)."""
+    if cache_dir is None or not _is_remote(location):
+        return location
+    from pol.remote import Limits, Remote
+
+    return Remote(str(location), cache_dir=cache_dir, limits=limits or Limits())
 
 
 def _job_id(spec: JobSpec) -> str:
@@ -303,12 +407,14 @@ def _normalise(outcome: DisputeOutcome | str) -> DisputeOutcome:
     return result
 
 
-def replay_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
+def replay_dispute(bundle: BundleLocation, segment: int, *, code: CodePolicy = CodePolicy(),
+                   cache_dir: Path | None = None, limits: Limits | None = None) -> DisputeOutcome:
     """The referee-less ruling: replay the single disputed segment (0-based) with `pol.verify` and rule against the
-    solver if it fails. Raises what `pol.verify.verify` raises when it cannot judge."""
+    solver if it fails. A URL is fetched through `pol.remote` (caching under `cache_dir`, within `limits`). Raises
+    what `pol.verify.verify` raises when it cannot judge (RemoteError when a URL cannot be fetched)."""
     from pol.verify import verify
 
-    report = verify(bundle, segments=[segment + 1], seed=segment, code=code)
+    report = verify(_fetchable(bundle, cache_dir, limits), segments=[segment + 1], seed=segment, code=code)
     failed = [c for c in report.checks if not c.ok]
     if report.verdict == "accept":
         return DisputeOutcome("challenger_wrong", f"replay referee (no pinpoint): segment {segment} replays as "
@@ -318,16 +424,17 @@ def replay_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy(
                           steps=report.steps_replayed)
 
 
-def pinpoint_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
+def pinpoint_dispute(bundle: BundleLocation, segment: int, *, code: CodePolicy = CodePolicy(),
+                     cache_dir: Path | None = None, limits: Limits | None = None) -> DisputeOutcome:
     """Settle the dispute with the pinpoint protocol (an honest challenger against the bundle's solver, bisecting to
-    one step and one operator that the referee executes). Raises ImportError if `pinpoint` has no `run_dispute`,
-    and whatever the protocol raises."""
+    one step and one operator that the referee executes). A URL is fetched as in `replay_dispute`. Raises
+    ImportError if `pinpoint` has no `run_dispute`, and whatever the protocol raises."""
     import pinpoint
 
     run = getattr(pinpoint, "run_dispute", None)
     if run is None:
         raise ImportError("pinpoint has no run_dispute")
-    result = run(bundle, segment, code=code)
+    result = run(_fetchable(bundle, cache_dir, limits), segment, code=code)
     ruling = "solver_wrong" if result.outcome.loser == "solver" else "challenger_wrong"
     where = f"step {result.step}, node {result.node}" + (f" ({result.op})" if result.op else "")
     return DisputeOutcome(ruling, f"pinpoint: {result.rounds} rounds, {result.messages} messages, narrowed to "
@@ -336,16 +443,17 @@ def pinpoint_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolic
                           referee_seconds=float(result.referee_seconds))
 
 
-def default_dispute(bundle: Path, segment: int, *, code: CodePolicy = CodePolicy()) -> DisputeOutcome:
+def default_dispute(bundle: BundleLocation, segment: int, *, code: CodePolicy = CodePolicy(),
+                    cache_dir: Path | None = None, limits: Limits | None = None) -> DisputeOutcome:
     """`pinpoint_dispute` when pinpoint is importable and works; otherwise `replay_dispute`, saying why in the
     description. Raises what `replay_dispute` raises."""
     try:
-        return pinpoint_dispute(bundle, segment, code=code)
+        return pinpoint_dispute(bundle, segment, code=code, cache_dir=cache_dir, limits=limits)
     except ImportError as exc:
         why = f"pinpoint unavailable ({exc})"
     except Exception as exc:  # pinpoint is young: a failure of it must not stall settlement
         why = f"pinpoint failed ({type(exc).__name__}: {exc})"
-    fallback = replay_dispute(bundle, segment, code=code)
+    fallback = replay_dispute(bundle, segment, code=code, cache_dir=cache_dir, limits=limits)
     return dataclasses.replace(fallback, description=f"{why}; {fallback.description}")
 
 
@@ -497,9 +605,9 @@ class _Market:
     """The driver: plays every task, journaling as it goes. Private and mutable; `run_market` is the interface."""
 
     def __init__(self, setup: _Setup, ledger: Ledger, journal: _Journal, workdir: Path,
-                 on_event: EventCallback | None, dispute: DisputeFn) -> None:
+                 on_event: EventCallback | None, dispute: DisputeFn, publisher: Publisher | None = None) -> None:
         self.s, self.ledger, self.journal, self.workdir = setup, ledger, journal, workdir
-        self.on_event, self.dispute = on_event, dispute
+        self.on_event, self.dispute, self.publisher = on_event, dispute, publisher
         self.tasks: dict[str, Task] = {}
         self.preloaded = frozenset(journal.work)  # results a crashed run left in the journal
         self.cursor = 0
@@ -585,33 +693,37 @@ class _Market:
         salt = _salt(s.seed, t, task.solver)
         forced = compute_is_forced(bytes.fromhex(task.forced_beacon), salt, s.params.forced_error_bps)
         published, true_path = self.work(task, spec, cheated, forced)
+        location = self.publish(t, 0, published)
         task = self.play(Commit(t, task.last_tick + 1, task.solver, self.root(published)), "commit",
                          f"{task.solver} locks its bond {s.params.solver_bond} and commits "
-                         f"{self.root(published)[:16]}")
-        path = published
+                         f"{self.root(published)[:16]}" + (f", published at {location}" if self.publisher else ""))
         while task.phase == COMMITTED:
-            task = self.verify_round(task, path, verifications)
+            task = self.verify_round(task, location, verifications)
             reveal = Reveal(t, task.whistle_deadline, task.solver, salt,
                             self.root(true_path) if forced and task.round == 0 else "")
             round_before = task.round
             task = self.play(reveal, "reveal", f"{task.solver} reveals its salt")
             if task.round > round_before:
                 self.emit(t, "reveal", self.forced_text(task, verifications))
-                path = true_path
+                location = self.publish(t, task.round, true_path)
         if task.phase == CHALLENGED:
-            task = self.settle_dispute(task, path, verifications, disputes)
-        report = self.task_report(task, bids, cheated, verifications, disputes, before)
+            task = self.settle_dispute(task, location, verifications, disputes)
+        report = self.task_report(task, bids, cheated, verifications, disputes, before,
+                                  location if isinstance(location, str) else "")
         changes = ", ".join(f"{a} {d:+d}" for a, d in report.changes)
         self.emit(t, "settle", f"final: {task.outcome}; balance changes: {changes or 'none'}")
         return report
 
     def forced_text(self, task: Task, verifications: list[VerificationReport]) -> str:
         caught = [v.verifier for v in verifications if v.round == task.round - 1 and v.verdict == "reject"]
-        fooled = [v.verifier for v in verifications if v.round == task.round - 1 and v.verdict != "reject"]
+        blind = [v.verifier for v in verifications if v.round == task.round - 1 and v.verdict == "unavailable"]
+        fooled = [v.verifier for v in verifications if v.round == task.round - 1 and v.verifier not in caught + blind]
+        payout = self.s.params.jackpot_payout if caught or blind else 0
         return (f"forced error revealed: {task.solver} had to commit a wrong result; caught by "
-                f"{', '.join(caught) or 'nobody'} (jackpot payout {self.s.params.jackpot_payout if caught else 0} "
-                f"shared), approved by {', '.join(fooled) or 'nobody'} (stakes lost); round {task.round} verifies "
-                f"the true commitment {task.commitment[:16]}")
+                f"{', '.join(caught) or 'nobody'}" + (f", challenged by {', '.join(blind)} (could not fetch it)"
+                                                    if blind else "")
+                + f" (jackpot payout {payout} shared), approved by {', '.join(fooled) or 'nobody'} (stakes lost); "
+                f"round {task.round} verifies the true commitment {task.commitment[:16]}")
 
     def bid(self, task: Task, spec: JobSpec, now: int) -> tuple[tuple[AccountId, Amount], ...]:
         s, t = self.s, task.task_id
@@ -632,6 +744,29 @@ class _Market:
 
     def root(self, path: Path) -> str:
         return str(self.journal.work[f"root/{path.relative_to(self.workdir).as_posix()}"])
+
+    def publish(self, t: str, r: int, path: Path) -> BundleLocation:
+        """The solver publishes the bundle it commits to in round `r`: its local path, or the URL its publisher
+        serves it at (journaled as `published/<task>/r<round>`, replaced on a re-run, which serves it anew)."""
+        if self.publisher is None:
+            return path
+        url = self.publisher.publish(path.relative_to(self.workdir).as_posix(), path)
+        self.journal.work[f"published/{t}/r{r}"] = url
+        self.journal.save()
+        self.emit(t, "publish", f"{self.tasks[t].solver} serves {path.name} at {url}")
+        return url
+
+    def fetch_as(self, location: BundleLocation, party: AccountId) -> Any:
+        """What `party` opens: a local bundle as it is, a URL through its own cache (`workdir/cache/<party>`)."""
+        if self.publisher is None:
+            return location
+        return _fetchable(location, self.workdir / "cache" / party, self.publisher.limits)
+
+    def unavailable(self, exc: Exception) -> str:
+        """Why a served bundle could not be fetched; re-raises `exc` when bundles are local (no change there)."""
+        if self.publisher is None:
+            raise exc
+        return f"the bundle is unavailable ({type(exc).__name__}: {_short(str(exc), 300)})"
 
     def work(self, task: Task, spec: JobSpec, cheated: bool, forced: bool) -> tuple[Path, Path]:
         """The solver's work: train (honestly), forge if it cheats, build the forced error if the beacon says so.
@@ -679,7 +814,7 @@ class _Market:
                               f"altered), root {self.root(wrong)[:16]}", f"root/tasks/{t}/forced" in self.preloaded)
         return wrong, true_path
 
-    def verify_round(self, task: Task, path: Path, out: list[VerificationReport]) -> Task:
+    def verify_round(self, task: Task, path: BundleLocation, out: list[VerificationReport]) -> Task:
         s, t, r = self.s, task.task_id, task.round
         start = task.last_tick + 1
         stakers = self.cached(f"plan/{t}/r{r}/verifiers",
@@ -709,7 +844,8 @@ class _Market:
         """The first of `candidates` that can cover a verifier's stake ("" if none)."""
         return next((u for u in candidates if self.can_pay(u, self.s.params.verifier_stake)), "")
 
-    def verify_one(self, task: Task, path: Path, v: AccountId, now: int, out: list[VerificationReport]) -> Task:
+    def verify_one(self, task: Task, path: BundleLocation, v: AccountId, now: int,
+                   out: list[VerificationReport]) -> Task:
         """One verifier replays its segments and gives its verdict."""
         s, t, r = self.s, task.task_id, task.round
         segments = tuple(sorted(get_verifier_segments(task, v, s.params)))
@@ -729,12 +865,14 @@ class _Market:
         self.emit(t, "verify", f"{v} replays segments {_segments_text(segments)} of {task.commitment[:16]}: "
                                f"{report.verdict}" + (f" ({_short(report.reason)})" if report.reason else "") + certified,
                   key in self.preloaded)
-        weight = 0 if report.verdict == "reject" else WEIGHT_ONE
+        weight = 0 if report.verdict in ("reject", "unavailable") else WEIGHT_ONE  # cannot verify: never approve
         return self.play(Verdict(t, now, v, weight, report.metric if is_approval(weight) else None), "verdict",
-                         f"{v} {'approves' if is_approval(weight) else 'challenges'}")
+                         f"{v} {'approves' if is_approval(weight) else 'challenges'}"
+                         + (" (it cannot verify: the bundle is unavailable)" if report.verdict == "unavailable" else ""))
 
-    def check(self, task: Task, path: Path, verifier: AccountId, segments: tuple[int, ...]) -> dict[str, Any]:
-        """A verifier's real work: replay its segments against the posted commitment (a lazy one does nothing)."""
+    def check(self, task: Task, path: BundleLocation, verifier: AccountId, segments: tuple[int, ...]) -> dict[str, Any]:
+        """A verifier's real work: replay its segments against the posted commitment (a lazy one does nothing). A
+        served bundle it cannot fetch is the verdict 'unavailable' on all its segments (it cannot verify)."""
         if verifier in self.s.lazy:
             return {"verdict": "unchecked", "failed": [], "reason": "lazy: approved without replaying"}
         from pol.verify import verify
@@ -743,8 +881,12 @@ class _Market:
         # verifier pins the posted job and commitment, and allows no code beyond pol's built-ins
         if not segments:
             return {"verdict": "accept", "failed": [], "reason": "an empty share: nothing to replay"}
-        report = verify(path, segments=[i + 1 for i in segments], expected_root=task.commitment,
-                        expected_job=task.job_id or None, beacon=task.segment_beacon, code=self.s.code)
+        try:
+            report = verify(self.fetch_as(path, verifier), segments=[i + 1 for i in segments],
+                            expected_root=task.commitment, expected_job=task.job_id or None,
+                            beacon=task.segment_beacon, code=self.s.code)
+        except _UNAVAILABLE as exc:
+            return {"verdict": "unavailable", "failed": list(segments), "reason": f"cannot verify: {self.unavailable(exc)}"}
         failed = sorted(c.index - 1 for c in report.checks if not c.ok)
         work = {"steps": report.steps_replayed, "calibration_steps": report.calibration_steps,
                 "seconds": report.seconds}
@@ -757,30 +899,29 @@ class _Market:
         if not failed and bad_eval:  # a committed metric that does not recompute: the segment ending at its checkpoint
             from pol.bundle import open_bundle
 
-            with open_bundle(path) as b:
+            with open_bundle(self.fetch_as(path, verifier), full=not _is_remote(path)) as b:
                 index = b.record_index(bad_eval[0].step)
             return {"verdict": "reject", "failed": [max(index - 1, 0)], "reason": f"evaluation: {bad_eval[0].problem}",
                     "evaluation": True, **work}
         return {"verdict": "reject", "failed": failed or [segments[0]],
                 "reason": problems[0] if problems else report.reason, **work}
 
-    def settle_dispute(self, task: Task, path: Path, verifications: list[VerificationReport],
+    def settle_dispute(self, task: Task, path: BundleLocation, verifications: list[VerificationReport],
                        out: list[DisputeReport]) -> Task:
         t, r = task.task_id, task.round
         flagged: dict[int, list[AccountId]] = {}
         for v in verifications:
-            if v.round == r and v.verdict == "reject":
+            if v.round == r and v.verdict in ("reject", "unavailable"):
                 for segment in v.failed:
                     flagged.setdefault(segment, []).append(v.verifier)
         wrong = []
-        proved = self.cached(f"job/{t}/r{r}", functools.partial(_bundle_job, path))
+        proved = self.cached(f"job/{t}/r{r}", functools.partial(self.referee_job, path))
+        if isinstance(proved, dict):  # the referee cannot fetch the manifest either: the solver withholds its bundle
+            return self.rule_all_wrong(task, flagged, f"for the referee, {proved['unavailable']}", out,
+                                       "the bundle committed to is unavailable")
         if task.job_id and proved != task.job_id:  # a public check: no replay, no dispute needed
             why = f"wrong job: the bundle proves job {proved[:16]}, the task posted job {task.job_id[:16]}"
-            for segment in sorted(flagged):
-                out.append(DisputeReport(r, segment, tuple(flagged[segment]), "solver_wrong", why))
-            self.emit(t, "dispute", why)
-            return self.play(Rule(t, task.last_tick + 1, "solver_wrong", tuple(sorted(flagged))), "rule",
-                             "ruling solver_wrong: wrong job")
+            return self.rule_all_wrong(task, flagged, why, out, "wrong job")
         on_eval = {s for v in verifications if v.round == r and v.verdict == "reject" and v.evaluation for s in v.failed}
         for segment in sorted(flagged):
             key = f"dispute/{t}/r{r}/{segment}"
@@ -788,8 +929,7 @@ class _Market:
                                     f"{task.solver}" + (" (its evaluation)" if segment in on_eval else ""),
                       key in self.preloaded)
             # a disputed evaluation is not a training step to bisect: the replay referee recomputes the metric
-            rule = (functools.partial(self.rule_on_evaluation, path, segment) if segment in on_eval
-                    else functools.partial(self.rule_on, path, segment))
+            rule = functools.partial(self.rule_on, path, segment, task.commitment, segment in on_eval)
             result = self.cached(key, functools.partial(_timed, rule))
             out.append(DisputeReport(r, segment, tuple(flagged[segment]), result["ruling"], result["description"]))
             self.add_dispute_compute(r, segment, result, segment in on_eval)
@@ -812,15 +952,60 @@ class _Market:
                                       f"segment {segment}: {rounds} rounds; steps: both sides replay the segment"),
                          ComputeEntry("referee", "referee", r, 0, referee, f"segment {segment}: one operator")]
 
-    def rule_on(self, path: Path, segment: int) -> dict[str, str]:
-        return dataclasses.asdict(_normalise(self.dispute(path, segment)))
+    def rule_all_wrong(self, task: Task, flagged: Mapping[int, list[AccountId]], why: str, out: list[DisputeReport],
+                       summary: str) -> Task:
+        """A public check settles every flagged segment against the solver: no replay, no dispute needed."""
+        for segment in sorted(flagged):
+            out.append(DisputeReport(task.round, segment, tuple(flagged[segment]), "solver_wrong", why))
+        self.emit(task.task_id, "dispute", why)
+        return self.play(Rule(task.task_id, task.last_tick + 1, "solver_wrong", tuple(sorted(flagged))), "rule",
+                         f"ruling solver_wrong: {summary}")
 
-    def rule_on_evaluation(self, path: Path, segment: int) -> dict[str, str]:
-        return dataclasses.asdict(replay_dispute(path, segment, code=self.s.code))
+    def referee_job(self, path: BundleLocation) -> str | dict[str, str]:
+        """The job the published bundle proves, or {'unavailable': why} when the referee cannot fetch it."""
+        try:
+            return _bundle_job(self.fetch_as(path, "referee"))
+        except _UNAVAILABLE as exc:
+            return {"unavailable": self.unavailable(exc)}
+
+    def rule_on(self, path: BundleLocation, segment: int, commitment: str, on_eval: bool) -> dict[str, Any]:
+        """The ruling on one disputed segment: the dispute callable's (the replay referee's for a disputed
+        evaluation, which recomputes the metric). For a served bundle the referee first fetches what the solver
+        committed to for the segment: if it cannot, the solver is wrong without a dispute (it does not serve its
+        commitment), so a verifier is never slashed for a server that lies or is gone."""
+        withheld = self.get_withheld(path, segment, commitment)
+        if withheld:
+            return {"ruling": "solver_wrong", "description": f"the referee {withheld}: the solver does not serve "
+                                                            "what it committed to"}
+        try:
+            if on_eval:
+                return dataclasses.asdict(replay_dispute(self.fetch_as(path, "referee"), segment, code=self.s.code))
+            return dataclasses.asdict(_normalise(self.dispute(path, segment)))
+        except _UNAVAILABLE as exc:  # gone during the dispute: the solver withholds what it committed to
+            return {"ruling": "solver_wrong", "description": f"segment {segment}: for the referee, "
+                                                             f"{self.unavailable(exc)}"}
+
+    def get_withheld(self, path: BundleLocation, segment: int, commitment: str) -> str:
+        """Why the referee cannot fetch a served bundle's `segment` as committed (the manifest of `commitment`, the
+        segment's two checkpoints, each checked against its digest); "" when it can, and for local bundles."""
+        if self.publisher is None:
+            return ""
+        from pol.bundle import open_bundle
+        from pol.errors import BundleError
+
+        try:
+            with open_bundle(self.fetch_as(path, "referee"), full=False) as b:
+                if b.manifest.root != commitment:
+                    return f"is served root {b.manifest.root[:16]}, not the commitment {commitment[:16]}"
+                for record in b.records[segment:segment + 2]:
+                    b.load_state(record.step)
+        except (*_UNAVAILABLE, BundleError) as exc:
+            return f"cannot fetch segment {segment} as committed ({type(exc).__name__}: {_short(str(exc), 300)})"
+        return ""
 
     def task_report(self, task: Task, bids: tuple[tuple[AccountId, Amount], ...], cheated: bool,
                     verifications: list[VerificationReport], disputes: list[DisputeReport],
-                    before: Mapping[AccountId, Amount]) -> TaskReport:
+                    before: Mapping[AccountId, Amount], location: str = "") -> TaskReport:
         after = self.ledger.get_accounts()
         changes = tuple((a, after[a] - before.get(a, 0)) for a in sorted(after) if after[a] != before.get(a, 0))
         certified = [m for v, m in task.metrics if v in {a for a, w in task.verdicts if is_approval(w)}]
@@ -829,7 +1014,7 @@ class _Market:
         return TaskReport(task.task_id, task.submitter, task.flops, task.max_price, bids, task.solver, task.price,
                           cheated, task.forced, task.commitment, task.outcome, tuple(verifications),
                           tuple(disputes), changes, task.condition, median, task.detection, self.s.params.sampling,
-                          compute, compute_tax(compute))
+                          compute, compute_tax(compute), location)
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -878,6 +1063,7 @@ def run_market(
     detection: tuple[float, float] | None = None,
     committee: int | None = None,
     silent_verifiers: Sequence[str] = (),
+    publish: str | Publisher = "local",
 ) -> MarketReport:
     """Run a whole market with real work in `workdir` (bundles under `tasks/<id>/`, the journal `JOURNAL_NAME`) and
     return its report. Parties are `submitter`, `solver-1..n`, `verifier-1..n` and the jackpot account.
@@ -894,11 +1080,14 @@ def run_market(
     overrides `params.sampling`; `detection` = (confidence, cheat fraction) posts every task with a required
     detection that sizes the sample (`games.task.get_sample_size`). `committee` seats the first that many verifiers
     on every task (default: all); the others are the reserve that takes over the share of a verifier in
-    `silent_verifiers` (one that stakes and never gives a verdict: it is slashed). `on_event` gets
+    `silent_verifiers` (one that stakes and never gives a verdict: it is slashed). `publish` is where solvers
+    publish their bundles: 'local' (the default: every party reads the solver's directory), 'http' (each bundle
+    served over loopback HTTP for the run, every party fetching by URL into `workdir/cache/<party>`; see the module
+    docstring for a bundle that changes or cannot be fetched) or a `Publisher` the caller owns. `on_event` gets
     every `MarketEvent`; an exception it raises propagates, and a re-run on the same work directory goes on from
     the journal and finishes exactly once.
 
-    Raises MarketError (a cheater, lazy or silent verifier that is not a party, a bad count or committee, a journal of another market or
+    Raises MarketError (a cheater, lazy or silent verifier that is not a party, a bad count, committee or publish mode, a journal of another market or
     one the run diverged from, a dispute callable that does not rule), BadMove (params out of range, before anything
     is written), LedgerError (a given ledger whose accounts another market opened; LedgerCorrupt if the ledger fails
     its invariants at the end), and what `pol.prove.train_and_prove` / `pol.verify.verify` / the dispute callable
@@ -932,6 +1121,7 @@ def run_market(
             raise MarketError("market.condition", f"{condition!r} is not (metric, comparison, threshold) on one of the "
                                                   f"spec's evaluation metrics {names}")
         condition = (str(condition[0]), str(condition[1]), float(condition[2]))
+    publisher, owned = _get_publisher(publish)
     setup = _Setup(seed, spec, game, flops, solvers, verifiers, frozenset(cheaters), frozenset(lazy_verifiers),
                    funding, code, condition or (), detection or (), verifiers[:seats], frozenset(silent_verifiers))
     config = json.loads(json.dumps({"seed": seed, "spec": spec.to_dict(), "params": dataclasses.asdict(game),
@@ -943,15 +1133,17 @@ def run_market(
                                     **({"silent": sorted(silent_verifiers)} if silent_verifiers else {})}))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    journal = _Journal(workdir / JOURNAL_NAME, config)
     path: Path | None = None
     own: SqliteLedger | None = None
-    if ledger is None:
-        path = Path(ledger_path or workdir / "ledger.db")
-        ledger = own = SqliteLedger(path, blake3(_DOMAIN + f"ledger\x00{seed}".encode()).digest())
-    active: Ledger = ledger
     try:
-        market = _Market(setup, active, journal, workdir, on_event, dispute or functools.partial(default_dispute, code=code))
+        journal = _Journal(workdir / JOURNAL_NAME, config)
+        if ledger is None:
+            path = Path(ledger_path or workdir / "ledger.db")
+            ledger = own = SqliteLedger(path, blake3(_DOMAIN + f"ledger\x00{seed}".encode()).digest())
+        active: Ledger = ledger
+        referee = ({"cache_dir": workdir / "cache" / "referee", "limits": publisher.limits} if publisher else {})
+        market = _Market(setup, active, journal, workdir, on_event,
+                         dispute or functools.partial(default_dispute, code=code, **referee), publisher)
         if journal.resumed:
             market.emit("", "resume", f"resuming from {journal.path.name}: {len(journal.moves)} moves recorded")
         market.fund()
@@ -965,6 +1157,8 @@ def run_market(
     finally:
         if own is not None:
             own.close()
+        if owned:
+            publisher.close()  # type: ignore[union-attr]
 
 
 def render_compute(report: MarketReport) -> str:
