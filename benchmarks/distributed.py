@@ -5,7 +5,8 @@ Native numerics: DDP's bucketed float32 all-reduce (4 bytes per parameter), over
 Exact numerics: the window all-reduce, a uint8 exponent code per block of 32 elements (MAX) and an int64 per
 element (SUM), 8 + 1/32 bytes per parameter: 2.008x native's; elements the window cannot round are gathered
 (float32, every micro-batch) and counted as `gathered`. A second table compares code blocks of 1 (9 bytes per
-element, 2.25x), 8, 32 and 128 elements at 2 processes.
+element, 2.25x), 8, 32 and 128 elements at 2 processes; a third times one gradient all-reduce alone (exact against
+native, 2 processes), since an exact step's time is mostly its exact arithmetic, not its communication.
 
 Step time: the median interval between consecutive steps on rank 0 (`--steps` steps, checkpoints at the first and
 last only), so process start-up, model building and checkpoints stay out. Each process runs one torch thread.
@@ -34,6 +35,55 @@ MODELS = {
     "mlp-1024": {"model": {"name": "mlp", "kwargs": {"hidden": 1024}}, "data": {"name": "synthetic", "kwargs": {"n": 2048}}},
 }
 BLOCKS = (1, 8, 32, 128)
+REDUCE_SIZES = (15_328, 1_093_642, 4_194_304)  # elements: the transformer, mlp-1024, a 4M-parameter model
+
+
+def _time_reduce(rank: int, world: int, port: int, numel: int, micro: int, reps: int, queue: Any) -> None:
+    """One gradient all-reduce alone: reduce_exact (codes, window sums, rounding) against reduce_native."""
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from pol.distributed import DataParallelGroup
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = DataParallelGroup()
+        torch.manual_seed(rank)
+        params = {"w": torch.zeros(numel)}
+        grads = [torch.randn(numel) * 1e-3 for _ in range(micro)]
+        times: dict[str, list[float]] = {"exact": [], "native": []}
+        for _ in range(reps):
+            for kind in times:
+                dist.barrier()
+                started = time.perf_counter()
+                if kind == "exact":
+                    mine = group.microbatches(micro)
+                    group.reduce_exact({"w": [grads[i] for i in mine]}, params)
+                else:
+                    group.reduce_native({"w": grads[0]})
+                times[kind].append(time.perf_counter() - started)
+        if rank == 0:
+            queue.put({k: sorted(v)[len(v) // 2] for k, v in times.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_reduce(numel: int, world: int, micro: int, reps: int = 7) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    from pol.distributed import _free_port
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_time_reduce, args=(world, _free_port(), numel, micro, reps, queue), nprocs=world, join=True,
+                       start_method="spawn")
+    t = queue.get()
+    return {"elements": numel, "processes": world, "native_ms": 1000 * t["native"], "exact_ms": 1000 * t["exact"],
+            "exact_x_native_time": t["exact"] / t["native"]}
 
 
 def measure(model: str, numerics: str, nproc: int, steps: int, batch: int, micro: int, **options: Any) -> dict[str, Any]:
@@ -81,6 +131,11 @@ def main() -> None:
         exact_roots = {r["root"] for r in rows + blocks if r["model"] == model and r["numerics"] == "exact"}
         print(f"{model}: exact commitments over {args.procs} processes and code blocks {BLOCKS}: "
               f"{'one' if len(exact_roots) == 1 else exact_roots}")
+    reduces = []
+    for numel in REDUCE_SIZES:
+        row = measure_reduce(numel, 2, -(-args.batch // args.micro))
+        reduces.append(row)
+        print(row, flush=True)
     cols = ["model", "numerics", "processes", "step_ms", "speedup", "efficiency", "bytes_per_step", "bytes_x_native",
             "exact_x_native_time", "gathered"]
     text = (f"# Data-parallel training, gloo on CPU\n\n`python benchmarks/distributed.py --procs {' '.join(map(str, args.procs))}"
@@ -90,8 +145,10 @@ def main() -> None:
             "elements the window all-reduce could not round, over the run.\n\n"
             + markdown_table(rows, cols)
             + "\n\n## Exponent code block (exact, 2 processes)\n\n"
-            + markdown_table(blocks, ["model", "code_block", "bytes_per_step", "bytes_x_native", "gathered", "step_ms"]))
-    write_results("distributed", {"args": vars(args), "rows": rows, "blocks": blocks}, text)
+            + markdown_table(blocks, ["model", "code_block", "bytes_per_step", "bytes_x_native", "gathered", "step_ms"])
+            + "\n\n## One gradient all-reduce alone (2 processes; exact: codes, window sums, two all-reduces, rounding)\n\n"
+            + markdown_table(reduces, ["elements", "processes", "native_ms", "exact_ms", "exact_x_native_time"]))
+    write_results("distributed", {"args": vars(args), "rows": rows, "blocks": blocks, "reduces": reduces}, text)
 
 
 if __name__ == "__main__":

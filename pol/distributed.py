@@ -44,6 +44,7 @@ gloo on CPU, NCCL on CUDA (each process then uses `cuda:<LOCAL_RANK>`).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Mapping, Sequence
@@ -95,6 +96,9 @@ each element has its own code (the zero counts a block needs take 2h of the int6
 CODE_BLOCK = 32
 """Elements sharing one exponent code in the window all-reduce's first round: 1/32 byte per element (module
 docstring; benchmarks/results/distributed.md compares 1, 8, 32, 128)."""
+CHUNK_ELEMENTS = 1 << 16
+"""Elements per pass of the window all-reduce's element-wise work (encoding, rounding): cache-sized chunks run
+about twice as fast as whole tensors on a CPU."""
 BUCKET_BYTES = 25 * 1024 * 1024
 """Native numerics: gradient bytes per all-reduce bucket, as DDP's default."""
 
@@ -116,7 +120,18 @@ def init_from_env(device: str = "cpu", timeout_s: float = 600.0, **options: int)
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_leave_group)
     return DataParallelGroup(device=device, **options), device
+
+
+def _leave_group() -> None:
+    """Destroy the process group while the interpreter is alive: gloo's worker threads may otherwise free tensors
+    during interpreter finalization, which aborts the process ("terminate called without an active exception")."""
+    import gc
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 class DataParallelGroup:
@@ -166,15 +181,19 @@ class DataParallelGroup:
         if count > MAX_WINDOW_MICROBATCHES:
             return self._split(self._sum_gathered(local, count), params)
         block = self.code_block if count <= MAX_BLOCK_MICROBATCHES else 1
-        codes = compute_block_codes(compute_exponent_codes(local), block)
+        rows = block * max(1, CHUNK_ELEMENTS // block)  # elements per chunk of the element-wise passes (cache-sized)
+        spans = [slice(i, i + rows) for i in range(0, local.shape[0], rows)] or [slice(0, 0)]
+        codes = torch.cat([compute_block_codes(compute_exponent_codes(local[c]), block) for c in spans])
         self._all_reduce(codes, dist.ReduceOp.MAX)
         if bool((codes == CODE_SPECIAL).any()):  # inf/NaN somewhere: the IEEE rules of exact_sum, on everything
             return self._split(self._sum_gathered(local, count), params)
         element = get_element_codes(codes, block, local.shape[0])
         window = Window(count, counts=block > 1)
-        sums = compute_window_sums(local, element, window)
+        sums = torch.cat([compute_window_sums(local[c], element[c], window) for c in spans])
         self._all_reduce(sums, dist.ReduceOp.SUM)
-        values, safe = compute_window_rounding(sums, element, window)
+        rounded = [compute_window_rounding(sums[c], element[c], window) for c in spans]
+        values = torch.cat([v for v, _ in rounded])
+        safe = torch.cat([ok for _, ok in rounded])
         unsafe = torch.nonzero(~safe).reshape(-1)  # the same on every process: computed from all-reduced values
         self.unsafe += unsafe.numel()
         if unsafe.numel():
@@ -396,7 +415,7 @@ def _spawned(rank: int, nproc: int, port: int, spec: Any, out: str, kwargs: dict
         queue.put(("error", rank, f"{type(exc).__name__}: {exc}", None, 0, (0.0, 0.0, 0)))
         raise
     finally:
-        dist.destroy_process_group()
+        _leave_group()
 
 
 def train_spawned(spec: Any, out: str | os.PathLike[str], nproc: int, *, env: Mapping[str, str] | None = None,

@@ -4,6 +4,7 @@ window all-reduce's arithmetic is held to `exact_sum` in tests/exact/test_compac
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -122,6 +123,7 @@ def _reduce_in_ranks(rank: int, world: int, port: int, queue) -> None:
                 queue.put((rank, block, case, got.view(torch.int32).tolist()))
     finally:
         dist.destroy_process_group()
+        gc.collect()  # before interpreter finalization (pol.distributed._leave_group)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -360,6 +360,7 @@ def exact_cumsum(x: FloatTensor, dim: int) -> FloatTensor:
 CODE_SPECIAL = 255
 """Exponent code of a non-finite term (and of a term with biased exponent 254): such a sum takes another path."""
 WINDOW_BITS = 62
+NEGATIVE_ZERO_BITS = -(1 << 31)  # -0.0's float32 bit pattern, as an int32
 """Bits of an int64 a window sum may use: |sum| < 2**62, one bit of headroom below int64's sign."""
 
 
@@ -393,12 +394,14 @@ def compute_exponent_codes(x: FloatTensor) -> torch.Tensor:
     scale: 0 for -0, 1 for +0, 1 + max(biased exponent, 1) for a nonzero finite term (subnormals share biased
     exponent 1's scale), `CODE_SPECIAL` for inf/NaN and biased exponent 254. MAX over any grouping of the terms
     (processes, micro-batches, a block of elements) is the code of the largest term."""
-    biased = (x.view(torch.int32) >> 23) & 0xFF
-    code = torch.where(x == 0, (~torch.signbit(x)).to(torch.int32), torch.clamp(biased, min=1) + 1)
-    code = torch.clamp(code, max=CODE_SPECIAL)
     if x.shape[1] == 0:
         return torch.zeros(x.shape[0], dtype=torch.uint8, device=x.device)
-    return code.amax(dim=1).to(torch.uint8)
+    bits = x.view(torch.int32)
+    largest = (bits & 0x7FFFFFFF).amax(dim=1)  # the largest magnitude's bits: the largest code (NaN's above inf's)
+    biased = largest >> 23
+    plus = (bits == 0).any(dim=1)
+    code = torch.where(largest == 0, plus.to(torch.int32), torch.clamp(biased, min=1) + 1)
+    return torch.clamp(code, max=CODE_SPECIAL).to(torch.uint8)
 
 
 def compute_block_codes(codes: torch.Tensor, block: int) -> torch.Tensor:
@@ -419,42 +422,42 @@ def _window_unit_exponent(code: IntTensor, window: Window) -> IntTensor:
 
 
 def compute_window_sums(x: FloatTensor, code: IntTensor, window: Window) -> IntTensor:
-    """Per row of finite 2-D float32 `x` (elements, terms): sum over the row of trunc(term / u) (exact integer
-    operations on the float32 bits), u = 2**k from the row's code (`code`: int64, at least the code of every
-    term of the element on every process), shifted up by `window.low` bits that count the terms cut inexactly
-    (and, with `window.counts`, the terms that are not -0). These int64 add as integers: any order."""
-    bits = x.view(torch.int32).to(torch.int64)
-    biased = (bits >> 23) & 0xFF
-    mant = (bits & 0x7FFFFF) | torch.where(biased > 0, 1 << 23, 0)
-    k = _window_unit_exponent(code, window).unsqueeze(1)
-    shift = torch.clamp(biased, min=1) - 150 - k  # term = mant * 2**shift units
-    mag = torch.where(shift >= 0, mant << torch.clamp(shift, 0, 62), mant >> torch.clamp(-shift, 0, 63))
-    total = torch.where(bits < 0, -mag, mag).sum(dim=1)
-    cut = (shift < 0) & ((mant & ((1 << torch.clamp(-shift, 0, 62)) - 1)) != 0)  # bits below u were dropped
-    low = cut.to(torch.int64).sum(dim=1)
+    """Per row of finite 2-D float32 `x` (elements, terms): sum over the row of trunc(term / u), u = 2**k from the
+    row's code (`code`: int64, at least the code of every term of the element on every process), shifted up by
+    `window.low` bits that count the terms cut inexactly (and, with `window.counts`, the terms that are not -0).
+    term / u is exact in float64 (a power-of-two scaling, below 2**width and far above float64's smallest normal),
+    so trunc is exact. These int64 add as integers: any order."""
+    scaled = x.to(torch.float64) * pow2_f64(-_window_unit_exponent(code, window)).unsqueeze(1)
+    whole = torch.trunc(scaled)
+    total = whole.to(torch.int64).sum(dim=1)
+    low = (scaled != whole).sum(dim=1)  # terms whose bits below u were dropped
     if window.counts:
-        not_negative_zero = (~((x == 0) & torch.signbit(x))).to(torch.int64).sum(dim=1)
-        low = (low << window.h) + not_negative_zero
+        low = (low << window.h) + (x.view(torch.int32) != NEGATIVE_ZERO_BITS).sum(dim=1)
     return total * (1 << window.low) + low
 
 
-def _bit_length(a: IntTensor) -> IntTensor:
-    """bitlength of non-negative int64 `a` (0 for 0), exactly: frexp of the float64, corrected where the
-    conversion rounded up to the next power of two."""
-    _, e = torch.frexp(a.to(torch.float64))
-    e = e.to(torch.int64)
-    return e - ((e > 0) & ((a >> torch.clamp(e - 1, 0, 63)) == 0)).to(torch.int64)
+def _round_to_f32(n: IntTensor, k: IntTensor) -> FloatTensor:
+    """float32 of n * 2**k (int64 |n| < 2**63 - 2**10, k in [-1022 + 63, 1023 - 63]) rounded once to nearest even:
+    n to float64 rounded to odd (53 bits, the sticky bit kept), an exact power-of-two scaling, then the one
+    rounding to float32 (53 >= 24 + 2 bits: rounding to odd first does not change it; subnormals and overflow
+    included)."""
+    r = n.to(torch.float64)
+    inexact = (n - r.to(torch.int64)) != 0
+    toward = torch.where(n > r.to(torch.int64), float("inf"), float("-inf")).to(torch.float64)
+    r = torch.where(inexact & ((r.view(torch.int64) & 1) == 0), torch.nextafter(r, toward), r)
+    return (r * pow2_f64(k)).to(torch.float32)
 
 
 def compute_window_rounding(total: IntTensor, code: IntTensor, window: Window) -> tuple[FloatTensor, torch.Tensor]:
     """float32 of all-reduced `compute_window_sums` (int64, every process's terms) and a SAFE mask: where it is
     True, the value is the exact sum of the terms rounded once to nearest even (`exact_sum`'s bits, signed zeros
-    included); where False, another exact path must sum that element.
+    and overflow included); where False, another exact path must sum that element.
 
     The window sum H (in units u = 2**k) misses the bits below u of the C terms cut inexactly, under one unit
-    each: the exact sum S has |S - H*u| < C*u. C = 0: H*u is S, rounded here (ties and subnormals included). C > 0:
-    if no float32 rounding midpoint lies within C units of H, S and H*u round alike. Unsafe: C > 0 and a sum
-    rounding to a subnormal, within C units of a midpoint, or cancelled to under 2**(h + 26) units; an overflow."""
+    each: the exact sum S lies in ((H - C)*u, (H + C)*u). Rounding is monotone, so where both ends round to the
+    same float32, S rounds to it too (C = 0: S = H*u). Unsafe: the ends round apart (a rounding tie or midpoint
+    within C units, a cancellation among cut terms). A zero sum with nothing cut is -0 only if every term was -0.
+    """
     h = window.h
     low = total & ((1 << window.low) - 1)
     hsum = total >> window.low
@@ -463,22 +466,12 @@ def compute_window_rounding(total: IntTensor, code: IntTensor, window: Window) -
     else:
         cut, plus = low, code >= 1
     k = _window_unit_exponent(code, window)
-    a = hsum.abs()
-    length = _bit_length(a)
-    p = length - 1 + k  # 2**p <= |H*u| < 2**(p + 1)
-    pe = torch.clamp(p, min=-126)
-    d = pe - 23 - k  # the float32 quantum at |H*u| is 2**d units
-    dd = torch.clamp(d, 0, 62)
-    t = torch.where(d < 0, a << torch.clamp(-d, 0, 62), a >> dd)  # a sum of under 24 bits is widened, exactly
-    rem = torch.where(d < 0, 0, a - (t << dd))
-    half = torch.where(dd > 0, torch.ones_like(dd) << torch.clamp(dd - 1, min=0), 0)
-    up = (dd > 0) & ((rem > half) | ((rem == half) & ((t & 1) == 1)))
-    mag_bits = ((pe + 126) << 23) + t + up.to(torch.int64)  # a carry into the next binade is the next exponent
-    exact = cut == 0
-    inexact_safe = (p >= -126) & (length >= h + 27) & ((rem - half).abs() >= cut)
-    safe = (a > 0) & (mag_bits < 0x7F800000) & (exact | inexact_safe)
-    mag_bits = torch.where(a > 0, mag_bits, 0)
-    signed = torch.where(hsum < 0, mag_bits - (1 << 31), mag_bits).to(torch.int32).view(torch.float32)
-    zero = (a == 0) & exact  # an exact zero sum: -0 only if every term was -0
-    value = torch.where(zero, torch.where(plus, 0.0, -0.0), signed)
+    below = _round_to_f32(hsum - cut, k)
+    safe = torch.ones_like(cut, dtype=torch.bool)
+    was_cut = torch.nonzero(cut).reshape(-1)  # few: a term is cut only some 30 binades below its block's largest
+    if was_cut.numel():
+        above = _round_to_f32(hsum[was_cut] + cut[was_cut], k[was_cut])
+        safe = safe.index_put((was_cut,), below[was_cut].view(torch.int32) == above.view(torch.int32))
+    zero = (hsum == 0) & (cut == 0)  # an exact zero sum: -0 only if every term was -0
+    value = torch.where(zero, torch.where(plus, 0.0, -0.0), below)
     return value, safe | zero
