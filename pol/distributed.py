@@ -11,19 +11,22 @@ i with i % world == rank, in index order, as `pol.engine.one_step` would (same b
      MAXed over blocks of `CODE_BLOCK` = 32 elements, then over processes: each block's largest exponent E.
   2. With M micro-batches in the step (spec-known, h = bitlength(M)), the window unit is u = 2**(E - 126 - w),
      w = 62 - 3h (62 - 2h with one code per element): every term is below 2**w units. Each process sums, over
-     its micro-batches, trunc(term / u) (integer shifts of the float32 bits), shifted up by low bits that count
-     the terms cut inexactly and the terms that are not -0; the int64 sums are all-reduced by SUM (no overflow:
-     M terms stay below 2**62).
-  3. Every process rounds each element's sum H once (integer round-to-nearest-even). If no term was cut, H*u is
-     the exact sum. Otherwise the exact sum lies within C units of H*u (C terms cut, under a unit each), and H*u
-     rounds as the exact sum does unless a rounding midpoint lies within C units (a tie, a cancellation to under
-     2**(h + 26) units, a subnormal or overflowing sum): those elements are known alike on every process, and
-     only they are gathered (float32, every micro-batch) and summed by `exact_sum`. A zero sum is -0 only if no
-     term was anything but -0.
+     its micro-batches, trunc(term / u) (exact: a power-of-two scaling in float64), shifted up by low bits that
+     count the terms cut inexactly (and, for a block, the terms that are not -0); the int64 sums are
+     all-reduced by SUM (no overflow: M terms stay below 2**62).
+  3. Every process rounds each element's sum H once. If no term was cut, H*u is the exact sum. Otherwise the exact
+     sum lies strictly between (H - C)*u and (H + C)*u (C terms cut, under a unit each); rounding is monotone, so
+     where both ends round to the same float32 (integer to float64 rounded to odd, then one rounding) the exact
+     sum rounds to it too. Where they differ (a rounding midpoint within C units: a tie or a cancellation among
+     cut terms) the element is unsafe; unsafe elements are known alike on every process (computed from
+     all-reduced values), and only they are gathered (float32, every micro-batch) and summed by `exact_sum`. A
+     zero sum with nothing cut is -0 only if every term was -0.
   Bytes per element: 8 + 1/32 (2.008x native's float32); the 0.8% over the issue's 2x target is the exponent code,
-  the 2x is the int64 (a float32 sum needs ~24 bits plus headroom for exponent spread and cancellation: 32-bit
-  integers leave too little, see benchmarks/results/distributed.md). Blocks give up 2h bits of the window to the
-  zero counts; from 16 micro-batches per step on (`MAX_BLOCK_MICROBATCHES`) each element has its own code
+  the 2x is the int64 (a float32 sum needs 24 bits plus headroom for exponent spread and cancellation: a 32-bit
+  window leaves too little, see benchmarks/results/distributed.md). The cut count is what makes the window
+  cheap: with the bound M for every element instead, some 15% of ordinary 4-micro-batch sums fall within M units
+  of a midpoint (sums of few float32 often sit exactly on one). A block also gives h bits to the count of terms
+  that are not -0; from 16 micro-batches per step on (`MAX_BLOCK_MICROBATCHES`) each element has its own code
   (9 bytes, 2.25x), beyond 1023 (`MAX_WINDOW_MICROBATCHES`) and on any inf/NaN term every gradient is gathered
   and summed by `exact_sum` (its IEEE rules). Result: the same bits as one process, the same commitment for any N.
 - **Native numerics.** Each process accumulates its micro-batches in `.grad`; during its last backward pass
