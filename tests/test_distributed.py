@@ -108,7 +108,8 @@ def _reduce_cases() -> list[list[torch.Tensor]]:
     wide = torch.randn(64, 5) * torch.exp2(torch.randint(-150, 120, (64, 5)).float())
     special = torch.randn(6, 3)
     special[0, 1], special[1, 2], special[2, 0], special[2, 1] = float("inf"), float("nan"), float("inf"), float("-inf")
-    return [list(ties.T), list(wide.T), list(special.T)]
+    many = torch.randn(1100, 4) * 1e-3  # beyond MAX_WINDOW_MICROBATCHES: every gradient gathered
+    return [list(ties.T), list(wide.T), list(special.T), list(many)]
 
 
 def _reduce_in_ranks(rank: int, world: int, port: int, queue) -> None:
