@@ -133,6 +133,10 @@ class Runtime:
     random_draws: int = 0  # torch random operators served from pol.rng so far (dropout, noise, augmentation)
     uses_random: bool | None = None  # the model draws torch random numbers (None: not yet known; see one_step)
     data_parallel: DataParallel | None = None  # this process's share of each step, with its peers (pol.distributed)
+    # native numerics, one process: sum the micro-batch gradients as `reduce_groups` data-parallel processes would
+    # (each its own micro-batches i % groups in order, then the group sums in group order): a verifier's calibration
+    # of a bundle trained on that many processes (pol.verify). Exact numerics ignores it (the sum is exact).
+    reduce_groups: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,6 +680,9 @@ def one_step(
     mine = range(count) if dp is None else dp.microbatches(count)
     exact_sum = spec.numerics == "exact" and (count > 1 or dp is not None)  # the gradient: an exact sum, rounded once
     per_micro: dict[str, list[torch.Tensor]] = {n: [] for n in rt.params}
+    grouped: list[dict[str, torch.Tensor]] | None = None
+    if not exact_sum and dp is None and rt.reduce_groups > 1 and count > 1:
+        grouped = [{} for _ in range(min(rt.reduce_groups, count))]
     losses: dict[int, float] = {}
     # native numerics on several processes: DDP's overlap, gradient buckets all-reduced during the last backward
     overlap = getattr(dp, "overlap_native", None) if dp is not None and not exact_sum and mode is None else None
@@ -696,6 +703,12 @@ def one_step(
                 for n, p in rt.params.items():
                     per_micro[n].append(p.grad if p.grad is not None else torch.zeros_like(p))
                     p.grad = None
+            elif grouped is not None:  # as the process owning micro-batch i would accumulate it
+                group = grouped[i % rt.reduce_groups]
+                for n, p in rt.params.items():
+                    if p.grad is not None:
+                        group[n] = p.grad if n not in group else group[n].add_(p.grad)
+                    p.grad = None
         if exact_sum and dp is not None:
             with _disable_current_modes():  # integer digits, all-reduced: not operators of the step's arithmetic
                 grads = dp.reduce_exact(per_micro, rt.params)
@@ -703,6 +716,13 @@ def one_step(
             # under the exact numerics mode a sum over the stacked gradients is their exact sum rounded once
             # (pol.exact.reduce), the same bits as pol.distributed's digit all-reduce, in any micro-batch order
             grads = {n: torch.stack(gs).sum(dim=0) for n, gs in per_micro.items()}
+        elif grouped is not None:  # the groups' sums added in group order, as one all-reduce order would
+            grads = {}
+            for n, p in rt.params.items():
+                parts = [g[n] for g in grouped if n in g]
+                grads[n] = torch.zeros_like(p) if not parts else parts[0]
+                for part in parts[1:]:
+                    grads[n] = grads[n] + part
         else:
             grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in rt.params.items()}
             if dp is not None:

@@ -93,6 +93,7 @@ __all__ = [
 
 ProgressCallback = Callable[[int, int], None]  # (steps replayed so far, steps to replay in all)
 
+MAX_WORLD = 1 << 16  # data-parallel processes a bundle may say it was trained on (for calibration only)
 CALIBRATION_MARGIN = 10.0  # thresholds sit this far above the largest honest spread the verifier observed
 CALIBRATION_STEPS = 3  # calibration replays this many steps under perturbed conditions and extrapolates
 # ... on segments of at least this many steps; shorter ones are calibrated whole (2 replays of at most 8 steps: the
@@ -348,11 +349,12 @@ class _Replayed:
 
 
 def _replay(rt: Runtime, start_state: dict, end: int, *, microbatch: int | None = None, threads: int | None = None,
-            mkldnn: int = 1, on_step: Callable[[int, float], None] | None = None) -> _Replayed:
+            mkldnn: int = 1, groups: int = 1, on_step: Callable[[int, float], None] | None = None) -> _Replayed:
     previous_threads, previous_mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     if threads:
         torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = bool(mkldnn)  # (its flags() context also sets TF32 and warns about it)
+    rt.reduce_groups = groups
     try:
         restore_state(rt, start_state)
         segment = run_steps(rt, end, microbatch=microbatch, on_step=on_step)
@@ -360,6 +362,7 @@ def _replay(rt: Runtime, start_state: dict, end: int, *, microbatch: int | None 
     finally:
         torch.set_num_threads(previous_threads)
         torch.backends.mkldnn.enabled = previous_mkldnn
+        rt.reduce_groups = 1
 
 
 def _loss_gap(claimed: float | None, replayed: float | None) -> float:
@@ -388,12 +391,23 @@ def split_changes_math(rt: Runtime) -> str | None:
     return None
 
 
-def _perturbations(rt: Runtime) -> list[dict[str, int]]:
+def recorded_world(bundle: Bundle) -> int:
+    """How many data-parallel processes the bundle says trained it (`env["processes"]`, information outside every
+    digest: it only adds a calibration perturbation), 1 if it says nothing sensible."""
+    value = bundle.manifest.env.get("processes", 1)
+    return value if isinstance(value, int) and 1 <= value <= MAX_WORLD else 1
+
+
+def _perturbations(rt: Runtime, world: int = 1) -> list[dict[str, int]]:
     """Honest ways to run a step that leave its mathematics unchanged: another thread count, and another batch
     split (an execution choice the solver may make) or, for a batch-coupled model or one that draws random numbers
-    (keyed by micro-batch), oneDNN kernels off."""
+    (keyed by micro-batch), oneDNN kernels off; and for a native bundle trained on `world` > 1 data-parallel
+    processes, the micro-batch gradients summed in `world` groups as those processes' all-reduce would
+    (`Runtime.reduce_groups`)."""
     batch_size, spec_micro = rt.spec.batch_size, rt.spec.microbatch
     out: list[dict[str, int]] = [{"threads": 1 if torch.get_num_threads() > 1 else 2}]
+    if world > 1 and rt.spec.numerics == "native" and (spec_micro or batch_size) < batch_size:
+        out.append({"groups": world})
     if split_changes_math(rt):  # e.g. random draws are keyed by micro-batch: a split redraws them
         return [*out, {"mkldnn": 0}]
     current = spec_micro or batch_size
@@ -407,11 +421,11 @@ def _perturbations(rt: Runtime) -> list[dict[str, int]]:
     return out
 
 
-def _combined_perturbation(rt: Runtime) -> dict[str, int]:
+def _combined_perturbation(rt: Runtime, world: int = 1) -> dict[str, int]:
     """Every change of `_perturbations` at once (another thread count and another batch split, or oneDNN off):
     one perturbed replay that differs from the reference in all the ways an honest solver's run may."""
     combined: dict[str, int] = {}
-    for change in _perturbations(rt):
+    for change in _perturbations(rt, world):
         combined.update(change)
     return combined
 
@@ -472,7 +486,7 @@ def calibrate_thresholds(
         reference = _replay(rt, start, end_rec.step, threads=threads)
         worst = {"rel_l2": 0.0, "cosine_gap": 0.0, "log_ratio": 0.0, "loss_rel": 0.0}
         replayed = span
-        for change in _perturbations(rt):
+        for change in _perturbations(rt, recorded_world(bundle)):
             other = _replay(rt, start, end_rec.step, **change)
             spread = _spread(start, reference.state, other.state, reference.loss, other.loss)
             worst = {k: max(v, spread[k]) for k, v in worst.items()}
@@ -493,7 +507,7 @@ def calibrate_thresholds(
     reference = _replay(rt, start, end_rec.step, threads=threads, on_step=snapshots(ref_states, ref_losses))
     other_states: dict[int, dict] = {}
     other_losses: list[float] = []
-    _replay(rt, start, marks[1], **_combined_perturbation(rt), on_step=snapshots(other_states, other_losses))
+    _replay(rt, start, marks[1], **_combined_perturbation(rt, recorded_world(bundle)), on_step=snapshots(other_states, other_losses))
     spreads = [_spread(start, ref_states[mark], other_states[mark], _mean(ref_losses[: mark - start_rec.step]),
                        _mean(other_losses[: mark - start_rec.step])) for mark in marks]
     observed: dict[str, float] = {}
@@ -770,7 +784,7 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
     if not exact:
         calib_on = plan[0][0]
         span = m.records[calib_on].step - m.records[calib_on - 1].step
-        plan_steps += CALIBRATION_STEPS if span >= FEW_STEP_MIN_SEGMENT else span * len(_perturbations(rt))
+        plan_steps += CALIBRATION_STEPS if span >= FEW_STEP_MIN_SEGMENT else span * len(_perturbations(rt, recorded_world(b)))
         try:
             start = states.load(m.records[calib_on - 1].step)
             states.load(m.records[calib_on].step)  # its end, read (and checked) before any replay
