@@ -710,11 +710,11 @@ def one_step(
                         group[n] = p.grad if n not in group else group[n].add_(p.grad)
                     p.grad = None
         if exact_sum and dp is not None:
-            with _disable_current_modes():  # integer digits, all-reduced: not operators of the step's arithmetic
+            with _disable_current_modes():  # integer windows, all-reduced: not operators of the step's arithmetic
                 grads = dp.reduce_exact(per_micro, rt.params)
         elif exact_sum:
             # under the exact numerics mode a sum over the stacked gradients is their exact sum rounded once
-            # (pol.exact.reduce), the same bits as pol.distributed's digit all-reduce, in any micro-batch order
+            # (pol.exact.reduce), the same bits as pol.distributed's window all-reduce, in any micro-batch order
             grads = {n: torch.stack(gs).sum(dim=0) for n, gs in per_micro.items()}
         elif grouped is not None:  # the groups' sums added in group order, as one all-reduce order would
             grads = {}
