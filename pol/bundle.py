@@ -31,6 +31,8 @@ import re
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import eq, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from . import __version__
-from .canonical import Digest, canonical_json, is_digest, parse_json_strict
+from .canonical import Digest, canonical_json, is_digest, is_digest_list, parse_json_strict
 from .digest import State, combine_digests, tensor_bytes, tensor_digest, tensor_digests
 from .errors import (
     ArchiveError,
@@ -54,7 +56,7 @@ from .errors import (
 )
 from .merkle import InclusionProof, get_proof
 from .spec import FORMAT_VERSION, JobSpec, spec_from_dict
-from .trace import EMPTY_DATA, Record, compute_trace_commitment, compute_update_norm, record_from_dict
+from .trace import EMPTY_DATA, Record, compute_leaves, compute_trace_commitment, compute_update_norm, records_from_dicts
 
 __all__ = [
     "Manifest",
@@ -82,11 +84,15 @@ MAX_ENV_ENTRIES = 32
 MAX_ENV_CHARS = 512
 _CHECKPOINT = re.compile(r"checkpoints/step-(\d{9})\.safetensors")
 _CHUNK = 1 << 24
+_FILE_KEYS = {"size", "blake3"}
 _MANIFEST_KEYS = {"format", "version", "spec", "job_id", "records", "merkle_root", "root", "files", "env"}
 
 
+_CHECKPOINT_NAME = "checkpoints/step-{:09d}.safetensors"
+
+
 def checkpoint_name(step: int) -> str:
-    return f"checkpoints/step-{step:09d}.safetensors"
+    return _CHECKPOINT_NAME.format(step)
 
 
 def file_digest(path: Path) -> Digest:
@@ -154,7 +160,14 @@ def _check_path(name: Any, where: str) -> str:
     return name
 
 
-def _files_from_dict(value: Any) -> dict[str, FileEntry]:
+def _files_from_dict(value: Any, expected: set[str] | frozenset[str] = frozenset()) -> dict[str, FileEntry]:
+    """The file table, every name, size and digest checked. When the table names exactly the `expected` files
+    (checkpoint names this reader computed, so safe and well formed), the names need no check of their own and
+    the entries are checked in one pass; anything else is checked entry by entry, raising for the first bad one."""
+    if type(value) is dict and value.keys() == expected:
+        fast = _file_entries(value)
+        if fast is not None:
+            return fast
     if not isinstance(value, Mapping) or len(value) > MAX_RECORDS:
         raise ManifestError("files", "expected a table of at most 1e6 files")
     files = {}
@@ -167,6 +180,20 @@ def _files_from_dict(value: Any) -> dict[str, FileEntry]:
             raise ManifestError(f"files.{name}.size", "expected a non-negative integer size")
         files[name] = FileEntry(size, _hex_field(entry["blake3"], f"files.{name}.blake3"))
     return files
+
+
+def _file_entries(value: dict[str, Any]) -> dict[str, FileEntry] | None:
+    """The file table's entries when each is exactly {size, blake3} with an int size in range and a digest, else
+    None (for `_files_from_dict`'s entry-by-entry check to name the problem)."""
+    entries = list(value.values())
+    if not (set(map(type, entries)) <= {dict} and all(map(eq, map(dict.keys, entries), repeat(_FILE_KEYS)))):
+        return None
+    sizes = list(map(itemgetter("size"), entries))
+    digests = list(map(itemgetter("blake3"), entries))
+    if not (set(map(type, sizes)) <= {int} and (not sizes or 0 <= min(sizes) and max(sizes) <= MAX_FILE_BYTES)
+            and is_digest_list(digests)):
+        return None
+    return {name: FileEntry(size, digest) for name, size, digest in zip(value, sizes, digests, strict=True)}
 
 
 def _env_from_dict(value: Any) -> dict[str, str | int]:
@@ -201,35 +228,26 @@ def manifest_from_dict(value: Any) -> Manifest:
     if not isinstance(raw_records, list) or len(raw_records) != spec.n_records:
         raise ManifestError("records", f"expected a list of the spec's {spec.n_records} records (steps 0, {spec.every}, ..., {spec.steps})")
     try:
-        records = tuple(record_from_dict(r, f"records[{i}]") for i, r in enumerate(raw_records))
+        records = records_from_dicts(raw_records, "records")
     except ManifestError:
         made = spec.versions.get("pol")
         if made != __version__:  # another pol's record format: cannot verify here, rather than a broken bundle
             raise BundleVersionError(f"the bundle was made with pol {made}, whose records pol {__version__} does not "
                                      f"read; use pol {made}") from None
         raise
-    for i, r in enumerate(records):
-        if (r.update is None) != (i == 0):
-            raise ManifestError(f"records[{i}].update", "the step-0 record has no update norm; every other record has one")
-        if r.step != spec.checkpoint_step(i):
-            raise ManifestError(f"records[{i}].step", f"{r.step} is not the spec's checkpoint {spec.checkpoint_step(i)}")
+    _check_record_steps(spec, records)
     if records[0].data != EMPTY_DATA or records[0].loss is not None:
         raise ManifestError("records[0]", "the step-0 record consumes no data and has no loss")
-    metrics = [m.name for m in spec.evaluation.metrics] if spec.evaluation is not None else None
-    for i, r in enumerate(records):
-        if metrics is None and r.eval is not None:
-            raise ManifestError(f"records[{i}].eval", "the spec names no evaluation")
-        if metrics is not None and (r.eval is None or sorted(r.eval) != sorted(metrics)):
-            raise ManifestError(f"records[{i}].eval", f"expected exactly the spec's metrics {metrics}")
+    _check_record_metrics(spec, records)
+    expected_files = set(map(_CHECKPOINT_NAME.format, (r.step for r in records)))  # checkpoint_name of each
     manifest = Manifest(
         spec=spec,
         records=records,
         merkle_root=_hex_field(value["merkle_root"], "merkle_root"),
         root=_hex_field(value["root"], "root"),
-        files=_files_from_dict(value["files"]),
+        files=_files_from_dict(value["files"], expected_files),
         env=_env_from_dict(value["env"]),
     )
-    expected_files = {checkpoint_name(r.step) for r in records}
     if set(manifest.files) != expected_files:
         missing, extra = sorted(expected_files - set(manifest.files)), sorted(set(manifest.files) - expected_files)
         raise ManifestError("files", f"the file table must list one checkpoint per record: missing {missing[:3]}, extra {extra[:3]}")
@@ -239,6 +257,34 @@ def manifest_from_dict(value: Any) -> Manifest:
     if commitment != manifest.root:
         raise DigestMismatch("root (the commitment)", manifest.root, commitment)
     return manifest
+
+
+def _check_record_steps(spec: JobSpec, records: Sequence[Record]) -> None:
+    """Record i is at the spec's checkpoint i, and only record 0 lacks an update norm. Raises ManifestError for
+    the first record that is not (compared in one pass first; record by record only to name it)."""
+    steps = list(range(0, spec.steps, spec.every)) + [spec.steps]  # spec.checkpoint_step(i) for every i
+    updates = [r.update is None for r in records]
+    if [r.step for r in records] == steps and updates[0] and not any(updates[1:]):
+        return
+    for i, r in enumerate(records):
+        if (r.update is None) != (i == 0):
+            raise ManifestError(f"records[{i}].update", "the step-0 record has no update norm; every other record has one")
+        if r.step != spec.checkpoint_step(i):
+            raise ManifestError(f"records[{i}].step", f"{r.step} is not the spec's checkpoint {spec.checkpoint_step(i)}")
+
+
+def _check_record_metrics(spec: JobSpec, records: Sequence[Record]) -> None:
+    """Every record evaluates exactly the spec's metrics, or none when the spec names no evaluation. Raises
+    ManifestError for the first record that does not."""
+    metrics = [m.name for m in spec.evaluation.metrics] if spec.evaluation is not None else None
+    expected = sorted(metrics) if metrics is not None else None
+    if metrics is None and all(r.eval is None for r in records):
+        return
+    for i, r in enumerate(records):
+        if metrics is None and r.eval is not None:
+            raise ManifestError(f"records[{i}].eval", "the spec names no evaluation")
+        if metrics is not None and (r.eval is None or sorted(r.eval) != expected):
+            raise ManifestError(f"records[{i}].eval", f"expected exactly the spec's metrics {metrics}")
 
 
 class _Source:
@@ -359,23 +405,39 @@ def _read_manifest(source: _Source) -> Manifest:
 
 
 def _listing(directory: Path) -> dict[str, int]:
-    """Every regular file below the directory (relative path -> size); links and special files are refused."""
+    """Every regular file below the directory (relative path -> size); links and special files are refused.
+
+    Walks top-down as `os.walk` does (a directory's subdirectories, then its files, then each subdirectory), with
+    one `os.scandir` per directory: an entry's kind comes from the directory listing and its size from one stat."""
     found: dict[str, int] = {}
-    for root, dirs, files in os.walk(directory, followlinks=False):
-        for name in dirs + files:
-            full = Path(root) / name
-            rel = full.relative_to(directory).as_posix()
-            if full.is_symlink():
+    pending = [(str(directory), "")]
+    while pending:
+        top, prefix = pending.pop(0)
+        try:
+            with os.scandir(top) as scan:
+                entries = list(scan)
+        except OSError:
+            continue  # as os.walk: a directory that cannot be listed adds nothing
+        dirs, files = [], []
+        for entry in entries:
+            try:
+                (dirs if entry.is_dir() else files).append(entry)
+            except OSError:
+                files.append(entry)
+        for entry in dirs + files:
+            rel = prefix + entry.name
+            if entry.is_symlink():
                 raise BundleFileError(rel, "is a link; links could point outside the bundle and are refused")
-            if full.is_dir():
+            if entry.is_dir(follow_symlinks=False):
                 if rel != "checkpoints":
                     raise BundleFileError(rel, "unexpected directory in the bundle")
-            elif not full.is_file():
+            elif not entry.is_file(follow_symlinks=False):
                 raise BundleFileError(rel, "not a regular file")
             else:
-                found[rel] = full.stat().st_size
+                found[rel] = entry.stat(follow_symlinks=False).st_size
             if len(found) > MAX_RECORDS + 1:
                 raise BundleFileError(rel, f"the bundle holds more than {MAX_RECORDS + 1} files")
+        pending[:0] = [(entry.path, prefix + entry.name + "/") for entry in dirs]
     return found
 
 
@@ -386,9 +448,11 @@ def _check_files(source: _Source, manifest: Manifest, full: bool = True) -> None
         raise BundleFileError(name, "missing from the bundle")
     for name in sorted(present - set(manifest.files)):
         raise BundleFileError(name, "extra file not listed in the manifest")
-    for name, entry in sorted(manifest.files.items()):
-        if source.sizes[name] != entry.size:
-            raise BundleFileError(name, f"size {source.sizes[name]} differs from the manifest's {entry.size}")
+    listed = [entry.size for entry in manifest.files.values()]
+    if list(map(source.sizes.__getitem__, manifest.files)) != listed:  # in one pass; in order to name the first
+        for name, entry in sorted(manifest.files.items()):
+            if source.sizes[name] != entry.size:
+                raise BundleFileError(name, f"size {source.sizes[name]} differs from the manifest's {entry.size}")
     if full:
         for name, entry in sorted(manifest.files.items()):
             got = source.digest(name)
@@ -479,7 +543,7 @@ class Bundle:
 
     def proof(self, index: int) -> InclusionProof:
         job = self.manifest.job_id
-        return get_proof([r.leaf(job) for r in self.records], index)
+        return get_proof(compute_leaves(job, self.records), index)
 
     def read_layout(self, step: int) -> Layout:
         """Names, dtypes and shapes of the tensors in the checkpoint at `step`, from its header alone (the file is

@@ -4,12 +4,18 @@ Leaves and inner nodes are hashed under different domain tags, so a node can nev
 the end of a level is carried up unchanged (never duplicated, which would let two different leaf lists share a
 root). The number of leaves is bound into the commitment together with the job id. A proof's sibling sides are
 derived from the leaf index and count, never taken from the prover.
+
+`leaf_hash`, `node_hash` and `_levels` are the reference; `merkle_root` computes the same root with each hash's
+input built as one byte string (the domain tag and length prefixes are constants for 32-byte nodes), equal to the
+reference for every tree shape (tests/test_canonical_fast.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import blake3
 
 from .canonical import Digest, compute_hash
 from .errors import CommitmentError
@@ -37,9 +43,22 @@ def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
     return levels
 
 
+_LEAF_TAG = b"pol/merkle-leaf/v1\x00"  # compute_hash's domain prefix; the leaf's length follows
+_NODE_TAG = b"pol/merkle-node/v1\x00" + (32).to_bytes(8, "little")  # ... and the left node's length
+_NODE_LEN = (32).to_bytes(8, "little")  # the right node's length: every node is a 32-byte digest
+
+
 def merkle_root(leaf_data: Sequence[bytes]) -> bytes:
-    """Root over the leaf hashes of `leaf_data`."""
-    return _levels([leaf_hash(d) for d in leaf_data])[-1][0]
+    """Root over the leaf hashes of `leaf_data`: `_levels(...)[-1][0]`, one blake3 call per hash."""
+    assert leaf_data, "a Merkle tree needs at least one leaf"
+    hasher = blake3.blake3
+    level = [hasher(_LEAF_TAG + len(d).to_bytes(8, "little") + d).digest() for d in leaf_data]
+    while len(level) > 1:
+        carried = [level[-1]] if len(level) % 2 else []
+        pairs = zip(level[::2], level[1::2], strict=False)  # the odd one out is carried
+        level = [hasher(_NODE_TAG + left + _NODE_LEN + right).digest() for left, right in pairs]
+        level += carried
+    return level[0]
 
 
 def compute_commitment(job_id: Digest, root: bytes, n_leaves: int) -> Digest:
