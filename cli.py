@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -265,6 +266,8 @@ def train(
     eval_data_dir: EvalDataDirOpt = None,
     fault: Annotated[str | None, typer.Option(help="Testing disputes: corrupt one operator, STEP:NODE[:ELEMENT] (see pol graph).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel on this many processes (torch.distributed.run; or launch with torchrun -m pol).")] = 1,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="With --nproc: restart the processes up to this many "
+                                              "times after a failure; each restart continues from the last checkpoint.")] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -282,6 +285,8 @@ def train(
       PYTHONPATH=. pol train --model mypkg.models:make_net --data mypkg.data:load --out run3
 
       pol train --model transformer --numerics exact --microbatch 4 --nproc 2 --out run4
+
+      torchrun --nproc-per-node 4 --max-restarts 2 -m pol train --spec job.toml --out run5   (a restart resumes)
     """
     from pol import distributed
     from pol.components import CodePolicy
@@ -295,10 +300,12 @@ def train(
     fields = _spec_fields(spec_file, model, model_kwargs, data, data_kwargs, steps=steps, every=every_k, seed=seed,
                           batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
     if nproc > 1 and not distributed.launched_by_torchrun():
-        raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:]))
+        raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:], max_restarts))
     dp = None
     if distributed.launched_by_torchrun():
         dp, device = distributed.init_from_env(device)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:  # torchrun --max-restarts restarted us
+            resume, force = _resume_after_restart(dp, out_path, resume, force)
     lead = dp is None or dp.rank == 0
     if lead:
         check_output(out_path, resume=resume, force=force)  # before anything is built
@@ -408,6 +415,16 @@ def job(
     out.print(f"job         {spec.model.name} on {spec.data.name}, {spec.steps} steps, checkpoint every {spec.every}, "
               f"{spec.numerics} numerics, pol {spec.versions.get('pol')}, torch {spec.versions.get('torch')}")
     out.print(spec.canonical().decode("utf-8"), markup=False)
+
+
+def _resume_after_restart(dp: Any, out_path: Path, resume: bool, force: bool) -> tuple[bool, bool]:
+    """A run torchrun restarted (--max-restarts) continues from the last checkpoint the failed attempt wrote, if it
+    wrote one (rank 0 looks; every process follows it), and never re-applies --force to that attempt's output."""
+    from pol.prove import PROGRESS_NAME
+
+    directory = out_path.with_name(out_path.name + ".partial") if out_path.suffix == ".tar" else out_path
+    found = dp.share_object((directory / PROGRESS_NAME).is_file() if dp.rank == 0 else None)
+    return (True, False) if found else (resume, force)
 
 
 def _train_faulty(spec: Any, out_path: Path, fault: str, device: str, force: bool, as_json: bool) -> None:
@@ -1035,7 +1052,23 @@ def env(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
-    app()
+    """The `pol` command. In a process torchrun started, it ends with `os._exit` once its output is flushed and its
+    process group left: gloo's worker threads may otherwise free tensors during interpreter finalization, which
+    aborts the process ("terminate called without an active exception") after the work succeeded."""
+    from pol import distributed
+
+    if not distributed.launched_by_torchrun():
+        app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    distributed.leave_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

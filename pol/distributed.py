@@ -81,6 +81,7 @@ __all__ = [
     "CODE_BLOCK",
     "BUCKET_BYTES",
     "relaunch",
+    "leave_group",
     "train_spawned",
     "SpawnedRun",
 ]
@@ -122,12 +123,23 @@ def init_from_env(device: str = "cpu", timeout_s: float = 600.0, **options: int)
     if cuda and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        atexit.register(_leave_group)
+        backend, timeout = "nccl" if cuda else "gloo", datetime.timedelta(seconds=timeout_s)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if attempt > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # A restarted attempt (torchrun --max-restarts) shares the agent's store with the failed one, whose
+            # processes' addresses are still in it: a fresh prefix per attempt, or a new process may read a dead
+            # peer's address and fail to connect ("connectFullMesh ... Connection refused").
+            world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"pol/attempt-{attempt}", agent), rank=rank,
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
+        atexit.register(leave_group)
     return DataParallelGroup(device=device, **options), device
 
 
-def _leave_group() -> None:
+def leave_group() -> None:
     """Destroy the process group while the interpreter is alive: gloo's worker threads may otherwise free tensors
     during interpreter finalization, which aborts the process ("terminate called without an active exception")."""
     import gc
@@ -356,9 +368,10 @@ class NativeBuckets:
         return {n: out[n] for n in self.params}
 
 
-def relaunch(nproc: int, argv: Sequence[str]) -> int:
-    """`pol <argv>` with `--nproc N` run as N processes by torch.distributed.run (single node, a free port).
-    Returns its exit code."""
+def relaunch(nproc: int, argv: Sequence[str], max_restarts: int = 0) -> int:
+    """`pol <argv>` with `--nproc N` (and `--max-restarts R`) run as N processes by torch.distributed.run (single
+    node, a free port; after a failure the processes are restarted up to R times, and `pol train` continues from
+    the last checkpoint). Returns its exit code."""
     import subprocess
     import sys
 
@@ -366,11 +379,12 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in ("--nproc", "--max-restarts"):
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(("--nproc=", "--max-restarts=")):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pol", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "pol", *args]
     return subprocess.call(cmd)
 
 
@@ -418,7 +432,7 @@ def _spawned(rank: int, nproc: int, port: int, spec: Any, out: str, kwargs: dict
         queue.put(("error", rank, f"{type(exc).__name__}: {exc}", None, 0, (0.0, 0.0, 0)))
         raise
     finally:
-        _leave_group()
+        leave_group()
 
 
 def train_spawned(spec: Any, out: str | os.PathLike[str], nproc: int, *, env: Mapping[str, str] | None = None,

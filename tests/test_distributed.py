@@ -124,7 +124,7 @@ def _reduce_in_ranks(rank: int, world: int, port: int, queue) -> None:
                 queue.put((rank, block, case, got.view(torch.int32).tolist()))
     finally:
         dist.destroy_process_group()
-        gc.collect()  # before interpreter finalization (pol.distributed._leave_group)
+        gc.collect()  # before interpreter finalization (pol.distributed.leave_group)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -202,6 +202,21 @@ def test_pol_train_nproc_runs_torchrun(tmp_path, exact_reference):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["root"] == exact_reference  # one JSON summary: rank 0's
+
+
+def test_torchrun_restarts_a_killed_run_which_resumes_to_the_uninterrupted_commitment(tmp_path, exact_reference):
+    """`pol train --nproc 2 --max-restarts 1`: rank 1 SIGKILLs itself in its third step; torchrun restarts both
+    processes, which continue from the step-2 checkpoint (TORCHELASTIC_RESTART_COUNT) to the same commitment."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "POL_DP_FAULT": "1:kill@3"}
+    tiny = TINY_KWARGS["transformer"]
+    cmd = [sys.executable, "-m", "pol", "train", "--model", "transformer", "--model-kwargs", json.dumps(tiny["model"]["kwargs"]),
+           "--data", "chars", "--data-kwargs", json.dumps(tiny["data"]["kwargs"]), "--numerics", "exact", "--microbatch", "4",
+           "--steps", "4", "--every", "2", "--batch-size", "16", "--nproc", "2", "--max-restarts", "1",
+           "--out", str(tmp_path / "b"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["root"] == exact_reference and summary["resumed_from"] == 2
 
 
 def test_a_killed_rank_ends_the_run_and_resume_reaches_the_uninterrupted_commitment(tmp_path, exact_reference):
