@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _EXPORTS = {
     "job": "pol.api", "optimizer": "pol.api", "step": "pol.api", "train": "pol.api", "verify_bundle": "pol.api",

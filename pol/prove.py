@@ -1,7 +1,7 @@
 """Train-and-prove: the solver trains a spec and writes a proof bundle, resumable after a crash.
 
-While training, the output directory holds the checkpoints written so far and `progress.json` (the resolved spec
-and the records so far), both replaced atomically. `--resume` reloads the last checkpoint, checks it against its
+While training, the output directory holds the checkpoints written so far (each replaced atomically) and
+`progress.jsonl`, a journal of the resolved spec and one line per checkpoint on disk. `--resume` reloads the last checkpoint, checks it against its
 record, and goes on; since every step is a pure function of (spec, state, step), the finished bundle has the same
 commitment as an uninterrupted run on the same machine. The manifest is written last.
 
@@ -13,7 +13,7 @@ checkpoint after step 0 leaves no output behind.
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["train_and_prove", "check_output", "ProveResult", "PROGRESS_NAME"]
 
-PROGRESS_NAME = "progress.json"
+PROGRESS_NAME = "progress.jsonl"
 BACKGROUND_MIN_BYTES = 16 << 20  # parameters at least this large are checkpointed by a background thread
 ProgressCallback = Callable[[int, int, float], None]  # (step reached, total steps, loss)
 
@@ -66,11 +66,16 @@ class ProveResult:
     resumed_from: int | None  # the step training resumed at, if it did
 
 
-def _write_progress(directory: Path, spec: JobSpec, records: list[Record], files: dict[str, FileEntry]) -> None:
-    tmp = directory / (PROGRESS_NAME + ".tmp")
-    body = {"spec": spec.to_dict(), "records": [r.to_dict() for r in records], "files": {n: e.to_dict() for n, e in files.items()}}
-    tmp.write_text(canonical_json(body), encoding="utf-8")
-    os.replace(tmp, directory / PROGRESS_NAME)
+def _append_progress(directory: Path, spec: JobSpec, record: Record, name: str, entry: FileEntry) -> None:
+    """Add one checkpoint to the progress journal (`progress.jsonl`: the spec on its first line, then one line per
+    checkpoint, each appended once its checkpoint is completely on disk). Appending keeps the cost per checkpoint
+    constant (rewriting every record at every checkpoint made long runs quadratic); a crash mid-line leaves a torn
+    last line, which resuming drops (its checkpoint is written again)."""
+    path = directory / PROGRESS_NAME
+    lines = [] if path.exists() else [canonical_json({"spec": spec.to_dict()})]
+    lines.append(json.dumps({"record": record.to_dict(), "file": [name, entry.to_dict()]}, sort_keys=True, allow_nan=False))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[str, FileEntry], dict[str, torch.Tensor]]:
@@ -78,17 +83,28 @@ def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[s
     path = directory / PROGRESS_NAME
     if not path.is_file():
         raise ResumeError(f"nothing to resume in {directory}: no {PROGRESS_NAME} (the run finished or never started)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines[-1]:  # no newline after the last line: torn by a crash while it was written
+        lines.pop()
+    lines = [line for line in lines if line]
     try:
-        body = parse_json_strict(path.read_bytes())
-        saved = spec_from_dict(body["spec"], require_resolved=True)
-        records = [record_from_dict(r, f"records[{i}]") for i, r in enumerate(body["records"])]
-        files = {n: FileEntry(int(e["size"]), str(e["blake3"])) for n, e in body["files"].items()}
-    except (ValueError, KeyError, TypeError, PolError) as exc:
+        saved = spec_from_dict(parse_json_strict(lines[0].encode())["spec"], require_resolved=True)
+        records: list[Record] = []
+        files: dict[str, FileEntry] = {}
+        for i, line in enumerate(lines[1:]):
+            entry = parse_json_strict(line.encode())
+            records.append(record_from_dict(entry["record"], f"records[{i}]"))
+            name, info = entry["file"]
+            files[str(name)] = FileEntry(int(info["size"]), str(info["blake3"]))
+    except (ValueError, KeyError, TypeError, IndexError, PolError) as exc:
         raise ResumeError(f"{path} is damaged: {exc}") from None
     if saved.job_id != spec.job_id:
         raise ResumeError(f"{directory} holds a different job ({saved.job_id[:12]}), not {spec.job_id[:12]}: same flags needed")
     if not records:
         raise ResumeError(f"{path} holds no records")
+    if [r.step for r in records] != [spec.checkpoint_step(i) for i in range(len(records))]:
+        raise ResumeError(f"{path} is damaged: its records are not the spec's checkpoints in order")
     last = records[-1]
     try:
         state = load_file(str(directory / checkpoint_name(last.step)))
@@ -228,7 +244,7 @@ def _train_remaining(
 ) -> None:
     """Train segment by segment. A large checkpoint is hashed and written by a background thread while the next
     segment trains (at most one write in flight, so at most two states in memory); a small one is written at once,
-    since its cost is Python work that would only contend with training for the interpreter lock. `progress.json`
+    since its cost is Python work that would only contend with training for the interpreter lock. `progress.jsonl`
     only ever names checkpoints that are completely on disk, so a crash at any instant leaves a resumable directory.
     With an `evaluator`, each checkpoint's state is evaluated (on the live model, before training goes on) and its
     metrics go into its record."""
@@ -241,8 +257,9 @@ def _train_remaining(
             rt.data_parallel.check_digests(target, state_digest(state))
         if writer is None:
             return
-        writer.add(target, state, data_digest, loss, metrics)
-        _write_progress(writer.directory, spec, writer.records, writer.files)
+        record = writer.add(target, state, data_digest, loss, metrics)
+        name = checkpoint_name(target)
+        _append_progress(writer.directory, spec, record, name, writer.files[name])
 
     def submit(pool: ThreadPoolExecutor, target: int, state: dict, data_digest: str, loss: float | None) -> Future[None] | None:
         metrics = evaluator(rt.model, step=target, device=rt.device) if evaluator is not None else None

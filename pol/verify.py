@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__, rng
@@ -297,7 +298,8 @@ def choose_segments(
     chosen = [(int(i) + 1, "uniform") for i in order[: min(uniform, n)]]
     taken = {i for i, _ in chosen}
     if largest and update_norms:
-        ranked = sorted(range(1, n + 1), key=lambda i: (-update_norms[i - 1], i))
+        # by norm, largest first, ties by segment number (a stable sort of the negated norms: O(n log n) in C)
+        ranked = [int(i) + 1 for i in np.argsort(-np.asarray(update_norms, dtype=np.float64), kind="stable")]
         pool = [i for i in ranked if i not in taken][: 2 * largest]
         picks = rng.permutation(key, "verify/largest", [], len(pool))[:largest]
         chosen += [(pool[int(j)], "largest-update") for j in picks]

@@ -223,7 +223,7 @@ def test_a_killed_rank_ends_the_run_and_resume_reaches_the_uninterrupted_commitm
     spec = tiny_spec("transformer", **EXACT)
     killed = train_spawned(spec, tmp_path / "b", 2, env={"POL_DP_FAULT": "1:kill@3"})  # in step 2 -> 3
     assert killed.root is None
-    assert (tmp_path / "b" / "progress.json").exists() and not (tmp_path / "b" / "manifest.json").exists()
+    assert (tmp_path / "b" / "progress.jsonl").exists() and not (tmp_path / "b" / "manifest.json").exists()
     resumed = train_spawned(spec, tmp_path / "b", 2, resume=True)
     assert not resumed.errors, resumed.errors
     assert resumed.root == exact_reference

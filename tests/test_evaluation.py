@@ -145,7 +145,7 @@ def test_native_tolerance_is_tight(bundles: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_records_are_parsed_strictly(bundles: dict[str, Path], tmp_path: Path) -> None:
-    good = {"step": 4, "state": "a" * 64, "data": "b" * 64, "loss": 1.0}
+    good = {"step": 4, "state": "a" * 64, "data": "b" * 64, "loss": 1.0, "update": 0.5}
     assert record_from_dict(good, "r").eval is None
     assert record_from_dict({**good, "eval": {"loss": 2}}, "r").eval == {"loss": 2.0}
     for bad in ({}, {"loss": float("inf")}, {"loss": True}, {"loss": "1"}, [1.0], {f"m{i}": 1.0 for i in range(9)}):

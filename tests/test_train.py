@@ -76,6 +76,34 @@ def test_interrupted_run_resumes_to_the_same_root(tmp_path):
     assert result.resumed_from == 8 and result.manifest.root == reference
 
 
+def test_a_torn_last_journal_line_is_dropped_on_resume(tmp_path):
+    """The progress journal is appended one line per checkpoint: a crash mid-line leaves a torn last line, which
+    resuming drops (that checkpoint is trained and written again); a damaged earlier line is a ResumeError."""
+    spec = tiny_spec("mlp", steps=12, every=4)
+    reference = train_and_prove(spec, tmp_path / "ref").manifest.root
+
+    def crash(step, total, loss):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_prove(spec, tmp_path / "run", on_progress=crash)
+    journal = tmp_path / "run" / PROGRESS_NAME
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 3  # the spec, then steps 0, 4 and 8: one line each, appended
+    journal.write_text("\n".join(lines) + "\n" + lines[-1][:40])  # a crash while step 8's line was written again
+    result = train_and_prove(spec, tmp_path / "run", resume=True)
+    assert result.resumed_from == 8 and result.manifest.root == reference
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_prove(spec, tmp_path / "run2", on_progress=crash)
+    journal = tmp_path / "run2" / PROGRESS_NAME
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([lines[0], lines[1][:-3], *lines[2:]]) + "\n")
+    with pytest.raises(ResumeError, match="damaged"):
+        train_and_prove(spec, tmp_path / "run2", resume=True)
+
+
 def test_solver_killed_with_sigkill_resumes_to_the_same_root(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "cli", "train", "--model", "mlp", "--model-kwargs", '{"hidden": 256}',
