@@ -575,8 +575,9 @@ def _print_report(report: Any) -> None:
         out.print(f"compute     {report.steps_replayed} of {report.steps_total} training steps replayed ({report.compute_fraction:.1%} of training)")
     if report.escape_probability:
         parts = ", ".join(f"f={f}: {p:.3g}" for f, p in report.escape_probability.items())
-        note = (f" (the {report.uniform_samples} uniform samples only: the {report.largest_samples} largest-update "
-                "picks follow the solver's committed norms)") if report.largest_samples else ""
+        picks = "pick follows" if report.largest_samples == 1 else "picks follow"
+        note = (f" (counting the {report.uniform_samples} uniform samples only; the {report.largest_samples} "
+                f"largest-update {picks} the solver's committed norms)") if report.largest_samples else ""
         out.print(f"escape      probability that a cheater faking a fraction f of segments passed this sample: {parts}{note}")
     out.print(f"randomness  {report.randomness_source}; repeat this exact sample with --beacon {report.randomness}")
     if report.sample_predictable:
