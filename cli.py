@@ -294,6 +294,9 @@ def train(
     from pol.prove import check_output, train_and_prove
 
     every_k = _parse_every(every)
+    if every_k == "auto" and resume:
+        raise typer.BadParameter("a new measurement could choose another k, so another job: resume with the k the run "
+                                 "started with (pol job --every auto printed it; --every K)", param_hint="--every")
     if every_k == "auto" and (nproc > 1 or distributed.launched_by_torchrun()):
         raise typer.BadParameter("every process would measure its own k: measure once with `pol job --every auto`, "
                                  "then train with that --every", param_hint="--every")
@@ -301,12 +304,14 @@ def train(
                           batch_size=batch_size, microbatch=microbatch, lr=lr, optimizer=optimizer, numerics=numerics)
     if nproc > 1 and not distributed.launched_by_torchrun():
         raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:], max_restarts))
-    dp = None
+    dp, finished = None, False
     if distributed.launched_by_torchrun():
         dp, device = distributed.init_from_env(device)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:  # torchrun --max-restarts restarted us
-            resume, force = _resume_after_restart(dp, out_path, resume, force)
+            resume, force, finished = _resume_after_restart(dp, out_path, resume, force)
     lead = dp is None or dp.rank == 0
+    if finished and _finished_same_job(dp, out_path, fields):  # the failed attempt had finished it: nothing to do
+        return
     if lead:
         check_output(out_path, resume=resume, force=force)  # before anything is built
     spec = build_spec(fields, CodePolicy.trust_all_code())
@@ -417,14 +422,41 @@ def job(
     out.print(spec.canonical().decode("utf-8"), markup=False)
 
 
-def _resume_after_restart(dp: Any, out_path: Path, resume: bool, force: bool) -> tuple[bool, bool]:
-    """A run torchrun restarted (--max-restarts) continues from the last checkpoint the failed attempt wrote, if it
-    wrote one (rank 0 looks; every process follows it), and never re-applies --force to that attempt's output."""
+def _resume_after_restart(dp: Any, out_path: Path, resume: bool, force: bool) -> tuple[bool, bool, bool]:
+    """(resume, force, finished) for a run torchrun restarted (--max-restarts): it continues from the last
+    checkpoint the failed attempt wrote, if it wrote one, and never re-applies --force to that attempt's output; if
+    that attempt finished the bundle (and failed only on its way out), there is nothing to do. Rank 0 looks; every
+    process follows it."""
     from pol.prove import PROGRESS_NAME
 
     directory = out_path.with_name(out_path.name + ".partial") if out_path.suffix == ".tar" else out_path
-    found = dp.share_object((directory / PROGRESS_NAME).is_file() if dp.rank == 0 else None)
-    return (True, False) if found else (resume, force)
+    state = None
+    if dp.rank == 0:
+        if (directory / PROGRESS_NAME).is_file():
+            state = "resume"
+        elif (out_path / "manifest.json").is_file() if out_path.suffix != ".tar" else out_path.is_file():
+            state = "finished"
+    state = dp.share_object(state)
+    return (True, False, False) if state == "resume" else (resume, force, state == "finished")
+
+
+def _finished_same_job(dp: Any, out_path: Path, fields: dict[str, Any]) -> bool:
+    """True (on every process) when the bundle at `out_path` is a finished bundle of this very job (rank 0 checks)."""
+    from pol.bundle import open_bundle
+    from pol.components import CodePolicy
+    from pol.engine import build_spec, resolve_job
+
+    same = None
+    if dp.rank == 0:
+        try:
+            with open_bundle(out_path, full=False) as b:
+                code = CodePolicy.trust_all_code()
+                same = b.manifest.job_id == resolve_job(build_spec(fields, code), code=code).job_id
+        except PolError:
+            same = False
+        if same:
+            err.print(f"{out_path}: the previous attempt finished this job's bundle; nothing to do", highlight=False)
+    return bool(dp.share_object(same))
 
 
 def _train_faulty(spec: Any, out_path: Path, fault: str, device: str, force: bool, as_json: bool) -> None:

@@ -3,6 +3,7 @@ bundle length, with the sample size fixed.
 
     python benchmarks/verify_scale.py                   # 20, 200 and 2000 checkpoints, 3 rounds each
     python benchmarks/verify_scale.py --lengths 20 200  # a quicker run
+    python benchmarks/verify_scale.py --model transformer --every 10   # segments of real steps (~4 min to train)
 
 One honest bundle per length (tiny MLP, k = 1, so n checkpoints are n steps), verified locally with 4 samples in
 three ways, each timed from opening the bundle to the report:
@@ -48,9 +49,12 @@ from pol.verify import verify
 SAMPLES = 4
 
 
-def _spec(n: int):
-    return spec_from_dict({"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "synthetic", "kwargs": {"n": 512}},
-                           "steps": n, "every": 1, "batch_size": 16})
+def _spec(n: int, model: str = "mlp", every: int = 1):
+    """n segments of `every` steps: the tiny MLP (the default), or a built-in model with its default data."""
+    if model == "mlp":
+        return spec_from_dict({"model": {"name": "mlp", "kwargs": {"hidden": 32}}, "data": {"name": "synthetic", "kwargs": {"n": 512}},
+                               "steps": n * every, "every": every, "batch_size": 16})
+    return spec_from_dict({"model": model, "steps": n * every, "every": every})
 
 
 def _open_seconds(location, full: bool) -> float:
@@ -102,6 +106,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[20, 200, 2000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-http", action="store_true", help="Skip the loopback HTTP modes.")
+    parser.add_argument("--model", default="mlp", help="mlp (the tiny MLP, default) or a built-in model with its default data.")
+    parser.add_argument("--every", type=int, default=1, help="Steps per segment (default 1).")
     args = parser.parse_args()
     modes = ["lazy, uniform", "lazy, top-Q", "full (old)"] + ([] if args.no_http else ["http, directory", "http, archive"])
     rows = []
@@ -109,7 +115,7 @@ def main() -> None:
         bundles, totals, servers = {}, {}, {}
         for n in args.lengths:
             t = time.perf_counter()
-            path = bundles[n] = train_and_prove(_spec(n), Path(tmp) / f"b{n}").path
+            path = bundles[n] = train_and_prove(_spec(n, args.model, args.every), Path(tmp) / f"b{n}").path
             totals[n] = sum(f.stat().st_size for f in (path / "checkpoints").iterdir())
             print(f"n={n}: trained in {time.perf_counter() - t:.1f} s, {totals[n] / 1e6:.2f} MB of checkpoints", flush=True)
             if not args.no_http:
@@ -134,8 +140,10 @@ def main() -> None:
     columns = ["checkpoints", "mode", "samples", "seconds_median", "time_vs_shortest", "cpu_seconds_median", "open_seconds_median",
                "open_vs_shortest", "bytes_read_median", "bytes_vs_shortest", "bytes_fetched_median",
                "checkpoints_read_median", "bundle_bytes", "steps_replayed"]
-    write_results("verify_scale", {"rows": rows, "rounds": args.rounds, "model": "mlp hidden 32, k = 1"},
-                  markdown_table(rows, columns))
+    default = args.model == "mlp" and args.every == 1
+    name = "verify_scale" if default else f"verify_scale_{args.model}_k{args.every}"
+    model = "mlp hidden 32" if args.model == "mlp" else f"{args.model} (default size and data)"
+    write_results(name, {"rows": rows, "rounds": args.rounds, "model": f"{model}, k = {args.every}"}, markdown_table(rows, columns))
 
 
 if __name__ == "__main__":

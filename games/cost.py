@@ -144,10 +144,9 @@ def compute_required_samples(n: int, confidence: float, fraction: float) -> int:
         raise CostError("cost.n_segments", f"{n!r} is not a positive int")
     _verify_probability(confidence, "cost.confidence")
     _verify_probability(fraction, "cost.cheat_fraction", upper_inclusive=True)
-    for s in range(1, n + 1):
-        if compute_escape_probability(n, s, fraction) <= 1.0 - confidence:
-            return s
-    return n
+    from pol.every import required_samples  # one pass (imports no torch)
+
+    return required_samples(n, confidence, fraction)
 
 
 def _verify_probability(value: object, rule: str, *, upper_inclusive: bool = False) -> None:

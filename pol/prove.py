@@ -83,12 +83,13 @@ def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[s
     path = directory / PROGRESS_NAME
     if not path.is_file():
         raise ResumeError(f"nothing to resume in {directory}: no {PROGRESS_NAME} (the run finished or never started)")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    if lines[-1]:  # no newline after the last line: torn by a crash while it was written
-        lines.pop()
-    lines = [line for line in lines if line]
     try:
+        raw = path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]  # a last line without its newline was torn by a crash mid-write
+        if len(complete) != len(raw):  # cut it off, so the next checkpoint's line starts on a line of its own
+            with open(path, "r+b") as f:
+                f.truncate(len(complete))
+        lines = [line for line in complete.decode("utf-8").split("\n") if line]
         saved = spec_from_dict(parse_json_strict(lines[0].encode())["spec"], require_resolved=True)
         records: list[Record] = []
         files: dict[str, FileEntry] = {}
@@ -97,7 +98,7 @@ def _load_progress(directory: Path, spec: JobSpec) -> tuple[list[Record], dict[s
             records.append(record_from_dict(entry["record"], f"records[{i}]"))
             name, info = entry["file"]
             files[str(name)] = FileEntry(int(info["size"]), str(info["blake3"]))
-    except (ValueError, KeyError, TypeError, IndexError, PolError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, OSError, PolError) as exc:  # UnicodeDecodeError is a ValueError
         raise ResumeError(f"{path} is damaged: {exc}") from None
     if saved.job_id != spec.job_id:
         raise ResumeError(f"{directory} holds a different job ({saved.job_id[:12]}), not {spec.job_id[:12]}: same flags needed")

@@ -19,6 +19,7 @@ Raises (at start) the errors of `pol.bundle.open_bundle`, and RemoteError when a
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import threading
 from collections.abc import Iterator
@@ -70,6 +71,7 @@ def make_app(bundle: str | Path, log: list[Served] | None = None) -> Any:
 
 def _app(routes: dict[str, Path], log: list[Served] | None) -> Any:
     web = _web()
+    real = {url: os.path.realpath(path) for url, path in routes.items()}  # where each file really was at the start
 
     async def handle(request: Any) -> Any:
         path = routes.get(request.path)  # the decoded path, matched exactly: nothing is joined or resolved
@@ -79,8 +81,9 @@ def _app(routes: dict[str, Path], log: list[Served] | None) -> Any:
             st = path.lstat()
         except OSError:
             raise web.HTTPNotFound() from None
-        if not stat.S_ISREG(st.st_mode):
-            raise web.HTTPForbidden(text="not a regular file")
+        if not stat.S_ISREG(st.st_mode) or os.path.realpath(path) != real[request.path]:
+            # a file, or a directory above it (checkpoints/), that became a link since the start
+            raise web.HTTPForbidden(text="not a regular file of the bundle")
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     app = web.Application()

@@ -66,3 +66,8 @@ def test_pol_job_every_auto(tmp_path):
     refused = runner.invoke(app, ["train", "--model", "mlp", "--every", "auto", "--nproc", "2", "--out", str(tmp_path / "b")])
     assert refused.exit_code == 2 and "pol job --every auto" in refused.output
     assert not (tmp_path / "b").exists()
+
+
+def test_every_auto_does_not_resume(tmp_path):
+    refused = runner.invoke(app, ["train", "--model", "mlp", "--every", "auto", "--resume", "--out", str(tmp_path / "b")])
+    assert refused.exit_code == 2 and "--every K" in refused.output

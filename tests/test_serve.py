@@ -142,6 +142,13 @@ def test_pol_serve_never_serves_a_path_outside_the_bundle(served, tmp_path):
         victim.symlink_to(tmp_path / "secret.txt")  # a listed file turned into a link after the start
         status, body = _get(server.url, "/" + checkpoint_name(4))
         assert status == 403 and b"SECRET" not in body
+        elsewhere = tmp_path / "elsewhere"  # the checkpoints/ directory swapped for a link to another directory
+        (elsewhere / "checkpoints").mkdir(parents=True)
+        (elsewhere / checkpoint_name(12)).write_text("SECRET")
+        (bundle / "checkpoints").rename(tmp_path / "moved")
+        (bundle / "checkpoints").symlink_to(elsewhere / "checkpoints")
+        status, body = _get(server.url, "/" + checkpoint_name(12))
+        assert status == 403 and b"SECRET" not in body
 
 
 def test_serve_checks_the_bundle_before_serving(tmp_path):

@@ -79,11 +79,11 @@ def test_interrupted_run_resumes_to_the_same_root(tmp_path):
 def test_a_torn_last_journal_line_is_dropped_on_resume(tmp_path):
     """The progress journal is appended one line per checkpoint: a crash mid-line leaves a torn last line, which
     resuming drops (that checkpoint is trained and written again); a damaged earlier line is a ResumeError."""
-    spec = tiny_spec("mlp", steps=12, every=4)
+    spec = tiny_spec("mlp", steps=16, every=4)
     reference = train_and_prove(spec, tmp_path / "ref").manifest.root
 
-    def crash(step, total, loss):
-        if step == 10:
+    def crash(step, total, loss, at=10):
+        if step == at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -92,8 +92,12 @@ def test_a_torn_last_journal_line_is_dropped_on_resume(tmp_path):
     lines = journal.read_text().splitlines()
     assert len(lines) == 1 + 3  # the spec, then steps 0, 4 and 8: one line each, appended
     journal.write_text("\n".join(lines) + "\n" + lines[-1][:40])  # a crash while step 8's line was written again
+    with pytest.raises(KeyboardInterrupt):  # resumed, crashed again after step 12's line: not glued onto the torn one
+        train_and_prove(spec, tmp_path / "run", resume=True, on_progress=lambda step, total, loss: crash(step, total, loss, 14))
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 4 and all(line.startswith("{") and line.endswith("}") for line in lines)
     result = train_and_prove(spec, tmp_path / "run", resume=True)
-    assert result.resumed_from == 8 and result.manifest.root == reference
+    assert result.resumed_from == 12 and result.manifest.root == reference
 
     with pytest.raises(KeyboardInterrupt):
         train_and_prove(spec, tmp_path / "run2", on_progress=crash)
