@@ -26,6 +26,7 @@ checkpoints are added one by one (`add`), each written atomically, and `finish` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tarfile
@@ -465,8 +466,15 @@ _SAFETENSORS_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype name as torch spells it, shape)
 
 
-def _parse_layout(name: str, header: bytes) -> Layout:
-    """The tensors a safetensors file declares, from its header alone. Raises BundleFileError."""
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _parse_layout(name: str, header: bytes, data_bytes: int | None = None) -> Layout:
+    """The tensors a safetensors file declares, from its header alone. With `data_bytes` (the file's size after
+    its header), each tensor's data offsets must span exactly its dtype and shape's bytes, and the tensors must
+    fill the data exactly: a file is then no larger than the tensors its header declares, so once those are
+    checked against the spec a verifier knows how many bytes reading it costs before it reads (or fetches) it.
+    Raises BundleFileError."""
     try:
         value = parse_json_strict(header)
     except ValueError as exc:
@@ -474,6 +482,7 @@ def _parse_layout(name: str, header: bytes) -> Layout:
     if not isinstance(value, dict):
         raise BundleFileError(name, "not a safetensors file: header is not an object")
     layout: Layout = {}
+    spans: list[tuple[int, int]] = []
     for tensor, info in value.items():
         if tensor == "__metadata__":
             continue
@@ -481,6 +490,23 @@ def _parse_layout(name: str, header: bytes) -> Layout:
         if not ok or not all(type(d) is int and d >= 0 for d in info["shape"]):
             raise BundleFileError(name, f"tensor {tensor[:80]!r} has a malformed header entry")
         layout[tensor] = (_SAFETENSORS_NAMES[info["dtype"]], tuple(info["shape"]))
+        if data_bytes is not None:
+            offsets = info.get("data_offsets")
+            numel = math.prod(info["shape"])
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1] <= data_bytes or offsets[1] - offsets[0] != numel * _ITEM_BYTES[info["dtype"]]):
+                raise BundleFileError(name, f"tensor {tensor[:80]!r}: its data offsets do not span its dtype and shape "
+                                            f"within the file's {data_bytes} data bytes")
+            spans.append((offsets[0], offsets[1]))
+    if data_bytes is not None:
+        spans.sort()
+        covered = 0
+        for begin, end in spans:  # contiguous, in any order, no gaps or overlaps, exactly to the end of the file
+            if begin != covered:
+                raise BundleFileError(name, "its tensors' data do not tile the file (a gap, an overlap or extra bytes)")
+            covered = end
+        if covered != data_bytes:
+            raise BundleFileError(name, f"{data_bytes - covered} bytes beyond its tensors' data")
     return layout
 
 
@@ -548,7 +574,7 @@ class Bundle:
     def read_layout(self, step: int) -> Layout:
         """Names, dtypes and shapes of the tensors in the checkpoint at `step`, from its header alone (the file is
         not read, and its digest not checked: that happens when it is read in full). Raises BundleFileError if the
-        header is malformed."""
+        header is malformed, or if the file is not exactly its header and its tensors' bytes (`_parse_layout`)."""
         name = checkpoint_name(self.records[self.record_index(step)].step)
         size = self._source.sizes[name]
         if size < 8:
@@ -556,7 +582,7 @@ class Bundle:
         header_len = int.from_bytes(self._source.read(name, 0, 8), "little")
         if header_len > min(size - 8, MAX_MANIFEST_BYTES):
             raise BundleFileError(name, f"not a safetensors file: a header of {header_len} bytes does not fit")
-        return _parse_layout(name, self._source.read(name, 8, header_len))
+        return _parse_layout(name, self._source.read(name, 8, header_len), size - 8 - header_len)
 
     def model_state_dict(self, step: int) -> dict[str, torch.Tensor]:
         """The model's `state_dict` at `step` (parameters and persistent buffers, names as the model has them),

@@ -64,6 +64,7 @@ __all__ = ["Limits", "Remote", "RemoteSource", "default_cache_dir", "is_url", "o
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CHUNK = 1 << 20
+WHOLE_ON_PART_READ = 1 << 20  # with a cache, a part read of a file this small fetches (and caches) it whole
 _BLOCK = 512  # a tar block
 _RECORD = 20 * _BLOCK  # tarfile pads an archive to a multiple of this
 _EXTRAS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -369,9 +370,10 @@ class RemoteSource(_Source):
         cached = self._cached(name, start, length)
         if cached is not None:
             data = cached
-        elif (start == 0 and length == size) or self.remote.cache_dir is not None:
-            data = self._download(name)[start:start + length]  # caching: a header read fetches the file once, whole
-        else:
+        elif (start == 0 and length == size) or (self.remote.cache_dir is not None and size <= WHOLE_ON_PART_READ):
+            data = self._download(name)[start:start + length]  # caching a small file: its header read fetches it whole
+        else:  # a part (a header) of a large file is fetched alone: the verifier checks a checkpoint's header against
+            # the spec (and so its size, `Bundle.read_layout`) before it fetches the whole file
             buf = bytearray()
             self._fetch_range(name, start, length, buf.extend)
             data = bytes(buf)

@@ -761,6 +761,9 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
                                        loss_fn=rt.loss_fn), rt, b)
     states = _StateCache(b)
     try:
+        # every checkpoint's layout (so its size: `Bundle.read_layout`) is checked against the spec before it is
+        # read or fetched in full: a bundle from a stranger cannot make the verifier read more than the job's state
+        verify_layout(rt, b.read_layout(0), "checkpoint at step 0", 0)
         committed0 = states.load(0)
         if state_digest(initial_state(rt)) != m.records[0].state:
             seeded = tensor_digests(capture_state(rt))
