@@ -970,38 +970,46 @@ class _Market:
 
     def rule_on(self, path: BundleLocation, segment: int, commitment: str, on_eval: bool) -> dict[str, Any]:
         """The ruling on one disputed segment: the dispute callable's (the replay referee's for a disputed
-        evaluation, which recomputes the metric). For a served bundle the referee first fetches what the solver
-        committed to for the segment: if it cannot, the solver is wrong without a dispute (it does not serve its
-        commitment), so a verifier is never slashed for a server that lies or is gone."""
-        withheld = self.get_withheld(path, segment, commitment)
-        if withheld:
-            return {"ruling": "solver_wrong", "description": f"the referee {withheld}: the solver does not serve "
-                                                            "what it committed to"}
-        try:
-            if on_eval:
-                return dataclasses.asdict(replay_dispute(self.fetch_as(path, "referee"), segment, code=self.s.code))
-            return dataclasses.asdict(_normalise(self.dispute(path, segment)))
-        except _UNAVAILABLE as exc:  # gone during the dispute: the solver withholds what it committed to
-            return {"ruling": "solver_wrong", "description": f"segment {segment}: for the referee, "
-                                                             f"{self.unavailable(exc)}"}
-
-    def get_withheld(self, path: BundleLocation, segment: int, commitment: str) -> str:
-        """Why the referee cannot fetch a served bundle's `segment` as committed (the manifest of `commitment`, the
-        segment's two checkpoints, each checked against its digest); "" when it can, and for local bundles."""
+        evaluation, which recomputes the metric). A served bundle is opened by the referee ONCE, its manifest
+        checked against the posted commitment and the segment's two checkpoints fetched and checked, and that
+        opened bundle (`pol.bundle.Bundle`) is what the dispute callable gets: a server cannot show the referee
+        the committed manifest and the dispute another one. If the referee cannot fetch what the solver committed
+        to, the solver is wrong without a dispute (it does not serve its commitment), so a verifier is never
+        slashed for a server that lies or is gone."""
         if self.publisher is None:
-            return ""
+            return self._ruling(path, segment, on_eval)
         from pol.bundle import open_bundle
         from pol.errors import BundleError
 
         try:
-            with open_bundle(self.fetch_as(path, "referee"), full=False) as b:
-                if b.manifest.root != commitment:
-                    return f"is served root {b.manifest.root[:16]}, not the commitment {commitment[:16]}"
-                for record in b.records[segment:segment + 2]:
-                    b.load_state(record.step)
+            opened = open_bundle(self.fetch_as(path, "referee"), full=False)
         except (*_UNAVAILABLE, BundleError) as exc:
-            return f"cannot fetch segment {segment} as committed ({type(exc).__name__}: {_short(str(exc), 300)})"
-        return ""
+            return self._withheld(segment, f"cannot fetch segment {segment} as committed ({type(exc).__name__}: "
+                                           f"{_short(str(exc), 300)})")
+        with opened:
+            if opened.manifest.root != commitment:
+                return self._withheld(segment, f"is served root {opened.manifest.root[:16]}, not the commitment "
+                                               f"{commitment[:16]}")
+            try:
+                for record in opened.records[segment:segment + 2]:
+                    opened.load_state(record.step)
+            except (*_UNAVAILABLE, BundleError) as exc:
+                return self._withheld(segment, f"cannot fetch segment {segment} as committed ({type(exc).__name__}: "
+                                               f"{_short(str(exc), 300)})")
+            return self._ruling(opened, segment, on_eval)
+
+    def _withheld(self, segment: int, why: str) -> dict[str, Any]:
+        return {"ruling": "solver_wrong", "description": f"the referee {why}: the solver does not serve what it "
+                                                        "committed to"}
+
+    def _ruling(self, bundle: Any, segment: int, on_eval: bool) -> dict[str, Any]:
+        try:
+            if on_eval:
+                return dataclasses.asdict(replay_dispute(bundle, segment, code=self.s.code))
+            return dataclasses.asdict(_normalise(self.dispute(bundle, segment)))
+        except _UNAVAILABLE as exc:  # gone during the dispute: the solver withholds what it committed to
+            return {"ruling": "solver_wrong", "description": f"segment {segment}: for the referee, "
+                                                             f"{self.unavailable(exc)}"}
 
     def task_report(self, task: Task, bids: tuple[tuple[AccountId, Amount], ...], cheated: bool,
                     verifications: list[VerificationReport], disputes: list[DisputeReport],
@@ -1073,8 +1081,9 @@ def run_market(
     defaults to `get_market_params(spec)`; its `n_segments` always becomes the spec's segment count. `cheaters`
     (solver names) forge half their checkpoints; `lazy_verifiers` approve without replaying. `allow_code` is the
     verifiers' allow-list (packages whose user code a spec may name; pol's built-ins always). `dispute(bundle,
-    segment)` returns a `DisputeOutcome` (or a bare ruling string); default: `default_dispute` under the same
-    allow-list. `condition` = (metric, one of ">=", ">", "<=", "<", threshold) posts every task with an outcome
+    segment)` returns a `DisputeOutcome` (or a bare ruling string); `bundle` is the local path, or for a served
+    bundle the `pol.bundle.Bundle` the referee opened once and checked against the commitment; default:
+    `default_dispute` under the same allow-list. `condition` = (metric, one of ">=", ">", "<=", "<", threshold) posts every task with an outcome
     condition on a metric of the spec's evaluation: the solver is paid only if the approvers' certified final
     metric meets it, else the task ends 'target_missed' (see games.task). `sampling` ('independent' or 'shared')
     overrides `params.sampling`; `detection` = (confidence, cheat fraction) posts every task with a required

@@ -180,3 +180,54 @@ def test_crying_unavailable_over_a_bundle_the_referee_fetches_costs_the_stake(tm
     assert task.outcome == "challenger_wrong"  # the referee fetched and replayed: the solver was right
     changes = dict(task.changes)
     assert changes["verifier-1"] == changes["verifier-2"] == -PARAMS.verifier_stake and changes["solver-1"] > 0
+
+
+class _TwoFaced:
+    """A publisher whose server, once the dispute is near, shows the committed manifest to the first request for it
+    and another (honest) bundle of the same spec to every later request, checkpoints included."""
+
+    limits = FAST
+
+    def __init__(self, other: Path) -> None:
+        from contextlib import ExitStack
+
+        self.stack, self.servers, self.other, self.armed, self.manifests = ExitStack(), {}, other, False, 0  # type: ignore[var-annotated]
+
+    def publish(self, name: str, bundle: Path) -> str:
+        from pol.serve import serve_in_thread
+        from tests.test_remote import directory_files, hostile
+
+        committed, other = directory_files(bundle), directory_files(self.other)
+
+        def files(path: str) -> bytes | None:
+            if not self.armed:
+                return committed(path)
+            if path == "manifest.json":
+                self.manifests += 1
+                return committed(path) if self.manifests == 1 else other(path)
+            return other(path) if self.manifests > 1 else committed(path)
+
+        server = self.servers[name] = self.stack.enter_context(serve_in_thread(hostile(files)))
+        return server.url
+
+
+@pytest.mark.parametrize("referee", ["default", "replay"])
+def test_a_server_that_shows_the_referee_two_manifests_cannot_win_the_dispute(tmp_path: Path, referee: str) -> None:
+    """The cheater's server answers the referee's first look with the committed manifest, then with an honest
+    bundle's: the referee opens the bundle once and the dispute runs on what it checked, so the cheater loses."""
+    from pol.prove import train_and_prove
+
+    other = train_and_prove(SPEC, tmp_path / "other").path
+    publisher = _TwoFaced(other)
+
+    def on_event(event: MarketEvent) -> None:
+        if event.kind == "dispute":  # the referee has checked the job; the ruling is next
+            publisher.armed = True
+
+    dispute = {} if referee == "default" else {"dispute": functools.partial(replay_dispute, cache_dir=tmp_path / "ref")}
+    with publisher.stack:
+        report = _market(tmp_path, publish=publisher, on_event=on_event, cheaters=("solver-1",), **dispute)
+    (task,) = report.tasks
+    assert publisher.manifests >= 1  # the referee looked while the server was two-faced
+    assert task.outcome == "solver_wrong" and {d.ruling for d in task.disputes} == {"solver_wrong"}, task.disputes
+    assert dict(task.changes)["solver-1"] == -PARAMS.solver_bond
