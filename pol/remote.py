@@ -19,7 +19,7 @@ and each checkpoint against the manifest's blake3 when read, so a checkpoint tha
 manifest was read is a DigestMismatch (a REJECT with evidence). An archive's ETag and length are pinned at the first
 request; a later request that finds another is RemoteChanged.
 
-Fetched checkpoints are cached by their committed blake3 (`cache_dir`; default `$POL_CACHE_DIR` or
+Fetched checkpoints are cached by their committed blake3 (`cache_dir`; default `$POL_CACHE_DIR/blobs` or
 `~/.cache/pol/blobs`): written to a temporary file in the cache directory and renamed to the digest only when the
 bytes hash to it, so a verifier that reads a checkpoint twice (or verifies a bundle again) fetches it once; with a
 cache, the first read of a checkpoint (its header too: `Bundle.read_layout`) fetches the whole file, in one request.
@@ -102,9 +102,10 @@ def is_url(value: object) -> bool:
 
 
 def default_cache_dir() -> Path:
-    """`$POL_CACHE_DIR`, else `~/.cache/pol/blobs`: read here, where a URL string is turned into a `Remote`."""
+    """`$POL_CACHE_DIR/blobs`, else `~/.cache/pol/blobs` (beside the exact kernels' libraries, pol.exact.build):
+    read here, where a URL string is turned into a `Remote`."""
     env = os.environ.get("POL_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "pol" / "blobs"
+    return (Path(env) if env else Path.home() / ".cache" / "pol") / "blobs"
 
 
 def _join(base: str, name: str) -> str:

@@ -64,6 +64,8 @@ from .errors import (
     BundleNotFound,
     BundleVersionError,
     CannotVerifySoundly,
+    PolError,
+    RemoteError,
     UsageError,
     VersionMismatch,
 )
@@ -904,11 +906,18 @@ def _check_in_order(rt: Runtime, b: Bundle, req: _Request, states: _StateCache, 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(location: str, root: Digest, req: _Request, devices: Any) -> None:
+def _init_worker(location: Any, root: Digest, req: _Request, devices: Any) -> None:
+    """Open the bundle (the parent's `Remote` options for a URL) and build the runtime, once per worker. A failure
+    is kept, and each of the worker's segments reports it (`_worker_check`), so the parent can say it as one
+    process would: a RemoteError stays "cannot verify", a bundle error is a REJECT."""
     device = devices.get()
-    opened = open_bundle(location, full=False)
-    if opened.manifest.root != root:
-        raise BundleError(f"{location} changed while it was being verified: its commitment is no longer {root}")
+    try:
+        opened = open_bundle(location, full=False)
+        if opened.manifest.root != root:
+            raise BundleError(f"the bundle changed while it was being verified: its commitment is no longer {root}")
+    except PolError as exc:
+        _WORKER.update(error=(isinstance(exc, BundleError), f"{type(exc).__name__}: {exc}"))
+        return
     rt = build_runtime(opened.spec, device=device, data_dir=req.data_dir, code=req.code)
     evals = None
     if opened.spec.evaluation is not None:
@@ -921,6 +930,11 @@ def _worker_check(index: int, why: str, thresholds: Thresholds | None) -> tuple[
                                                                                 dict[int, EvalCheck], int, set[str]]:
     """One segment in a worker: (check, steps, reject reason, evaluation checks, bytes read, files read)."""
     w = _WORKER
+    if "error" in w:
+        rejecting, message = w["error"]
+        if rejecting:  # as one process: a bundle that fails its integrity checks is rejected
+            return None, 0, f"bundle integrity: {message}", {}, 0, set()
+        raise RemoteError(f"a verification worker could not open the bundle: {message}")
     bytes_before, files_before = w["bundle"].bytes_read, set(w["bundle"].files_read)
     evals = w["evals"]
     if evals is not None:
@@ -958,13 +972,14 @@ def _check_in_parallel(rt: Runtime, b: Bundle, req: _Request, plan: list[tuple[i
         except _SegmentRejected as exc:
             results[index] = (None, 0, str(exc), {}, 0, set())
     remote = [(i, why) for i, why in plan if i not in results]
+    location = getattr(b._source, "remote", None) or str(b.path)  # a URL with the caller's cache and limits
     threads = req.threads or max(1, torch.get_num_threads() // req.nproc)
     worker_req = dataclasses.replace(req, on_progress=None, threads=threads, reads={})
     done = steps_done
     if remote:
         with concurrent.futures.ProcessPoolExecutor(max_workers=min(req.nproc, len(remote)), mp_context=ctx,
                                                     initializer=_init_worker,
-                                                    initargs=(str(b.path), b.manifest.root, worker_req, devices)) as pool:
+                                                    initargs=(location, b.manifest.root, worker_req, devices)) as pool:
             futures = {pool.submit(_worker_check, i, why, thresholds): i for i, why in remote}
             for future in concurrent.futures.as_completed(futures):
                 results[futures[future]] = future.result()

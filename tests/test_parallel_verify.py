@@ -85,3 +85,17 @@ def test_pol_verify_nproc_gives_the_same_json_report(bundles):
         assert a[key] == b[key], key
     text = runner.invoke(app, ["verify", str(bundles["native"]), "--samples", "4", "--seed", "5", "--nproc", "2"])
     assert text.exit_code == 0 and "ACCEPT" in text.stdout and "largest-update pick" in text.stdout
+
+
+def test_workers_read_a_served_bundle_with_the_callers_remote_options(bundles, tmp_path, monkeypatch):
+    """Over a URL the workers fetch with the caller's `Remote` (here: no cache, so nothing is written anywhere)."""
+    pytest.importorskip("aiohttp")
+    from pol.remote import Remote
+    from pol.serve import serve_in_thread
+
+    monkeypatch.setenv("POL_CACHE_DIR", str(tmp_path / "default-cache"))  # where a lost option would write
+    with serve_in_thread(bundles["exact"]) as server:
+        one = verify(Remote(server.url, cache_dir=None), samples=4, seed=2)
+        many = verify(Remote(server.url, cache_dir=None), samples=4, seed=2, nproc=2)
+    _same(one, many)
+    assert not (tmp_path / "default-cache" / "blobs").exists()

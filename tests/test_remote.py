@@ -355,7 +355,7 @@ def test_a_url_string_uses_the_default_cache_dir(bundles, tmp_path, monkeypatch)
     with serve_in_thread(bundles["honest"]) as server:
         with open_bundle(server.url, full=False) as b:
             b.load_state(4)
-    assert [p.name for p in (tmp_path / "default").iterdir()] == [b.manifest.files[checkpoint_name(4)].blake3]
+    assert [p.name for p in (tmp_path / "default" / "blobs").iterdir()] == [b.manifest.files[checkpoint_name(4)].blake3]
 
 
 def test_an_archive_whose_headers_lie_or_that_vanishes_or_shrinks(bundles, tmp_path):

@@ -103,7 +103,7 @@ def test_a_market_verifier_verifies_a_served_bundle_by_url_against_the_posted_co
         wrong = verify(server.url, segments=[2], expected_root="0" * 64, expected_job=job, beacon=beacon)
     assert ok.verdict == "accept", ok.reason
     assert wrong.verdict == "reject" and "commitment" in wrong.reason
-    assert list((Path(os.environ["POL_CACHE_DIR"])).iterdir())  # the default cache: $POL_CACHE_DIR
+    assert list((Path(os.environ["POL_CACHE_DIR"]) / "blobs").iterdir())  # the default cache: $POL_CACHE_DIR/blobs
 
 
 def _get(url: str, path: str) -> tuple[int, bytes]:
