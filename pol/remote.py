@@ -192,7 +192,7 @@ class _HttpTransport:
         if pinned and pinned[0]:
             headers["If-Match"] = pinned[0]
         self.budget.requests += 1
-        async with self.session.get(url, headers=headers) as r:
+        async with self.session.get(url, headers=headers, allow_redirects=False) as r:
             self._check_status(url, r.status)
             total = self._check_headers(url, r, start, length, upto)
             if upto and int(r.headers.get("Content-Length", 0)) > length:
@@ -223,6 +223,8 @@ class _HttpTransport:
             raise RemoteChanged(f"{url} changed while the bundle was being read (its ETag is not the one first read)")
         if status >= 500 or status == 429:
             raise _Transient(f"HTTP {status}")
+        if 300 <= status < 400:  # a stranger's URL must not steer the verifier to other hosts (internal ones included)
+            raise RemoteError(f"{url}: HTTP {status}, a redirect: not followed (verify the URL the bundle is published at)")
         if status not in (200, 206):
             raise RemoteError(f"{url}: HTTP {status}")
 

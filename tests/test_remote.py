@@ -537,3 +537,12 @@ def test_a_checkpoint_padded_past_its_tensors_is_rejected_before_it_is_read_whol
             fetched = sum(r.length for r in server.requests if r.path.endswith(checkpoint_name(0)))
         assert fetched < 64 << 10
     assert report.verdict == "reject" and "beyond its tensors' data" in report.reason, report.reason
+
+
+def test_a_redirect_is_not_followed(bundles):
+    async def redirect(request: Any, name: str, data: bytes, start: int, end: int) -> Any:
+        raise web.HTTPFound("http://169.254.169.254/latest/meta-data/")  # e.g. a cloud metadata service
+
+    with serve_in_thread(hostile(directory_files(bundles["honest"]), redirect)) as server:
+        with pytest.raises(RemoteError, match="redirect: not followed"):
+            open_bundle(Remote(server.url, cache_dir=None, limits=FAST))
