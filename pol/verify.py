@@ -777,7 +777,7 @@ def _verify_open(b: Bundle, req: _Request) -> Report:
         touched = {m.records[i - 1].step for i, _ in plan} | {m.records[i].step for i, _ in plan}
         if evals is not None:
             touched.add(m.records[-1].step)  # the final checkpoint is always evaluated
-        for step in sorted(touched):
+        for step in sorted(touched - {0}):  # step 0: checked before it was read
             verify_layout(rt, b.read_layout(step), f"checkpoint at step {step}", step)  # before any replay
     except BundleError as exc:
         return _reject(req, f"bundle integrity: {exc}", b)
