@@ -7,9 +7,10 @@ commitment by the bundle reader (`pol.bundle.Bundle.load_state`), within bounds 
 
 Any fsspec protocol works (http, https, file, memory; s3, gs and others once their fsspec package is installed).
 HTTP(S) is fetched on fsspec's aiohttp session and event loop, but streamed here rather than through fsspec's file
-objects, which read a range response's body whole: an endless body would fill memory. Every HTTP request asks for an
-exact byte range, reads at most that many bytes, and fails with a typed error if the server sends more, fewer (after
-resuming), or too slowly (`Limits`). Connection errors and 5xx answers are retried with exponential backoff, resuming
+objects, which read a range response's body whole: an endless body would fill memory. Every checkpoint request asks
+for an exact byte range and the manifest's reads at most `max_manifest_bytes`; each reads at most that many bytes and
+fails with a typed error if the server sends more, fewer (after resuming), or too slowly (`Limits`). No redirect is
+followed. Connection errors and 5xx answers are retried with exponential backoff, resuming
 from the byte reached. An archive is never downloaded whole: it must be in `pol pack`'s layout (the manifest first,
 then the checkpoints in name order), so every member's offset follows from the manifest's file table, and each
 member's tar header is fetched with its data and checked (name, size, type) before a byte of it is used.
