@@ -972,7 +972,8 @@ def _check_in_parallel(rt: Runtime, b: Bundle, req: _Request, plan: list[tuple[i
         except _SegmentRejected as exc:
             results[index] = (None, 0, str(exc), {}, 0, set())
     remote = [(i, why) for i, why in plan if i not in results]
-    location = getattr(b._source, "remote", None) or str(b.path)  # a URL with the caller's cache and limits
+    remote_options = getattr(b._source, "remote", None)  # a URL: the caller's cache and limits (not its callback)
+    location = dataclasses.replace(remote_options, on_progress=None) if remote_options is not None else str(b.path)
     threads = req.threads or max(1, torch.get_num_threads() // req.nproc)
     worker_req = dataclasses.replace(req, on_progress=None, threads=threads, reads={})
     done = steps_done

@@ -99,3 +99,17 @@ def test_workers_read_a_served_bundle_with_the_callers_remote_options(bundles, t
         many = verify(Remote(server.url, cache_dir=None), samples=4, seed=2, nproc=2)
     _same(one, many)
     assert not (tmp_path / "default-cache" / "blobs").exists()
+
+
+def test_pol_verify_url_nproc_with_a_progress_bar(bundles, tmp_path):
+    """The CLI's Remote carries a progress callback (a closure): the workers get the options without it."""
+    pytest.importorskip("aiohttp")
+    from typer.testing import CliRunner
+
+    from cli import app
+    from pol.serve import serve_in_thread
+
+    with serve_in_thread(bundles["exact"]) as server:
+        result = CliRunner().invoke(app, ["verify", server.url, "--samples", "3", "--seed", "1", "--nproc", "2",
+                                          "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0 and "ACCEPT" in result.stdout, result.output
