@@ -51,6 +51,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from games.errors import CostError
+from pol.every import compute_escape_probability  # the verifier's hypergeometric bound (pol.every imports no torch)
+from pol.every import compute_required_samples as pol_required_samples
 
 __all__ = [
     "COMPUTE_KINDS",
@@ -125,28 +127,15 @@ def compute_tax(entries: Iterable[ComputeEntry]) -> TaxSummary:
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-def compute_escape_probability(n: int, samples: int, fraction: float) -> float:
-    """Probability that `samples` distinct uniform segments out of `n` miss every one of ceil(fraction * n) faked.
-    The same function as `pol.verify.compute_escape_probability` (a test holds them equal), kept here so that
-    `games` sizes samples without importing torch."""
-    bad = min(n, max(1, math.ceil(fraction * n - 1e-9)))
-    p = 1.0
-    for i in range(min(samples, n)):
-        p *= max(0, n - bad - i) / (n - i)
-    return p
-
-
 def compute_required_samples(n: int, confidence: float, fraction: float) -> int:
     """Fewest uniform samples out of `n` segments that catch a cheater of `fraction` with probability >=
-    `confidence` (`pol.verify.compute_required_samples`). Raises CostError for n < 1 or a probability outside
+    `confidence` (`pol.every.compute_required_samples`, after checking its arguments). Raises CostError for n < 1 or a probability outside
     (0, 1)."""
     if type(n) is not int or n < 1:
         raise CostError("cost.n_segments", f"{n!r} is not a positive int")
     _verify_probability(confidence, "cost.confidence")
     _verify_probability(fraction, "cost.cheat_fraction", upper_inclusive=True)
-    from pol.every import required_samples  # one pass (imports no torch)
-
-    return required_samples(n, confidence, fraction)
+    return pol_required_samples(n, confidence, fraction)
 
 
 def _verify_probability(value: object, rule: str, *, upper_inclusive: bool = False) -> None:

@@ -3,7 +3,7 @@
 A run of N steps checkpointed every k steps has n = ceil(N / k) segments and n + 1 checkpoints. In units of one
 training step, with c the cost of one checkpoint (capturing, hashing and writing the state) and s(n) the segments
 a verifier committee must replay to catch a cheater faking a fraction f of them with probability `confidence`
-(the hypergeometric bound of `pol.verify.compute_required_samples`; one sample shared by the committee):
+(the hypergeometric bound `compute_required_samples`; one sample shared by the committee):
 
     tax(k) = [ (n + 1) c  +  s(n) (k + 2 c) ] / N
 
@@ -41,7 +41,8 @@ __all__ = [
     "DEFAULT_CONFIDENCE",
     "DEFAULT_CHEAT_FRACTION",
     "MeasuredEvery",
-    "required_samples",
+    "compute_escape_probability",
+    "compute_required_samples",
     "modelled_tax",
     "least_tax_every",
     "measured_every",
@@ -50,8 +51,20 @@ __all__ = [
 DEFAULT_CONFIDENCE, DEFAULT_CHEAT_FRACTION = 0.999, 0.1  # the detection the default k is sized for
 
 
-def required_samples(n: int, confidence: float = DEFAULT_CONFIDENCE, fraction: float = DEFAULT_CHEAT_FRACTION) -> int:
-    """`pol.verify.compute_required_samples` in one pass (the same number: tested equal)."""
+def compute_escape_probability(n: int, samples: int, fraction: float) -> float:
+    """Probability that `samples` distinct uniform segments out of `n` miss every one of ceil(fraction * n) faked."""
+    bad = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+    p = 1.0
+    for i in range(min(samples, n)):
+        p *= max(0, n - bad - i) / (n - i)
+    return p
+
+
+def compute_required_samples(n: int, confidence: float = DEFAULT_CONFIDENCE, fraction: float = DEFAULT_CHEAT_FRACTION) -> int:
+    """Fewest uniform samples that catch a cheater of `fraction` with probability >= `confidence`: the smallest s
+    with compute_escape_probability(n, s, fraction) <= 1 - confidence, found in one pass (the product grows by one
+    factor per s, in the same order, so the same floats). The verifier (`pol.verify`) and the market
+    (`games.cost`) size their samples with it; this module imports no torch."""
     bad = min(n, max(1, math.ceil(fraction * n - 1e-9)))
     p = 1.0
     for s in range(1, n + 1):
@@ -66,7 +79,7 @@ def modelled_tax(steps: int, every: int, checkpoint_steps: float, confidence: fl
     """tax(k) of the module docstring: protocol compute over training compute, for a checkpoint costing
     `checkpoint_steps` training steps."""
     n = -(-steps // every)
-    s = required_samples(n, confidence, fraction)
+    s = compute_required_samples(n, confidence, fraction)
     return ((n + 1) * checkpoint_steps + s * (min(every, steps) + 2 * checkpoint_steps)) / steps
 
 

@@ -70,6 +70,7 @@ from .errors import (
     VersionMismatch,
 )
 from .evaluate import EVAL_ABS_TOL, EVAL_FLIP_SHARE, EVAL_REL_TOL, Evaluator, build_eval_dataset, compare_eval, values_of
+from .every import compute_escape_probability, compute_required_samples  # the hypergeometric bound, re-exported
 from .spec import JobSpec
 from .trace import compute_update_norm
 from .zoo import is_zoo_model
@@ -255,23 +256,6 @@ def derive_randomness(seed: int | None = None, beacon: str | None = None) -> tup
     if seed is not None:
         return compute_hash("pol/verifier-seed/v1", str(seed).encode()), "seed"
     return secrets.token_bytes(32), "fresh"
-
-
-def compute_escape_probability(n: int, samples: int, fraction: float) -> float:
-    """Probability that `samples` distinct uniform segments out of `n` miss every one of ceil(fraction * n) faked."""
-    bad = min(n, max(1, math.ceil(fraction * n - 1e-9)))
-    p = 1.0
-    for i in range(min(samples, n)):
-        p *= max(0, n - bad - i) / (n - i)
-    return p
-
-
-def compute_required_samples(n: int, confidence: float, fraction: float) -> int:
-    """Fewest uniform samples that catch a cheater of `fraction` with probability >= `confidence`."""
-    for s in range(1, n + 1):
-        if compute_escape_probability(n, s, fraction) <= 1.0 - confidence:
-            return s
-    return n
 
 
 def committed_update_norms(bundle: Bundle) -> list[float]:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from games.cost import CostModel, best_every
-from pol.every import least_tax_every, measured_every, modelled_tax, required_samples
+from pol.every import compute_escape_probability, least_tax_every, measured_every, modelled_tax
 from pol.verify import compute_required_samples
 
 from .conftest import tiny_spec
@@ -20,8 +20,11 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 19, 20, 64, 100, 333, 1000, 5000])
 @pytest.mark.parametrize("confidence, fraction", [(0.999, 0.1), (0.99, 0.05), (0.9, 0.5)])
-def test_required_samples_is_the_verifiers_bound(n, confidence, fraction):
-    assert required_samples(n, confidence, fraction) == compute_required_samples(n, confidence, fraction)
+def test_required_samples_is_the_least_sample_the_escape_bound_allows(n, confidence, fraction):
+    """The one-pass search against its definition: the smallest s whose escape probability is small enough."""
+    s = compute_required_samples(n, confidence, fraction)
+    assert s == next((k for k in range(1, n + 1) if compute_escape_probability(n, k, fraction) <= 1 - confidence), n)
+    assert s == 1 or compute_escape_probability(n, s - 1, fraction) > 1 - confidence
 
 
 @pytest.mark.parametrize("steps, c", [(200, 0.1), (1000, 1.0), (3000, 0.3), (777, 5.0)])
